@@ -1,0 +1,111 @@
+"""Functional EPI-AdamW step: score EMA + AdamW in which isolated elements do not change.
+
+``epi_adamw`` is the entry point (like ``torch.optim.adamw.adamw``); it dispatches to one function
+per backend. The pure-PyTorch backend is the reference the kernels are held to:
+
+* scores:  ``s <- beta * s + (1 - beta) * f(g)``, ``f(g) = g * g`` ("sq") or ``|g|`` ("abs"), computed
+  in fp32 (``s * beta`` then ``+ (1 - beta) * f(g)``) and rounded once to the score dtype;
+* moments and non-isolated parameters: exactly ``torch.optim.AdamW`` (its own for-loop, foreach or
+  fused implementation is called, so they agree to the bit);
+* isolated parameters: bit-identical to before the step (no Adam update, no weight decay); their
+  values are saved before the AdamW update and written back after it.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.optim.adam import adam
+
+from .mask import unpack_mask
+
+__all__ = ["epi_adamw", "update_importance", "isolated_indices"]
+
+
+def isolated_indices(packed_mask: Tensor, numel: int) -> Tensor:
+    """Flat (logical-order) int64 indices of the isolated elements of a packed mask."""
+    return unpack_mask(packed_mask, numel).nonzero().squeeze(1)
+
+
+def update_importance(importances: list[Tensor], grads: list[Tensor], *, beta: float, importance: str,
+                      foreach: bool) -> None:
+    """In place: s <- beta * s + (1 - beta) * f(g) in fp32, for every element."""
+    fp32 = [i for i, s in enumerate(importances) if s.dtype == torch.float32]
+    if foreach and fp32:
+        ss, gs = [importances[i] for i in fp32], [grads[i] for i in fp32]
+        torch._foreach_mul_(ss, beta)
+        if importance == "sq":
+            torch._foreach_addcmul_(ss, gs, gs, value=1 - beta)
+        else:
+            torch._foreach_add_(ss, torch._foreach_abs(gs), alpha=1 - beta)
+        done = set(fp32)
+    else:
+        done = set()
+    for i, (s, g) in enumerate(zip(importances, grads)):
+        if i in done:
+            continue
+        s32 = s if s.dtype == torch.float32 else s.float()
+        s32.mul_(beta)
+        if importance == "sq":
+            s32.addcmul_(g, g, value=1 - beta)
+        else:
+            s32.add_(g.abs(), alpha=1 - beta)
+        if s32 is not s:
+            s.copy_(s32)
+
+
+def epi_adamw(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    max_exp_avg_sqs: list[Tensor],
+    state_steps: list[Tensor],
+    importances: list[Tensor],
+    masks: list[Tensor],
+    isolated: list[Tensor] | None = None,
+    *,
+    backend: str = "torch",
+    importance_beta: float,
+    importance: str,
+    amsgrad: bool,
+    beta1: float | Tensor,
+    beta2: float | Tensor,
+    lr: float | Tensor,
+    weight_decay: float,
+    eps: float,
+    maximize: bool,
+    foreach: bool | None = None,
+    capturable: bool = False,
+    fused: bool | None = None,
+) -> None:
+    """One EPI-AdamW step over lists of tensors (the optimizer's state, updated in place).
+
+    `masks` are the packed isolation masks in force (refreshes happen before this call);
+    `isolated` optionally gives their flat isolated indices (a cache), else they are unpacked.
+    """
+    if backend != "torch":
+        raise ValueError(f"epi_adamw: unknown backend {backend!r}")
+    _torch_epi_adamw(
+        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, importances, masks,
+        isolated, importance_beta=importance_beta, importance=importance, amsgrad=amsgrad,
+        beta1=beta1, beta2=beta2, lr=lr, weight_decay=weight_decay, eps=eps, maximize=maximize,
+        foreach=foreach, capturable=capturable, fused=fused,
+    )
+
+
+def _torch_epi_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, importances,
+                     masks, isolated, *, importance_beta, importance, amsgrad, beta1, beta2, lr,
+                     weight_decay, eps, maximize, foreach, capturable, fused) -> None:
+    update_importance(importances, grads, beta=importance_beta, importance=importance,
+                      foreach=foreach is not False)
+    if isolated is None:
+        isolated = [isolated_indices(m, p.numel()) for p, m in zip(params, masks)]
+    frozen = [(p, idx, p.take(idx)) for p, idx in zip(params, isolated) if idx.numel()]
+    adam(
+        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
+        foreach=foreach, capturable=capturable, differentiable=False, fused=fused,
+        has_complex=False, decoupled_weight_decay=True, amsgrad=amsgrad, beta1=beta1, beta2=beta2,
+        lr=lr, weight_decay=weight_decay, eps=eps, maximize=maximize,
+    )
+    for p, idx, values in frozen:
+        p.put_(idx, values)

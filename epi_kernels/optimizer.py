@@ -1,0 +1,340 @@
+"""EPIAdamW: torch.optim.AdamW with Evolving Parameter Isolation (DESIGN.md section 2).
+
+The class owns arguments, state and the step counter; the math lives in
+:mod:`epi_kernels.functional` (step), :mod:`epi_kernels.refresh` (masks) and
+:mod:`epi_kernels.threshold` (top-k thresholds).
+"""
+from __future__ import annotations
+
+import math
+from itertools import chain
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from .backends import check_backend, resolve_backend
+from .functional import epi_adamw, isolated_indices
+from .mask import packed_numel, unpack_mask
+from .refresh import is_refresh_step, refresh_masks
+from .threshold import KEY_NONE
+
+__all__ = ["EPIAdamW"]
+
+# Per-parameter state that torch's load_state_dict must not cast to the parameter dtype.
+EPI_STATE_KEYS = ("importance", "isolation_mask", "threshold_bits", "isolation_k", "isolated_count",
+                  "isolation_overlap", "threshold_exact", "refresh_step")
+_CHOICES = {"importance": ("sq", "abs"), "scope": ("tensor", "global"), "threshold": ("approx", "exact")}
+_IMPORTANCE_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_real(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _check_epi_args(g: dict) -> None:
+    """ValueError naming the first invalid EPI hyperparameter in a group (or the defaults)."""
+    ratio = g["isolation_ratio"]
+    if not (_is_real(ratio) and 0.0 <= ratio < 1.0):
+        raise ValueError(f"Invalid isolation_ratio: {ratio!r} (must be a number in [0, 1))")
+    if not (_is_int(g["refresh_interval"]) and g["refresh_interval"] >= 1):
+        raise ValueError(f"Invalid refresh_interval: {g['refresh_interval']!r} (must be an int >= 1)")
+    if g["warmup_steps"] is not None and not (_is_int(g["warmup_steps"]) and g["warmup_steps"] >= 0):
+        raise ValueError(f"Invalid warmup_steps: {g['warmup_steps']!r} (must be None or an int >= 0)")
+    beta = g["importance_beta"]
+    if not (_is_real(beta) and 0.0 <= beta < 1.0):
+        raise ValueError(f"Invalid importance_beta: {beta!r} (must be a number in [0, 1))")
+    for name, choices in _CHOICES.items():
+        if g[name] not in choices:
+            raise ValueError(f"Invalid {name}: {g[name]!r} (expected one of {', '.join(choices)})")
+    if not isinstance(g["static"], bool):
+        raise ValueError(f"Invalid static: {g['static']!r} (must be a bool)")
+    if g["importance_dtype"] not in _IMPORTANCE_DTYPES:
+        raise ValueError(f"Invalid importance_dtype: {g['importance_dtype']!r} "
+                         "(expected torch.float32 or torch.bfloat16)")
+    check_backend(g["backend"])
+
+
+def _check_adamw_args(lr, betas, eps, weight_decay, foreach, capturable) -> None:
+    """torch.optim.AdamW's constructor checks, with its exact messages."""
+    if isinstance(lr, Tensor):
+        if foreach and not capturable:
+            raise ValueError("lr as a Tensor is not supported for capturable=False and foreach=True")
+        if lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+    if not 0.0 <= lr:
+        raise ValueError(f"Invalid learning rate: {lr}")
+    if not 0.0 <= eps:
+        raise ValueError(f"Invalid epsilon value: {eps}")
+    for i in (0, 1):
+        if not 0.0 <= betas[i] < 1.0:
+            raise ValueError(f"Invalid beta parameter at index {i}: {betas[i]}")
+    if not 0.0 <= weight_decay:
+        raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+    if not (all(isinstance(b, float) for b in betas) or all(isinstance(b, Tensor) for b in betas)):
+        raise ValueError("betas must be either both floats or both Tensors")
+    for i in (0, 1):
+        if isinstance(betas[i], Tensor):
+            if not capturable and foreach:
+                raise ValueError(
+                    f"betas[{i}] as a Tensor is not supported for capturable=False and foreach=True")
+            if betas[i].numel() != 1:
+                raise ValueError(f"Tensor betas[{i}] must be 1-element")
+
+
+def _step_dtype(fused_or_capturable: bool) -> torch.dtype:
+    # AdamW keeps `step` as a float tensor: float32 for fused/capturable, else the default float type
+    if not fused_or_capturable and torch.get_default_dtype() == torch.float64:
+        return torch.float64
+    return torch.float32
+
+
+class EPIAdamW(Optimizer):
+    """AdamW that freezes, per tensor, the top `isolation_ratio` fraction of elements by importance.
+
+    Importance is an EMA of g^2 (or |g|) updated every step for every element with a gradient.
+    Every `refresh_interval` optimizer steps (after `warmup_steps`, default = `refresh_interval`)
+    the isolation mask is recomputed from the scores at the start of the step; isolated elements
+    get no Adam update and no weight decay (bit-identical), while their moments and scores keep
+    updating. With ``isolation_ratio=0`` this is ``torch.optim.AdamW``.
+
+    AdamW arguments and defaults are torch's. EPI arguments (each also a param-group key):
+    isolation_ratio (0.01), refresh_interval (100), warmup_steps (None), importance_beta (0.99),
+    importance ("sq" | "abs"), scope ("tensor" | "global"), threshold ("approx" | "exact"),
+    static (False: refresh once, CPI-FT style), importance_dtype (torch.float32 | torch.bfloat16),
+    backend ("auto" | "torch").
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float | Tensor, float | Tensor] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
+        isolation_ratio: float = 0.01,
+        refresh_interval: int = 100,
+        warmup_steps: int | None = None,
+        importance_beta: float = 0.99,
+        importance: str = "sq",
+        scope: str = "tensor",
+        threshold: str = "approx",
+        static: bool = False,
+        importance_dtype: torch.dtype = torch.float32,
+        backend: str = "auto",
+    ) -> None:
+        _check_adamw_args(lr, betas, eps, weight_decay, foreach, capturable)
+        if fused and differentiable:
+            raise RuntimeError("`fused` does not support `differentiable`")
+        if fused and foreach:
+            raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+        if differentiable:
+            raise ValueError("Invalid differentiable: True (EPIAdamW does not support differentiable=True)")
+        betas = tuple(b.squeeze() if isinstance(b, Tensor) and b.dim() else b for b in betas)
+        defaults = dict(
+            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
+            foreach=foreach, capturable=capturable, differentiable=differentiable, fused=fused,
+            isolation_ratio=isolation_ratio, refresh_interval=refresh_interval,
+            warmup_steps=warmup_steps, importance_beta=importance_beta, importance=importance,
+            scope=scope, threshold=threshold, static=static, importance_dtype=importance_dtype,
+            backend=backend,
+        )
+        _check_epi_args(defaults)
+        self._isolated: dict[Tensor, Tensor] = {}  # cache: flat indices of each mask's isolated elements
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        _check_epi_args({**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}})
+        super().add_param_group(param_group)
+        self.param_groups[-1].setdefault("epi_step", 0)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._isolated = {}
+        for group in self.param_groups:
+            for key, value in (("amsgrad", False), ("maximize", False), ("foreach", None),
+                               ("capturable", False), ("differentiable", False), ("fused", None),
+                               ("epi_step", 0)):
+                group.setdefault(key, value)
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)  # an AdamW state dict loads with this optimizer's EPI settings
+            for p in group["params"]:
+                st = self.state.get(p, {})
+                if "step" in st and not torch.is_tensor(st["step"]):
+                    on_device = group["capturable"] or group["fused"]
+                    st["step"] = torch.tensor(float(st["step"]), dtype=_step_dtype(on_device),
+                                              device=p.device if on_device else "cpu")
+
+    # ------------------------------------------------------------------ state
+
+    def _init_state(self, p: Tensor, group: dict) -> dict:
+        st = self.state[p]
+        if "step" not in st:
+            on_device = group["capturable"] or group["fused"]
+            st["step"] = torch.zeros((), dtype=_step_dtype(on_device), device=p.device if on_device else "cpu")
+            st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        if group["amsgrad"] and "max_exp_avg_sq" not in st:
+            st["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        if "importance" not in st:
+            st["importance"] = torch.zeros(p.shape, dtype=group["importance_dtype"], device=p.device)
+            st["isolation_mask"] = torch.zeros(packed_numel(p.numel()), dtype=torch.uint8, device=p.device)
+            st["threshold_bits"] = torch.tensor(KEY_NONE, dtype=torch.int32)
+            st["isolation_k"] = torch.tensor(0, dtype=torch.int64)
+            st["isolated_count"] = torch.tensor(0, dtype=torch.int64)
+            st["isolation_overlap"] = torch.tensor(float("nan"))
+            st["threshold_exact"] = torch.tensor(False)
+            st["refresh_step"] = torch.tensor(0, dtype=torch.int64)
+        return st
+
+    def _stepped_params(self, group: dict) -> list[Tensor]:
+        """Params of `group` that take part in this step; raises before any state changes."""
+        params = [p for p in group["params"] if p.grad is not None]
+        for p in params:
+            if p.grad.is_sparse:
+                raise RuntimeError("EPIAdamW does not support sparse gradients")
+            if torch.is_complex(p):
+                raise RuntimeError("EPIAdamW does not support complex parameters")
+            if p.grad.shape != p.shape:
+                raise RuntimeError(f"EPIAdamW: gradient shape {tuple(p.grad.shape)} does not match "
+                                   f"parameter shape {tuple(p.shape)}")
+            if group["fused"] and not (p.is_floating_point() and p.device.type in ("cpu", "cuda", "mps", "xpu")):
+                raise RuntimeError("`fused=True` requires all the params to be floating point Tensors "
+                                   f"of supported devices, got {p.dtype} on {p.device.type}")
+            if group["capturable"] and p.device.type == "cpu":
+                raise RuntimeError("capturable=True requires parameters on an accelerator, got cpu")
+        if params and group["foreach"] and torch.is_tensor(group["lr"]) and not group["capturable"]:
+            raise RuntimeError("lr as a Tensor is not supported for capturable=False and foreach=True")
+        return params
+
+    def _isolated_index(self, p: Tensor, st: dict) -> Tensor:
+        index = self._isolated.get(p)
+        if index is None:
+            index = self._isolated[p] = isolated_indices(st["isolation_mask"], p.numel())
+        return index
+
+    # ------------------------------------------------------------------ step
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None):
+        """Perform one optimization step; `closure` is evaluated first, with grad enabled."""
+        check = getattr(self, "_accelerator_graph_capture_health_check", None)
+        if check is not None:
+            check()
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        stepped = [self._stepped_params(group) for group in self.param_groups]  # validate all first
+        for group, params in zip(self.param_groups, stepped):
+            if params:
+                self._step_group(group, params)
+        return loss
+
+    def _step_group(self, group: dict, params: list[Tensor]) -> None:
+        states = [self._init_state(p, group) for p in params]
+        group["epi_step"] += 1
+        if is_refresh_step(group["epi_step"], group["refresh_interval"], group["warmup_steps"], group["static"]):
+            masks = refresh_masks(states, isolation_ratio=group["isolation_ratio"], scope=group["scope"],
+                                  threshold=group["threshold"], step=group["epi_step"])
+            for p, mask in zip(params, masks):
+                self._isolated[p] = mask.nonzero().squeeze(1)
+        beta1, beta2 = group["betas"]
+        epi_adamw(
+            params, [p.grad for p in params], [st["exp_avg"] for st in states],
+            [st["exp_avg_sq"] for st in states],
+            [st["max_exp_avg_sq"] for st in states] if group["amsgrad"] else [],
+            [st["step"] for st in states], [st["importance"] for st in states],
+            [st["isolation_mask"] for st in states],
+            [self._isolated_index(p, st) for p, st in zip(params, states)],
+            backend=resolve_backend(group["backend"]), importance_beta=group["importance_beta"],
+            importance=group["importance"], amsgrad=group["amsgrad"], beta1=beta1, beta2=beta2,
+            lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"],
+            maximize=group["maximize"], foreach=group["foreach"], capturable=group["capturable"],
+            fused=group["fused"],
+        )
+
+    # ------------------------------------------------------------------ introspection
+
+    def isolation_mask(self, p: Tensor) -> Tensor:
+        """Bool tensor shaped like `p`: the elements isolated in the most recent step (and until the
+        next refresh). All False before the first refresh."""
+        st = self.state.get(p, {})
+        if "isolation_mask" not in st:
+            return torch.zeros(p.shape, dtype=torch.bool, device=p.device)
+        return unpack_mask(st["isolation_mask"], p.numel()).view(p.shape)
+
+    def isolation_stats(self) -> list[dict[str, Any]]:
+        """Per tensor, as of its last refresh: k, selected count, threshold, overlap with the
+        previous mask (Jaccard), whether the exact path set the threshold, and the refresh step."""
+        stats = []
+        for gi, group in enumerate(self.param_groups):
+            names = group.get("param_names")
+            for pi, p in enumerate(group["params"]):
+                st = self.state.get(p, {})
+                if "importance" not in st:
+                    continue
+                tau = int(st["threshold_bits"])
+                stats.append({
+                    "group": gi, "index": pi, "name": names[pi] if names else None,
+                    "shape": tuple(p.shape), "numel": p.numel(), "scope": group["scope"],
+                    "k": int(st["isolation_k"]), "selected": int(st["isolated_count"]),
+                    "threshold": torch.tensor(tau, dtype=torch.int32).view(torch.float32).item(),
+                    "threshold_bits": tau, "overlap": float(st["isolation_overlap"]),
+                    "exact": bool(st["threshold_exact"]), "refresh_step": int(st["refresh_step"]),
+                })
+        return stats
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load optimizer state; EPI entries keep their saved dtypes (torch's loader would cast the
+        fp32 scores and the integer thresholds to the parameter dtype)."""
+        saved = state_dict["state"]
+        groups = [len(g["params"]) for g in self.param_groups]
+        if groups != [len(g["params"]) for g in state_dict["param_groups"]]:
+            return super().load_state_dict(state_dict)  # raises torch's own error
+        params = chain.from_iterable(g["params"] for g in self.param_groups)
+        ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
+        by_id = dict(zip(ids, params))
+        epi = {}
+        for pid, st in saved.items():
+            entries = {k: v for k, v in st.items() if k in EPI_STATE_KEYS}
+            p = by_id.get(pid)
+            if entries and p is not None:
+                _check_epi_entries(entries, p)
+                epi[p] = entries
+        state_dict = {**state_dict, "state": {
+            pid: {k: v for k, v in st.items() if k not in EPI_STATE_KEYS} for pid, st in saved.items()}}
+        super().load_state_dict(state_dict)
+        for p, entries in epi.items():
+            for k, v in entries.items():
+                self.state[p][k] = v.to(device=p.device) if k in ("importance", "isolation_mask") else v.cpu()
+
+
+def _check_epi_entries(entries: dict, p: Tensor) -> None:
+    """ValueError (before anything is loaded) if saved EPI state does not fit parameter `p`."""
+    imp = entries.get("importance")
+    if imp is not None and (not torch.is_tensor(imp) or imp.shape != p.shape or imp.dtype not in _IMPORTANCE_DTYPES):
+        raise ValueError(f"loaded state dict has an 'importance' entry that does not fit a parameter of "
+                         f"shape {tuple(p.shape)}: {getattr(imp, 'shape', imp)}")
+    mask = entries.get("isolation_mask")
+    if mask is not None and (not torch.is_tensor(mask) or mask.dtype != torch.uint8
+                             or mask.numel() != packed_numel(p.numel())):
+        raise ValueError(f"loaded state dict has an 'isolation_mask' entry that does not fit a parameter "
+                         f"of {p.numel()} elements (expected uint8[{packed_numel(p.numel())}])")
+    missing = [k for k in EPI_STATE_KEYS if k not in entries]
+    if missing:
+        raise ValueError(f"loaded state dict has incomplete EPI state for a parameter: missing {missing}")

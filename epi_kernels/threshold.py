@@ -1,0 +1,180 @@
+"""Per-tensor top-k thresholds from integer histograms of the scores' fp32 bit patterns.
+
+This module is the reference for every backend: the Triton and CUDA kernels build the same
+histograms and must reach the same threshold, bit for bit (DESIGN.md section 3, C2).
+Everything after the histogram is integer arithmetic, so no rounding can differ between devices.
+
+The algorithm
+-------------
+1. **Keys.** A score ``s`` maps to ``key(s) = bits(fp32(|s|))``, an int32. For non-negative floats
+   the bit pattern is monotone in value, so ``s_i >= s_j  <=>  key_i >= key_j``. Scores that can never
+   be isolated get key 0: zeros (no gradient evidence yet) and non-finite values (NaN/Inf policy:
+   a non-finite score is never isolated and never counted). Only keys >= 1 are *eligible*.
+   The isolation mask is ``key >= tau`` for an integer threshold ``tau >= 1``; ``tau = KEY_NONE``
+   (the key of +inf, which no eligible key reaches) isolates nothing.
+
+2. **Window histogram** (the fused-pass path). Given the previous threshold ``anchor``, the window
+   starts at ``origin = floor_to_bin(anchor - 2**23)`` (one octave below the anchor) and has
+   ``WINDOW_BINS = WINDOW_OCTAVES * 2**MANTISSA_BITS`` bins of ``BIN_WIDTH = 2**(23 - MANTISSA_BITS)``
+   keys each: within an octave the key is linear in the value, so every bin is a fixed relative
+   width (2**-10). Eligible keys at or above the window end are counted in ``over``; keys below
+   the origin are not needed.
+
+3. **Bin selection** (:func:`select_bin`). With ``C(b)`` = number of eligible keys in bins >= b plus
+   ``over``, the k-th largest key lies in ``b* = max{b : C(b) >= k}``; ``need = k - C(b*+1)`` keys must
+   still come from that bin, which holds ``count`` keys. If ``over >= k`` or ``C(0) < k`` the k-th
+   largest lies outside the window: a *miss*.
+
+4. **Interpolation** (:func:`window_threshold`). Assuming the bin's keys are spread evenly,
+   ``tau = bin_hi - ceil(need * BIN_WIDTH / count)``, which always lies inside the bin (C3). The number
+   selected is then within ``count - 1`` of k for any input. If that bound exceeds
+   :func:`tolerance` (a coarse bin: ties, very flat data), the result is not accepted.
+
+5. **Repair** (:func:`radix_threshold`): on a miss, a coarse bin, or with no previous threshold,
+   an exact two-level radix select. Level 1 counts ``key >> 15`` (65536 buckets) and picks the
+   bucket of the k-th largest; level 2 counts the low 15 bits of the keys in that bucket. The result
+   is exactly the k-th largest eligible key (k clipped to the number of eligible keys, so a tensor
+   with fewer than k positive finite scores isolates all of them).
+
+Element order is the logical (row-major) order of the tensor, whatever its strides.
+"""
+from __future__ import annotations
+
+from fractions import Fraction
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "KEY_NONE", "MANTISSA_BITS", "WINDOW_OCTAVES", "BIN_SHIFT", "BIN_WIDTH", "WINDOW_BINS",
+    "RADIX_SHIFT", "score_keys", "isolation_k", "tolerance", "window_origin", "window_histogram",
+    "select_bin", "window_threshold", "radix_threshold", "approx_threshold", "exact_threshold",
+]
+
+KEY_NONE = 0x7F800000  # key of +inf: above every eligible key, so `key >= KEY_NONE` selects nothing
+MANTISSA_BITS = 10  # m: 2**m window bins per octave
+WINDOW_OCTAVES = 4  # window spans [anchor / 2, 8 * anchor)
+BIN_SHIFT = 23 - MANTISSA_BITS
+BIN_WIDTH = 1 << BIN_SHIFT  # keys per window bin
+WINDOW_BINS = WINDOW_OCTAVES << MANTISSA_BITS
+RADIX_SHIFT = 15  # repair: level 1 = key >> 15 (2**16 buckets), level 2 = low 15 bits
+
+
+def score_keys(scores: Tensor) -> Tensor:
+    """int32 keys of a score tensor, flattened in logical order; ineligible scores get key 0."""
+    bits = scores.detach().reshape(-1).to(torch.float32).view(torch.int32) & 0x7FFFFFFF
+    return bits.masked_fill_(bits >= KEY_NONE, 0)
+
+
+def isolation_k(ratio: float, numel: int) -> int:
+    """k = floor(ratio * numel), with the ratio read as the decimal the user wrote.
+
+    ``floor(0.29 * 100)`` is 28 in binary floating point; ``Fraction(repr(0.29))`` is exactly 29/100.
+    """
+    return int(Fraction(repr(float(ratio))) * numel)
+
+
+def tolerance(k: int) -> int:
+    """Largest count error accepted from interpolation: max(floor(k / 200), 4) (C4's 0.5 % slack)."""
+    return max(k // 200, 4)
+
+
+def window_origin(anchor: int) -> int:
+    """First key of the window for a previous threshold `anchor`: one octave lower, bin aligned."""
+    return max(0, ((anchor - (1 << 23)) >> BIN_SHIFT) << BIN_SHIFT)
+
+
+def window_histogram(keys: Sequence[Tensor], origin: int) -> tuple[Tensor, int]:
+    """Counts of eligible keys in each window bin (int64 [WINDOW_BINS]) and the count above it."""
+    counts = torch.zeros(WINDOW_BINS + 1, dtype=torch.int64)
+    for key in keys:
+        b = ((key - origin) >> BIN_SHIFT).clamp_(max=WINDOW_BINS)  # WINDOW_BINS collects `over`
+        b = b[(b >= 0) & (key > 0)]
+        counts += torch.bincount(b, minlength=WINDOW_BINS + 1).cpu()
+    return counts[:WINDOW_BINS], int(counts[WINDOW_BINS])
+
+
+def select_bin(counts: Tensor, above: int, k: int) -> tuple[int, int, int] | None:
+    """(b*, need, count) for the bin holding the k-th largest key, or None when it is not in `counts`.
+
+    `counts` are bins in increasing key order; `above` counts eligible keys beyond the last bin.
+    """
+    if k < 1 or above >= k:
+        return None
+    suffix = counts.flip(0).cumsum(0).flip(0) + above  # C(b)
+    n_ge = int((suffix >= k).sum())  # C is non-increasing, so {b : C(b) >= k} = [0, b*]
+    if n_ge == 0:
+        return None
+    b = n_ge - 1
+    above_b = int(suffix[b + 1]) if b + 1 < counts.numel() else above
+    return b, k - above_b, int(counts[b])
+
+
+def window_threshold(counts: Tensor, over: int, k: int, origin: int) -> int | None:
+    """Interpolated threshold from a window histogram, or None if the window cannot answer.
+
+    None means: the k-th largest is outside the window, or its bin holds so many keys that the
+    interpolation's count error could exceed :func:`tolerance` (the repair path takes over).
+    """
+    found = select_bin(counts, over, k)
+    if found is None:
+        return None
+    b, need, count = found
+    if count - 1 > tolerance(k):
+        return None
+    bin_hi = origin + ((b + 1) << BIN_SHIFT)
+    return max(1, bin_hi - -(-need * BIN_WIDTH // count))
+
+
+def radix_threshold(keys: Sequence[Tensor], k: int) -> int:
+    """Exact k-th largest eligible key by a two-level radix select (the repair path).
+
+    k is clipped to the number of eligible keys; returns KEY_NONE when k = 0 or none is eligible.
+    """
+    n_hi = 1 << (31 - RADIX_SHIFT)
+    hi_counts = torch.zeros(n_hi, dtype=torch.int64)
+    for key in keys:
+        hi_counts += torch.bincount(key >> RADIX_SHIFT, minlength=n_hi).cpu()
+    zeros = sum(int((key == 0).sum()) for key in keys)
+    hi_counts[0] -= zeros  # key 0 (ineligible) shares bucket 0 with the smallest denormals
+    k = min(k, int(hi_counts.sum()))
+    found = select_bin(hi_counts, 0, k)
+    if found is None:
+        return KEY_NONE
+    bucket, need, _ = found
+    n_lo = 1 << RADIX_SHIFT
+    lo_counts = torch.zeros(n_lo, dtype=torch.int64)
+    for key in keys:
+        low = key[(key >> RADIX_SHIFT) == bucket] & (n_lo - 1)
+        lo_counts += torch.bincount(low, minlength=n_lo).cpu()
+    if bucket == 0:
+        lo_counts[0] -= zeros
+    low, _, _ = select_bin(lo_counts, 0, need)
+    return (bucket << RADIX_SHIFT) | low
+
+
+def approx_threshold(keys: Sequence[Tensor], k: int, anchor: int) -> tuple[int, bool]:
+    """Threshold for the top-k of the eligible keys of one tensor (or of several, pooled).
+
+    `anchor` is the previous threshold (KEY_NONE if none). Returns (tau, repaired): the window
+    answer when it is accurate enough, else the exact radix answer with ``repaired=True``.
+    """
+    if k < 1:
+        return KEY_NONE, False
+    if anchor < KEY_NONE:
+        origin = window_origin(anchor)
+        counts, over = window_histogram(keys, origin)
+        tau = window_threshold(counts, over, k, origin)
+        if tau is not None:
+            return tau, False
+    return radix_threshold(keys, k), True
+
+
+def exact_threshold(keys: Sequence[Tensor], k: int) -> int:
+    """Exact k-th largest eligible key with torch.kthvalue (threshold="exact"; also a test oracle)."""
+    eligible = torch.cat([key[key > 0] for key in keys]) if keys else torch.zeros(0, dtype=torch.int32)
+    k = min(k, eligible.numel())
+    if k < 1:
+        return KEY_NONE
+    return int(eligible.kthvalue(eligible.numel() - k + 1).values)

@@ -1,0 +1,21 @@
+"""Build script for epi_kernels.
+
+The package is pure Python today; the CUDA extension (csrc/, python/, CMakeLists.txt) is built
+here once it exists. torch is not a build requirement, so building never pulls a CUDA torch wheel:
+install the torch you want first (CPU: `pip install torch==2.13.0`).
+"""
+from setuptools import find_packages, setup
+
+setup(
+    name="epi-kernels",
+    version="0.1.0",
+    description="AdamW with Evolving Parameter Isolation (EPI): fused score EMA, top-k threshold and masked step",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["epi_kernels", "epi_kernels.*"]),
+    python_requires=">=3.10",
+    install_requires=["torch>=2.7"],
+    extras_require={
+        "test": ["pytest>=8", "expecttest", "numpy"],
+    },
+)
