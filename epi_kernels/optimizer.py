@@ -207,9 +207,6 @@ class EPIAdamW(Optimizer):
                 raise RuntimeError("EPIAdamW does not support sparse gradients")
             if torch.is_complex(p):
                 raise RuntimeError("EPIAdamW does not support complex parameters")
-            if p.grad.shape != p.shape:
-                raise RuntimeError(f"EPIAdamW: gradient shape {tuple(p.grad.shape)} does not match "
-                                   f"parameter shape {tuple(p.shape)}")
             if group["fused"] and not (p.is_floating_point() and p.device.type in ("cpu", "cuda", "mps", "xpu")):
                 raise RuntimeError("`fused=True` requires all the params to be floating point Tensors "
                                    f"of supported devices, got {p.dtype} on {p.device.type}")

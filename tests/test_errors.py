@@ -1,0 +1,89 @@
+"""Bad input: a clear error naming the problem, and no optimizer or model state changed."""
+import pytest
+import torch
+
+from epi_kernels import EPIAdamW
+
+
+@pytest.mark.parametrize("arg,value", [
+    ("isolation_ratio", -0.1), ("isolation_ratio", 1.0), ("isolation_ratio", float("nan")),
+    ("isolation_ratio", "0.1"), ("refresh_interval", 0), ("refresh_interval", 2.5),
+    ("refresh_interval", True), ("warmup_steps", -1), ("warmup_steps", 1.5),
+    ("importance_beta", 1.0), ("importance_beta", -0.5), ("importance", "cube"),
+    ("scope", "layer"), ("threshold", "fast"), ("static", "yes"),
+    ("importance_dtype", torch.float16), ("backend", "tpu"), ("backend", "triton"), ("backend", "cuda"),
+])
+def test_invalid_epi_hyperparameter_names_the_argument(arg, value):
+    p = torch.nn.Parameter(torch.zeros(3))
+    with pytest.raises(ValueError, match=f"Invalid {arg}"):
+        EPIAdamW([p], **{arg: value})
+    opt = EPIAdamW([p])
+    q = torch.nn.Parameter(torch.zeros(3))
+    with pytest.raises(ValueError, match=f"Invalid {arg}"):  # per-group overrides are checked too
+        opt.add_param_group({"params": [q], arg: value})
+    assert len(opt.param_groups) == 1
+
+
+def test_differentiable_is_rejected():
+    with pytest.raises(ValueError, match="differentiable"):
+        EPIAdamW([torch.nn.Parameter(torch.zeros(2))], differentiable=True)
+
+
+def _two_groups():
+    good = torch.nn.Parameter(torch.randn(5))
+    good.grad = torch.randn(5)
+    return good
+
+
+def _assert_untouched(opt, good, good_before):
+    assert torch.equal(good, good_before)
+    assert len(opt.state) == 0
+    assert all(g["epi_step"] == 0 for g in opt.param_groups)
+
+
+def test_sparse_gradient_raises_before_any_state_changes():
+    good = _two_groups()
+    emb = torch.nn.Embedding(10, 3, sparse=True)
+    emb(torch.tensor([1, 2])).sum().backward()
+    opt = EPIAdamW([{"params": [good]}, {"params": emb.parameters()}])
+    before = good.detach().clone()
+    with pytest.raises(RuntimeError, match="sparse gradients"):
+        opt.step()
+    _assert_untouched(opt, good, before)
+
+
+def test_complex_parameter_raises_before_any_state_changes():
+    good = _two_groups()
+    z = torch.nn.Parameter(torch.randn(4, dtype=torch.complex64))
+    z.grad = torch.randn(4, dtype=torch.complex64)
+    opt = EPIAdamW([{"params": [good]}, {"params": [z]}])
+    before = good.detach().clone()
+    with pytest.raises(RuntimeError, match="complex parameters"):
+        opt.step()
+    _assert_untouched(opt, good, before)
+
+
+def test_capturable_on_cpu_raises_before_any_state_changes():
+    good = _two_groups()
+    opt = EPIAdamW([good], capturable=True)
+    before = good.detach().clone()
+    with pytest.raises(RuntimeError, match="capturable"):
+        opt.step()
+    _assert_untouched(opt, good, before)
+
+
+def test_tensor_lr_with_foreach_rejected_like_adamw():
+    p = torch.nn.Parameter(torch.zeros(2))
+    with pytest.raises(ValueError, match="lr as a Tensor is not supported"):
+        EPIAdamW([p], lr=torch.tensor(0.01), foreach=True)
+
+
+def test_tensor_lr_works():
+    p, q = torch.nn.Parameter(torch.ones(4)), torch.nn.Parameter(torch.ones(4))
+    epi = EPIAdamW([p], lr=torch.tensor(0.01), isolation_ratio=0.0)
+    ref = torch.optim.AdamW([q], lr=torch.tensor(0.01))
+    for _ in range(3):
+        p.grad, q.grad = torch.full((4,), 0.5), torch.full((4,), 0.5)
+        epi.step()
+        ref.step()
+    assert torch.equal(p, q)

@@ -1,0 +1,35 @@
+"""Packed isolation masks: bit layout (checked by hand), round trips and the Jaccard overlap."""
+import pytest
+import torch
+
+from epi_kernels.mask import jaccard, pack_mask, packed_numel, unpack_mask
+
+
+def test_bit_layout_is_lsb_first_by_hand():
+    m = torch.zeros(11, dtype=torch.bool)
+    m[[0, 3, 8, 10]] = True
+    assert pack_mask(m).tolist() == [0b00001001, 0b00000101]
+
+
+@pytest.mark.parametrize("shape", [(), (0,), (1,), (7,), (8,), (9,), (3, 5, 7), (1023,)])
+def test_round_trip(shape):
+    g = torch.Generator().manual_seed(0)
+    m = torch.rand(shape, generator=g) < 0.3
+    packed = pack_mask(m)
+    assert packed.dtype == torch.uint8 and packed.numel() == packed_numel(m.numel())
+    assert torch.equal(unpack_mask(packed, m.numel()), m.reshape(-1))
+
+
+def test_non_contiguous_masks_pack_in_logical_order():
+    m = torch.tensor([[True, False], [False, False], [True, True]]).t()  # logical: T F T / F F T
+    assert unpack_mask(pack_mask(m), 6).tolist() == [True, False, True, False, False, True]
+
+
+def test_jaccard():
+    a = torch.tensor([True, True, False, False])
+    b = torch.tensor([False, True, True, False])
+    assert jaccard(a, b).item() == pytest.approx(1 / 3)
+    assert jaccard(a, a).item() == 1.0
+    none = torch.zeros(4, dtype=torch.bool)
+    assert jaccard(none, none).item() == 1.0  # two empty masks are the same set
+    assert jaccard(a, none).item() == 0.0
