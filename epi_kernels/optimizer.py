@@ -7,7 +7,6 @@ The class owns arguments, state and the step counter; the math lives in
 from __future__ import annotations
 
 import math
-from itertools import chain
 from typing import Any, Callable
 
 import torch
@@ -16,17 +15,13 @@ from torch.optim import Optimizer
 
 from .backends import check_backend, resolve_backend
 from .functional import epi_adamw, isolated_indices
-from .mask import packed_numel, unpack_mask
+from .mask import unpack_mask
 from .refresh import is_refresh_step, refresh_masks
-from .threshold import KEY_NONE
+from .state import IMPORTANCE_DTYPES, init_epi_state, protect_epi_entries, restore_epi_entries
 
 __all__ = ["EPIAdamW"]
 
-# Per-parameter state that torch's load_state_dict must not cast to the parameter dtype.
-EPI_STATE_KEYS = ("importance", "isolation_mask", "threshold_bits", "isolation_k", "isolated_count",
-                  "isolation_overlap", "threshold_exact", "refresh_step")
 _CHOICES = {"importance": ("sq", "abs"), "scope": ("tensor", "global"), "threshold": ("approx", "exact")}
-_IMPORTANCE_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def _is_int(x: object) -> bool:
@@ -54,7 +49,7 @@ def _check_epi_args(g: dict) -> None:
             raise ValueError(f"Invalid {name}: {g[name]!r} (expected one of {', '.join(choices)})")
     if not isinstance(g["static"], bool):
         raise ValueError(f"Invalid static: {g['static']!r} (must be a bool)")
-    if g["importance_dtype"] not in _IMPORTANCE_DTYPES:
+    if g["importance_dtype"] not in IMPORTANCE_DTYPES:
         raise ValueError(f"Invalid importance_dtype: {g['importance_dtype']!r} "
                          "(expected torch.float32 or torch.bfloat16)")
     check_backend(g["backend"])
@@ -189,14 +184,7 @@ class EPIAdamW(Optimizer):
         if group["amsgrad"] and "max_exp_avg_sq" not in st:
             st["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         if "importance" not in st:
-            st["importance"] = torch.zeros(p.shape, dtype=group["importance_dtype"], device=p.device)
-            st["isolation_mask"] = torch.zeros(packed_numel(p.numel()), dtype=torch.uint8, device=p.device)
-            st["threshold_bits"] = torch.tensor(KEY_NONE, dtype=torch.int32)
-            st["isolation_k"] = torch.tensor(0, dtype=torch.int64)
-            st["isolated_count"] = torch.tensor(0, dtype=torch.int64)
-            st["isolation_overlap"] = torch.tensor(float("nan"))
-            st["threshold_exact"] = torch.tensor(False)
-            st["refresh_step"] = torch.tensor(0, dtype=torch.int64)
+            init_epi_state(st, p, group["importance_dtype"])
         return st
 
     def _stepped_params(self, group: dict) -> list[Tensor]:
@@ -297,41 +285,15 @@ class EPIAdamW(Optimizer):
     # ------------------------------------------------------------------ checkpoints
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load optimizer state; EPI entries keep their saved dtypes (torch's loader would cast the
-        fp32 scores and the integer thresholds to the parameter dtype)."""
-        saved = state_dict["state"]
-        groups = [len(g["params"]) for g in self.param_groups]
-        if groups != [len(g["params"]) for g in state_dict["param_groups"]]:
-            return super().load_state_dict(state_dict)  # raises torch's own error
-        params = chain.from_iterable(g["params"] for g in self.param_groups)
-        ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
-        by_id = dict(zip(ids, params))
-        epi = {}
-        for pid, st in saved.items():
-            entries = {k: v for k, v in st.items() if k in EPI_STATE_KEYS}
-            p = by_id.get(pid)
-            if entries and p is not None:
-                _check_epi_entries(entries, p)
-                epi[p] = entries
-        state_dict = {**state_dict, "state": {
-            pid: {k: v for k, v in st.items() if k not in EPI_STATE_KEYS} for pid, st in saved.items()}}
-        super().load_state_dict(state_dict)
-        for p, entries in epi.items():
-            for k, v in entries.items():
-                self.state[p][k] = v.to(device=p.device) if k in ("importance", "isolation_mask") else v.cpu()
+        """torch's loader, except that EPI entries keep their saved dtypes and are validated first.
 
-
-def _check_epi_entries(entries: dict, p: Tensor) -> None:
-    """ValueError (before anything is loaded) if saved EPI state does not fit parameter `p`."""
-    imp = entries.get("importance")
-    if imp is not None and (not torch.is_tensor(imp) or imp.shape != p.shape or imp.dtype not in _IMPORTANCE_DTYPES):
-        raise ValueError(f"loaded state dict has an 'importance' entry that does not fit a parameter of "
-                         f"shape {tuple(p.shape)}: {getattr(imp, 'shape', imp)}")
-    mask = entries.get("isolation_mask")
-    if mask is not None and (not torch.is_tensor(mask) or mask.dtype != torch.uint8
-                             or mask.numel() != packed_numel(p.numel())):
-        raise ValueError(f"loaded state dict has an 'isolation_mask' entry that does not fit a parameter "
-                         f"of {p.numel()} elements (expected uint8[{packed_numel(p.numel())}])")
-    missing = [k for k in EPI_STATE_KEYS if k not in entries]
-    if missing:
-        raise ValueError(f"loaded state dict has incomplete EPI state for a parameter: missing {missing}")
+        User load hooks see the full state: EPI entries are protected after the last pre-hook and
+        restored before the first post-hook.
+        """
+        pre = self.register_load_state_dict_pre_hook(protect_epi_entries)
+        post = self.register_load_state_dict_post_hook(restore_epi_entries, prepend=True)
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            pre.remove()
+            post.remove()

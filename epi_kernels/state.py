@@ -1,0 +1,89 @@
+"""Per-parameter EPI state: its keys, lazy creation, and loading it without dtype casts.
+
+torch's ``Optimizer.load_state_dict`` casts every state tensor except ``step`` to the parameter's
+dtype: fp32 scores of bf16 parameters would silently become bf16 and the int32 thresholds would
+lose bits. EPIAdamW therefore wraps its entries in :class:`_Verbatim` (which torch's loader passes
+through untouched) in a load pre-hook that runs after the user's pre-hooks, and unwraps them in a
+post-hook that runs before the user's post-hooks.
+"""
+from __future__ import annotations
+
+from itertools import chain
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .mask import packed_numel
+from .threshold import KEY_NONE
+
+__all__ = ["EPI_STATE_KEYS", "IMPORTANCE_DTYPES", "init_epi_state", "protect_epi_entries",
+           "restore_epi_entries"]
+
+IMPORTANCE_DTYPES = (torch.float32, torch.bfloat16)
+EPI_STATE_KEYS = ("importance", "isolation_mask", "threshold_bits", "isolation_k", "isolated_count",
+                  "isolation_overlap", "threshold_exact", "refresh_step")
+_ON_PARAM_DEVICE = ("importance", "isolation_mask")  # the rest are small CPU tensors
+
+
+def init_epi_state(state: dict, p: Tensor, importance_dtype: torch.dtype) -> None:
+    """Create the EPI entries of a parameter's state (scores zero, nothing isolated)."""
+    state["importance"] = torch.zeros(p.shape, dtype=importance_dtype, device=p.device)
+    state["isolation_mask"] = torch.zeros(packed_numel(p.numel()), dtype=torch.uint8, device=p.device)
+    state["threshold_bits"] = torch.tensor(KEY_NONE, dtype=torch.int32)
+    state["isolation_k"] = torch.tensor(0, dtype=torch.int64)
+    state["isolated_count"] = torch.tensor(0, dtype=torch.int64)
+    state["isolation_overlap"] = torch.tensor(float("nan"))
+    state["threshold_exact"] = torch.tensor(False)
+    state["refresh_step"] = torch.tensor(0, dtype=torch.int64)
+
+
+class _Verbatim:
+    """Opaque holder: torch's state loader copies objects that are not tensors or containers as-is."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Tensor) -> None:
+        self.value = value
+
+
+def _check_entries(entries: dict, p: Tensor) -> None:
+    """ValueError if saved EPI entries do not fit parameter `p` (raised before anything loads)."""
+    missing = [k for k in EPI_STATE_KEYS if k not in entries]
+    if missing:
+        raise ValueError(f"loaded state dict has incomplete EPI state for a parameter: missing {missing}")
+    bad = [k for k in EPI_STATE_KEYS if not torch.is_tensor(entries[k])]
+    if bad:
+        raise ValueError(f"loaded state dict has non-tensor EPI entries {bad}")
+    imp, mask = entries["importance"], entries["isolation_mask"]
+    if imp.shape != p.shape or imp.dtype not in IMPORTANCE_DTYPES:
+        raise ValueError(f"loaded state dict has an 'importance' entry that does not fit a parameter of "
+                         f"shape {tuple(p.shape)}: {imp.dtype} {tuple(imp.shape)}")
+    if mask.dtype != torch.uint8 or mask.numel() != packed_numel(p.numel()):
+        raise ValueError(f"loaded state dict has an 'isolation_mask' entry that does not fit a parameter "
+                         f"of {p.numel()} elements (expected uint8[{packed_numel(p.numel())}])")
+
+
+def protect_epi_entries(optimizer: torch.optim.Optimizer, state_dict: dict[str, Any]) -> dict[str, Any] | None:
+    """Load pre-hook: validate EPI entries and wrap them so they escape torch's dtype cast."""
+    saved_groups = state_dict["param_groups"]
+    if [len(g["params"]) for g in saved_groups] != [len(g["params"]) for g in optimizer.param_groups]:
+        return None  # torch's loader raises its own error
+    by_id = dict(zip(chain.from_iterable(g["params"] for g in saved_groups),
+                     chain.from_iterable(g["params"] for g in optimizer.param_groups)))
+    state = {}
+    for pid, entries in state_dict["state"].items():
+        p = by_id.get(pid)
+        if p is not None and any(k in entries for k in EPI_STATE_KEYS):
+            _check_entries(entries, p)
+            entries = {k: _Verbatim(v) if k in EPI_STATE_KEYS else v for k, v in entries.items()}
+        state[pid] = entries
+    return {**state_dict, "state": state}
+
+
+def restore_epi_entries(optimizer: torch.optim.Optimizer) -> None:
+    """Load post-hook: unwrap EPI entries, on the parameter's device, in their saved dtype."""
+    for p, entries in optimizer.state.items():
+        for k, v in entries.items():
+            if isinstance(v, _Verbatim):
+                entries[k] = v.value.to(device=p.device if k in _ON_PARAM_DEVICE else "cpu")
