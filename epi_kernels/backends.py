@@ -1,18 +1,19 @@
 """Which implementation runs a step: the names users pass as ``backend=`` and how "auto" resolves.
 
-Only the pure-PyTorch backend exists so far; "triton" and "cuda" are reserved names that raise a
-clear error until their kernels land. Nothing here imports Triton or a compiled extension.
+"torch" is the eager pure-PyTorch reference; "compiled" is the same step fused into one loop by
+torch.compile (opt-in: the first step pays the compile time). "triton" and "cuda" are reserved names
+that raise a clear error until their kernels land. Nothing here imports Triton or an extension.
 """
 from __future__ import annotations
 
 __all__ = ["BACKENDS", "available_backends", "check_backend", "resolve_backend"]
 
-BACKENDS = ("auto", "torch", "triton", "cuda")
+BACKENDS = ("auto", "torch", "compiled", "triton", "cuda")
 
 
 def available_backends() -> tuple[str, ...]:
-    """Concrete backends usable in this installation, fastest first."""
-    return ("torch",)
+    """Concrete backends usable in this installation."""
+    return ("torch", "compiled")
 
 
 def check_backend(name: object) -> None:
@@ -27,7 +28,8 @@ def check_backend(name: object) -> None:
 
 
 def resolve_backend(name: str) -> str:
-    """The concrete backend for `name`: "auto" picks cuda > triton > torch by availability."""
+    """The concrete backend for `name`: "auto" picks cuda > triton > torch by availability
+    (never "compiled", whose first step compiles for tens of seconds: ask for it by name)."""
     if name == "auto":
-        return available_backends()[0]
+        return "torch"
     return name

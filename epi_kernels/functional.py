@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 from torch.optim.adam import adam
 
+from .compiled import compiled_epi_adamw
 from .mask import unpack_mask
 
 __all__ = ["epi_adamw", "update_importance", "isolated_indices"]
@@ -81,16 +82,19 @@ def epi_adamw(
     """One EPI-AdamW step over lists of tensors (the optimizer's state, updated in place).
 
     `masks` are the packed isolation masks in force (refreshes happen before this call);
-    `isolated` optionally gives their flat isolated indices (a cache), else they are unpacked.
+    `isolated` optionally gives their flat isolated indices (a cache the eager backend uses),
+    else they are unpacked. backend: "torch" (eager; AdamW itself is torch's) or "compiled".
     """
-    if backend != "torch":
+    kwargs = dict(importance_beta=importance_beta, importance=importance, amsgrad=amsgrad, beta1=beta1,
+                  beta2=beta2, lr=lr, weight_decay=weight_decay, eps=eps, maximize=maximize)
+    lists = (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, importances, masks)
+    if backend == "torch":
+        _torch_epi_adamw(*lists, isolated, foreach=foreach, capturable=capturable, fused=fused, **kwargs)
+    elif backend == "compiled":
+        compiled_epi_adamw(*lists, eager=_torch_epi_adamw, foreach=foreach, capturable=capturable, fused=fused,
+                           **kwargs)
+    else:
         raise ValueError(f"epi_adamw: unknown backend {backend!r}")
-    _torch_epi_adamw(
-        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, importances, masks,
-        isolated, importance_beta=importance_beta, importance=importance, amsgrad=amsgrad,
-        beta1=beta1, beta2=beta2, lr=lr, weight_decay=weight_decay, eps=eps, maximize=maximize,
-        foreach=foreach, capturable=capturable, fused=fused,
-    )
 
 
 def _torch_epi_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, importances,

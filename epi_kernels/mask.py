@@ -1,7 +1,9 @@
 """Bit-packed isolation masks: 1 bit per element, element i in bit (i % 8) of byte i // 8.
 
-The bit order is least-significant first, so on a little-endian machine the same buffer read as
-32-bit words has element i in bit (i % 32) of word i // 32: kernels may load either width.
+The bit order is least-significant first and the buffer is padded with zero bits to a whole number
+of 64-bit words, so on a little-endian machine the same bytes read as 32- or 64-bit words have
+element i in bit (i % 32) of word i // 32, or bit (i % 64) of word i // 64: kernels load whichever
+width suits them (the compiled CPU step broadcasts one int64 word over 64 elements).
 Elements are numbered in the tensor's logical (row-major) order.
 """
 from __future__ import annotations
@@ -22,14 +24,14 @@ def _weights(device: torch.device) -> Tensor:
 
 
 def packed_numel(numel: int) -> int:
-    """Bytes needed for `numel` mask bits."""
-    return (numel + 7) // 8
+    """Bytes holding `numel` mask bits: 8 per started group of 64 elements."""
+    return 8 * ((numel + 63) // 64)
 
 
 def pack_mask(mask: Tensor) -> Tensor:
-    """Pack a bool tensor (any shape, logical order) into uint8 [ceil(numel / 8)]."""
+    """Pack a bool tensor (any shape, logical order) into uint8 [packed_numel(numel)]."""
     flat = mask.reshape(-1)
-    pad = (-flat.numel()) % 8
+    pad = (-flat.numel()) % 64
     if pad:
         flat = torch.cat([flat, flat.new_zeros(pad)])
     return (flat.view(-1, 8).to(torch.uint8) * _weights(flat.device)).sum(1, dtype=torch.uint8)

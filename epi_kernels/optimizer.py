@@ -102,7 +102,7 @@ class EPIAdamW(Optimizer):
     isolation_ratio (0.01), refresh_interval (100), warmup_steps (None), importance_beta (0.99),
     importance ("sq" | "abs"), scope ("tensor" | "global"), threshold ("approx" | "exact"),
     static (False: refresh once, CPI-FT style), importance_dtype (torch.float32 | torch.bfloat16),
-    backend ("auto" | "torch").
+    backend ("auto" | "torch" | "compiled").
     """
 
     def __init__(
@@ -232,19 +232,20 @@ class EPIAdamW(Optimizer):
         states = [self._init_state(p, group) for p in params]
         group["epi_step"] += 1
         if is_refresh_step(group["epi_step"], group["refresh_interval"], group["warmup_steps"], group["static"]):
-            masks = refresh_masks(states, isolation_ratio=group["isolation_ratio"], scope=group["scope"],
-                                  threshold=group["threshold"], step=group["epi_step"])
-            for p, mask in zip(params, masks):
-                self._isolated[p] = mask.nonzero().squeeze(1)
+            refresh_masks(states, isolation_ratio=group["isolation_ratio"], scope=group["scope"],
+                          threshold=group["threshold"], step=group["epi_step"])
+            for p in params:
+                self._isolated.pop(p, None)
         beta1, beta2 = group["betas"]
+        backend = resolve_backend(group["backend"])
         epi_adamw(
             params, [p.grad for p in params], [st["exp_avg"] for st in states],
             [st["exp_avg_sq"] for st in states],
             [st["max_exp_avg_sq"] for st in states] if group["amsgrad"] else [],
             [st["step"] for st in states], [st["importance"] for st in states],
             [st["isolation_mask"] for st in states],
-            [self._isolated_index(p, st) for p, st in zip(params, states)],
-            backend=resolve_backend(group["backend"]), importance_beta=group["importance_beta"],
+            [self._isolated_index(p, st) for p, st in zip(params, states)] if backend == "torch" else None,
+            backend=backend, importance_beta=group["importance_beta"],
             importance=group["importance"], amsgrad=group["amsgrad"], beta1=beta1, beta2=beta2,
             lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"],
             maximize=group["maximize"], foreach=group["foreach"], capturable=group["capturable"],

@@ -8,15 +8,17 @@ from epi_kernels.mask import jaccard, pack_mask, packed_numel, unpack_mask
 def test_bit_layout_is_lsb_first_by_hand():
     m = torch.zeros(11, dtype=torch.bool)
     m[[0, 3, 8, 10]] = True
-    assert pack_mask(m).tolist() == [0b00001001, 0b00000101]
+    assert pack_mask(m).tolist() == [0b00001001, 0b00000101] + [0] * 6  # padded to a 64-bit word
+    assert pack_mask(m).view(torch.int64).item() == 1 + 8 + 256 + 1024  # the same bits, as one word
 
 
-@pytest.mark.parametrize("shape", [(), (0,), (1,), (7,), (8,), (9,), (3, 5, 7), (1023,)])
+@pytest.mark.parametrize("shape", [(), (0,), (1,), (7,), (8,), (9,), (64,), (65,), (3, 5, 7), (1023,)])
 def test_round_trip(shape):
     g = torch.Generator().manual_seed(0)
     m = torch.rand(shape, generator=g) < 0.3
     packed = pack_mask(m)
     assert packed.dtype == torch.uint8 and packed.numel() == packed_numel(m.numel())
+    assert packed.numel() == 8 * -(-m.numel() // 64)
     assert torch.equal(unpack_mask(packed, m.numel()), m.reshape(-1))
 
 
