@@ -16,6 +16,6 @@ setup(
     python_requires=">=3.10",
     install_requires=["torch>=2.7"],
     extras_require={
-        "test": ["pytest>=8", "expecttest", "numpy"],
+        "test": ["pytest>=8", "expecttest", "numpy", "pytest-benchmark"],
     },
 )

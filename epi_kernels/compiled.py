@@ -10,8 +10,11 @@ with the eager backend to rounding (not to the bit: the fused loop rounds interm
 The mask is read as 64-bit words, each broadcast over its 64 elements, which keeps the loop
 vectorised (a per-byte gather would not be).
 
-If compilation fails (no usable C++ compiler, an unsupported platform), the step falls back to the
-eager backend with a warning, once per process.
+Refreshes use compiled copies of the threshold engine's elementwise passes (keys, histogram slots,
+packed mask), which return the same integers as the eager ones.
+
+If compilation fails (no usable C++ compiler, an unsupported platform), every function here runs
+its uncompiled self instead, with one warning per process.
 """
 from __future__ import annotations
 
@@ -21,17 +24,50 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-__all__ = ["compiled_epi_adamw"]
+from .refresh import RefreshOps
+from .threshold import score_keys, window_bins
 
-_kernel: Callable | None = None
+__all__ = ["compiled_epi_adamw", "COMPILED_REFRESH_OPS"]
+
 _broken: str | None = None  # why compilation failed, once it has
+
+
+class _CompiledOrEager:
+    """Call `fn` compiled with torch.compile (dynamic shapes); on a compiler failure, warn once and
+    call it uncompiled from then on. Compiler failures happen before anything is written."""
+
+    def __init__(self, fn: Callable) -> None:
+        self.fn = fn
+        self.compiled: Callable | None = None
+
+    def __call__(self, *args):
+        global _broken
+        if _broken is None:
+            if self.compiled is None:
+                self.compiled = torch.compile(self.fn, dynamic=True)
+            try:
+                return self.compiled(*args)
+            except Exception as err:  # noqa: BLE001 - decided by _is_compile_error
+                if not _is_compile_error(err):
+                    raise
+                _broken = f"{type(err).__name__}: {err}".splitlines()[0]
+                warnings.warn(f"epi_kernels: backend='compiled' could not compile ({_broken}); "
+                              "running its steps uncompiled (eager)", RuntimeWarning, stacklevel=2)
+        return self.fn(*args)
+
+
+def _is_compile_error(err: Exception) -> bool:
+    """True for failures of the compiler stack (dynamo, inductor, the C++ toolchain)."""
+    mod = type(err).__module__ or ""
+    return mod.startswith(("torch._dynamo", "torch._inductor", "torch.compiler")) or isinstance(
+        err, (OSError, ImportError, NotImplementedError))
 
 
 def _tensor_step(p: Tensor, g: Tensor, m: Tensor, v: Tensor, s: Tensor, vmax: Tensor | None,
                  words: Tensor, hp: Tensor, sq: bool, maximize: bool) -> None:
-    """One tensor's step. hp (fp32[10]): weight-decay factor, step size, 1-beta1, beta2, 1-beta2,
-    sqrt(bias correction 2), eps, importance beta, 1-importance beta, unused."""
-    decay, step_size, one_minus_b1, b2, one_minus_b2, bc2_sqrt, eps, ib, one_minus_ib, _ = hp.unbind(0)
+    """One tensor's step. hp (fp32[9]): weight-decay factor, step size, 1-beta1, beta2, 1-beta2,
+    sqrt(bias correction 2), eps, importance beta, 1-importance beta."""
+    decay, step_size, one_minus_b1, b2, one_minus_b2, bc2_sqrt, eps, ib, one_minus_ib = hp.unbind(0)
     shifts = torch.arange(64, dtype=torch.int64, device=p.device)
     isolated = (((words.view(-1, 1) >> shifts) & 1).view(-1)[: p.numel()] != 0).view(p.shape)
     g32 = g.float()
@@ -51,58 +87,42 @@ def _tensor_step(p: Tensor, g: Tensor, m: Tensor, v: Tensor, s: Tensor, vmax: Te
     p.copy_(torch.where(isolated, p32, update))
 
 
+def _threshold_words(keys: Tensor, tau: Tensor) -> Tensor:
+    """mask.threshold_mask in a form Inductor fuses into one vectorised loop: each 64-bit word is
+    the sum of its 64 shifted bits (same layout, same bytes; eager, mask.py's form is faster)."""
+    pad = (-keys.numel()) % 64
+    bits = torch.nn.functional.pad(keys >= tau, (0, pad)).view(-1, 64).to(torch.int64)
+    return (bits << torch.arange(64, dtype=torch.int64, device=keys.device)).sum(1)
+
+
+def _compiled_threshold_mask(keys: Tensor, tau: Tensor) -> Tensor:
+    return _threshold_words_kernel(keys, tau).view(torch.uint8)
+
+
+_step_kernel = _CompiledOrEager(_tensor_step)
+_threshold_words_kernel = _CompiledOrEager(_threshold_words)
+COMPILED_REFRESH_OPS = RefreshOps(keys=_CompiledOrEager(score_keys), bins=_CompiledOrEager(window_bins),
+                                  mask=_compiled_threshold_mask)
+
+
 def _value(x) -> float:
     return x.item() if isinstance(x, Tensor) else float(x)
 
 
 def compiled_epi_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, importances,
                        masks, *, importance_beta, importance, amsgrad, beta1, beta2, lr, weight_decay, eps,
-                       maximize, eager: Callable, **eager_kwargs) -> None:
-    """Step each tensor with the compiled kernel; if compiling fails, `eager` steps the rest."""
+                       maximize) -> None:
+    """Step each tensor with the compiled kernel (state in place, like the eager backend)."""
     lr, beta1, beta2 = _value(lr), _value(beta1), _value(beta2)
-    done = 0
-    while _broken is None and done < len(params):
-        p, step_t = params[done], state_steps[done]
-        step = _value(step_t) + 1
-        if p.numel():
-            hp = torch.tensor([1 - lr * weight_decay, lr / (1 - beta1 ** step), 1 - beta1, beta2, 1 - beta2,
-                               (1 - beta2 ** step) ** 0.5, eps, importance_beta, 1 - importance_beta, 0.0],
-                              dtype=torch.float32, device=p.device)
-            vmax = max_exp_avg_sqs[done] if amsgrad else None
-            tensors = [p, grads[done], exp_avgs[done], exp_avg_sqs[done], importances[done], vmax]
-            if all(t is None or t.is_contiguous() for t in tensors):
-                tensors = [None if t is None else t.view(-1) for t in tensors]  # one graph for all shapes
-            if not _call(*tensors, masks[done].view(torch.int64), hp, importance == "sq", maximize):
-                break  # nothing of this tensor was written: the eager path takes over from here
-        step_t += 1
-        done += 1
-    if done < len(params):
-        rest = slice(done, None)
-        eager(params[rest], grads[rest], exp_avgs[rest], exp_avg_sqs[rest],
-              max_exp_avg_sqs[rest] if amsgrad else [], state_steps[rest], importances[rest], masks[rest],
-              None, importance_beta=importance_beta, importance=importance, amsgrad=amsgrad, beta1=beta1,
-              beta2=beta2, lr=lr, weight_decay=weight_decay, eps=eps, maximize=maximize, **eager_kwargs)
-
-
-def _call(p, g, m, v, s, vmax, words, hp, sq, maximize) -> bool:
-    """Run the compiled kernel; False (with a one-time warning) if it cannot be compiled here."""
-    global _kernel, _broken
-    if _kernel is None:
-        _kernel = torch.compile(_tensor_step, dynamic=True)
-    try:
-        _kernel(p, g, m, v, s, vmax, words, hp, sq, maximize)
-        return True
-    except Exception as err:  # noqa: BLE001 - decided by _is_compile_error
-        if not _is_compile_error(err):
-            raise
-        _broken = f"{type(err).__name__}: {err}".splitlines()[0]
-        warnings.warn(f"epi_kernels: backend='compiled' could not compile ({_broken}); "
-                      "falling back to the eager torch backend", RuntimeWarning, stacklevel=4)
-        return False
-
-
-def _is_compile_error(err: Exception) -> bool:
-    """True for failures of the compiler stack (dynamo, inductor, the C++ toolchain)."""
-    mod = type(err).__module__ or ""
-    return mod.startswith(("torch._dynamo", "torch._inductor", "torch.compiler")) or isinstance(
-        err, (OSError, ImportError, NotImplementedError))
+    for i, p in enumerate(params):
+        state_steps[i] += 1
+        if not p.numel():
+            continue
+        step = _value(state_steps[i])
+        hp = torch.tensor([1 - lr * weight_decay, lr / (1 - beta1 ** step), 1 - beta1, beta2, 1 - beta2,
+                           (1 - beta2 ** step) ** 0.5, eps, importance_beta, 1 - importance_beta],
+                          dtype=torch.float32, device=p.device)
+        tensors = [p, grads[i], exp_avgs[i], exp_avg_sqs[i], importances[i], max_exp_avg_sqs[i] if amsgrad else None]
+        if all(t is None or t.is_contiguous() for t in tensors):
+            tensors = [None if t is None else t.view(-1) for t in tensors]  # one graph for every shape
+        _step_kernel(*tensors, masks[i].view(torch.int64), hp, importance == "sq", maximize)

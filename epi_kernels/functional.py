@@ -16,10 +16,16 @@ import torch
 from torch import Tensor
 from torch.optim.adam import adam
 
-from .compiled import compiled_epi_adamw
+from .compiled import COMPILED_REFRESH_OPS, compiled_epi_adamw
 from .mask import unpack_mask
+from .refresh import EAGER_OPS, RefreshOps
 
-__all__ = ["epi_adamw", "update_importance", "isolated_indices"]
+__all__ = ["epi_adamw", "refresh_ops", "update_importance", "isolated_indices"]
+
+
+def refresh_ops(backend: str) -> RefreshOps:
+    """The elementwise passes a backend's refreshes use (same integers out for every backend)."""
+    return COMPILED_REFRESH_OPS if backend == "compiled" else EAGER_OPS
 
 
 def isolated_indices(packed_mask: Tensor, numel: int) -> Tensor:
@@ -91,8 +97,7 @@ def epi_adamw(
     if backend == "torch":
         _torch_epi_adamw(*lists, isolated, foreach=foreach, capturable=capturable, fused=fused, **kwargs)
     elif backend == "compiled":
-        compiled_epi_adamw(*lists, eager=_torch_epi_adamw, foreach=foreach, capturable=capturable, fused=fused,
-                           **kwargs)
+        compiled_epi_adamw(*lists, **kwargs)
     else:
         raise ValueError(f"epi_adamw: unknown backend {backend!r}")
 

@@ -8,19 +8,18 @@ Elements are numbered in the tensor's logical (row-major) order.
 """
 from __future__ import annotations
 
+import sys
+
 import torch
 from torch import Tensor
 
-__all__ = ["packed_numel", "pack_mask", "unpack_mask", "jaccard"]
+__all__ = ["packed_numel", "pack_mask", "threshold_mask", "unpack_mask", "popcount", "jaccard"]
 
-_BIT_WEIGHTS = {}
-
-
-def _weights(device: torch.device) -> Tensor:
-    w = _BIT_WEIGHTS.get(device)
-    if w is None:
-        w = _BIT_WEIGHTS[device] = torch.tensor([1 << i for i in range(8)], dtype=torch.uint8, device=device)
-    return w
+assert sys.byteorder == "little", "packed masks assume a little-endian host"
+_BIT_WEIGHTS = torch.tensor([1 << i for i in range(8)], dtype=torch.uint8)
+# Eight 0/1 bytes read as one little-endian int64, times this constant, hold in their top byte the
+# eight bits in order (byte j -> bit j): each bit lands at 56 + j with no carries between them.
+_GATHER_BITS = 0x0102040810204080
 
 
 def packed_numel(numel: int) -> int:
@@ -34,17 +33,33 @@ def pack_mask(mask: Tensor) -> Tensor:
     pad = (-flat.numel()) % 64
     if pad:
         flat = torch.cat([flat, flat.new_zeros(pad)])
-    return (flat.view(-1, 8).to(torch.uint8) * _weights(flat.device)).sum(1, dtype=torch.uint8)
+    eight = flat.view(-1, 8).view(torch.uint8).view(torch.int64)  # 8 elements per int64, one byte each
+    return ((eight * _GATHER_BITS) >> 56).to(torch.uint8).view(-1)
+
+
+def threshold_mask(keys: Tensor, tau: int | Tensor) -> Tensor:
+    """The packed isolation mask ``keys >= tau`` (pure tensor code; the compiled backend fuses it)."""
+    return pack_mask(keys >= tau)
 
 
 def unpack_mask(packed: Tensor, numel: int) -> Tensor:
     """Inverse of :func:`pack_mask`: a flat bool tensor of `numel` elements."""
-    bits = packed.reshape(-1, 1) & _weights(packed.device)
+    bits = packed.reshape(-1, 1) & _BIT_WEIGHTS.to(packed.device)
     return bits.view(-1)[:numel] != 0
 
 
-def jaccard(a: Tensor, b: Tensor) -> Tensor:
-    """|a & b| / |a | b| of two bool tensors as a 0-dim float32 tensor; 1.0 when both are empty."""
-    union = (a | b).sum()
-    inter = (a & b).sum()
+def popcount(packed: Tensor) -> Tensor:
+    """Number of set bits in a packed mask, as a 0-dim int64 tensor (SWAR bit counting per word)."""
+    x = packed.view(torch.int64)
+    x = x - ((x >> 1) & 0x5555555555555555)
+    x = (x & 0x3333333333333333) + ((x >> 2) & 0x3333333333333333)
+    x = (x + (x >> 4)) & 0x0F0F0F0F0F0F0F0F
+    return ((x * 0x0101010101010101) >> 56).sum()  # per word: the byte counts summed in the top byte
+
+
+def jaccard(a: Tensor, b: Tensor, count_a: Tensor | None = None, count_b: Tensor | None = None) -> Tensor:
+    """|a & b| / |a | b| of two packed masks as a 0-dim float32 tensor; 1.0 when both are empty.
+    Known set sizes may be passed to save their counting."""
+    inter = popcount(a & b)
+    union = (popcount(a) if count_a is None else count_a) + (popcount(b) if count_b is None else count_b) - inter
     return torch.where(union > 0, inter / union.clamp(min=1), 1.0).to(torch.float32)

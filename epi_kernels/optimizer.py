@@ -14,7 +14,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from .backends import check_backend, resolve_backend
-from .functional import epi_adamw, isolated_indices
+from .functional import epi_adamw, isolated_indices, refresh_ops
 from .mask import unpack_mask
 from .refresh import is_refresh_step, refresh_masks
 from .state import IMPORTANCE_DTYPES, init_epi_state, protect_epi_entries, restore_epi_entries
@@ -230,14 +230,14 @@ class EPIAdamW(Optimizer):
 
     def _step_group(self, group: dict, params: list[Tensor]) -> None:
         states = [self._init_state(p, group) for p in params]
+        backend = resolve_backend(group["backend"])
         group["epi_step"] += 1
         if is_refresh_step(group["epi_step"], group["refresh_interval"], group["warmup_steps"], group["static"]):
             refresh_masks(states, isolation_ratio=group["isolation_ratio"], scope=group["scope"],
-                          threshold=group["threshold"], step=group["epi_step"])
+                          threshold=group["threshold"], step=group["epi_step"], ops=refresh_ops(backend))
             for p in params:
                 self._isolated.pop(p, None)
         beta1, beta2 = group["betas"]
-        backend = resolve_backend(group["backend"])
         epi_adamw(
             params, [p.grad for p in params], [st["exp_avg"] for st in states],
             [st["exp_avg_sq"] for st in states],

@@ -5,15 +5,28 @@ At a refresh step t the new mask of each tensor is ``key(S) >= tau`` where S are
 """
 from __future__ import annotations
 
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
 
-from .mask import jaccard, pack_mask, unpack_mask
-from .threshold import KEY_NONE, approx_threshold, exact_threshold, isolation_k, score_keys
+from .mask import jaccard, popcount, threshold_mask
+from .threshold import KEY_NONE, approx_threshold, exact_threshold, isolation_k, score_keys, window_bins
 
-__all__ = ["is_refresh_step", "refresh_masks"]
+__all__ = ["RefreshOps", "EAGER_OPS", "is_refresh_step", "refresh_masks"]
+
+
+@dataclass(frozen=True)
+class RefreshOps:
+    """The elementwise passes of a refresh. Eager by default; the compiled backend substitutes
+    torch.compile'd copies of the same functions (same integers out, fewer passes over memory)."""
+    keys: Callable[[Tensor], Tensor] = score_keys
+    bins: Callable[[Tensor, Tensor], Tensor] = window_bins
+    mask: Callable[[Tensor, Tensor], Tensor] = threshold_mask
+
+
+EAGER_OPS = RefreshOps()
 
 
 def is_refresh_step(step: int, refresh_interval: int, warmup_steps: int | None, static: bool) -> bool:
@@ -28,57 +41,54 @@ def is_refresh_step(step: int, refresh_interval: int, warmup_steps: int | None, 
     return not static or since == 0
 
 
-def _global_keys(scores: Tensor) -> Tensor:
+def _global_keys(scores: Tensor, keys: Callable[[Tensor], Tensor]) -> Tensor:
     """Keys of scores divided by their tensor's mean finite score (scope="global").
 
     The mean is accumulated in float64; non-finite scores count as 0 and stay ineligible.
     """
     s = scores.detach().to(torch.float32)
     if s.numel() == 0:
-        return score_keys(s)
+        return keys(s)
     mean = torch.where(s.isfinite(), s, 0.0).sum(dtype=torch.float64) / s.numel()
-    return score_keys(s / mean.to(torch.float32))
+    return keys(s / mean.to(torch.float32))
 
 
-def _threshold(keys: Sequence[Tensor], k: int, anchor: int, mode: str) -> tuple[int, bool]:
+def _threshold(keys: Sequence[Tensor], k: int, anchor: int, mode: str, ops: RefreshOps) -> tuple[int, bool]:
     if mode == "exact":
         return exact_threshold(keys, k), True
-    return approx_threshold(keys, k, anchor)
+    return approx_threshold(keys, k, anchor, ops.bins)
 
 
-def _store(state: dict, mask: Tensor, tau: int, k: int, exact: bool, step: int) -> None:
-    previous = unpack_mask(state["isolation_mask"], mask.numel())
-    state["isolation_overlap"].copy_(jaccard(previous, mask))
-    state["isolation_mask"].copy_(pack_mask(mask))
+def _store(state: dict, keys: Tensor, tau: int, k: int, exact: bool, step: int, ops: RefreshOps) -> None:
+    packed = ops.mask(keys, torch.tensor(tau, dtype=torch.int32, device=keys.device))
+    count = popcount(packed)
+    state["isolation_overlap"].copy_(jaccard(state["isolation_mask"], packed, state["isolated_count"], count))
+    state["isolation_mask"].copy_(packed)
     state["threshold_bits"].fill_(tau)
     state["isolation_k"].fill_(k)
-    state["isolated_count"].copy_(mask.sum())
+    state["isolated_count"].copy_(count)
     state["threshold_exact"].fill_(exact)
     state["refresh_step"].fill_(step)
 
 
 def refresh_masks(states: Sequence[dict], *, isolation_ratio: float, scope: str, threshold: str,
-                  step: int) -> list[Tensor]:
+                  step: int, ops: RefreshOps = EAGER_OPS) -> None:
     """Recompute the isolation masks of one param group's stepped tensors from their scores.
 
-    Writes each state's packed mask, threshold and refresh statistics; returns the new masks as
-    flat bool tensors (logical order). scope="tensor": one top-k per tensor; scope="global": one
-    top-k over all tensors' mean-normalised scores, sharing one threshold.
+    Writes each state's packed mask, threshold and refresh statistics. scope="tensor": one top-k
+    per tensor; scope="global": one top-k over all tensors' mean-normalised scores, sharing one
+    threshold.
     """
-    masks = []
     if scope == "tensor":
         for state in states:
-            keys = score_keys(state["importance"])
+            keys = ops.keys(state["importance"].reshape(-1))
             k = isolation_k(isolation_ratio, keys.numel())
-            tau, exact = _threshold([keys], k, int(state["threshold_bits"]), threshold)
-            masks.append(keys >= tau)
-            _store(state, masks[-1], tau, k, exact, step)
-        return masks
-    keys = [_global_keys(state["importance"]) for state in states]
+            tau, exact = _threshold([keys], k, int(state["threshold_bits"]), threshold, ops)
+            _store(state, keys, tau, k, exact, step, ops)
+        return
+    keys = [_global_keys(state["importance"].reshape(-1), ops.keys) for state in states]
     k = isolation_k(isolation_ratio, sum(key.numel() for key in keys))
     anchor = int(states[0]["threshold_bits"]) if states else KEY_NONE
-    tau, exact = _threshold(keys, k, anchor, threshold)
+    tau, exact = _threshold(keys, k, anchor, threshold, ops)
     for state, key in zip(states, keys):
-        masks.append(key >= tau)
-        _store(state, masks[-1], tau, k, exact, step)
-    return masks
+        _store(state, key, tau, k, exact, step, ops)

@@ -14,7 +14,7 @@ The algorithm
    (the key of +inf, which no eligible key reaches) isolates nothing.
 
 2. **Window histogram** (the fused-pass path). Given the previous threshold ``anchor``, the window
-   starts at ``origin = floor_to_bin(anchor - 2**23)`` (one octave below the anchor) and has
+   starts at ``origin = max(BIN_WIDTH, floor_to_bin(anchor - 2**23))`` (one octave below) and has
    ``WINDOW_BINS = WINDOW_OCTAVES * 2**MANTISSA_BITS`` bins of ``BIN_WIDTH = 2**(23 - MANTISSA_BITS)``
    keys each: within an octave the key is linear in the value, so every bin is a fixed relative
    width (2**-10). Eligible keys at or above the window end are counted in ``over``; keys below
@@ -41,14 +41,14 @@ Element order is the logical (row-major) order of the tensor, whatever its strid
 from __future__ import annotations
 
 from fractions import Fraction
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
 
 __all__ = [
     "KEY_NONE", "MANTISSA_BITS", "WINDOW_OCTAVES", "BIN_SHIFT", "BIN_WIDTH", "WINDOW_BINS",
-    "RADIX_SHIFT", "score_keys", "isolation_k", "tolerance", "window_origin", "window_histogram",
+    "RADIX_SHIFT", "score_keys", "isolation_k", "tolerance", "window_origin", "window_bins", "window_histogram",
     "select_bin", "window_threshold", "radix_threshold", "approx_threshold", "exact_threshold",
 ]
 
@@ -81,18 +81,38 @@ def tolerance(k: int) -> int:
 
 
 def window_origin(anchor: int) -> int:
-    """First key of the window for a previous threshold `anchor`: one octave lower, bin aligned."""
-    return max(0, ((anchor - (1 << 23)) >> BIN_SHIFT) << BIN_SHIFT)
+    """First key of the window for a previous threshold `anchor`: one octave lower, bin aligned,
+    and never below BIN_WIDTH, so that key 0 (ineligible) always falls below the window (a k-th
+    largest key under BIN_WIDTH, a denormal below 1.2e-41, is left to the repair path)."""
+    return max(BIN_WIDTH, ((anchor - (1 << 23)) >> BIN_SHIFT) << BIN_SHIFT)
 
 
-def window_histogram(keys: Sequence[Tensor], origin: int) -> tuple[Tensor, int]:
-    """Counts of eligible keys in each window bin (int64 [WINDOW_BINS]) and the count above it."""
-    counts = torch.zeros(WINDOW_BINS + 1, dtype=torch.int64)
+UNDER_SLOTS = 64  # keys below the window are spread over this many slots (see window_bins)
+
+
+def window_bins(key: Tensor, origin: int | Tensor) -> Tensor:
+    """Histogram slot of each key: 1 + b for window bin b, WINDOW_BINS + 1 above the window, and for
+    keys below it (or ineligible) WINDOW_BINS + 2 + (key % UNDER_SLOTS). Most keys of a tensor lie
+    below the window; spreading them over 64 counters instead of one avoids a serial chain of
+    increments to a single counter in the histogram. Slot 0 is unused. Pure tensor code (the
+    compiled backend compiles it)."""
+    b = key - origin
+    b >>= BIN_SHIFT
+    b.clamp_(max=WINDOW_BINS).add_(1)
+    return torch.where(b > 0, b, (key & (UNDER_SLOTS - 1)) + (WINDOW_BINS + 2))
+
+
+def window_histogram(keys: Sequence[Tensor], origin: int,
+                     bins: Callable[[Tensor, Tensor], Tensor] = window_bins) -> tuple[Tensor, int]:
+    """Counts of eligible keys in each window bin (int64 [WINDOW_BINS]) and the count above it.
+
+    `bins` computes the slots (:func:`window_bins`, or a compiled copy of it)."""
+    slots = WINDOW_BINS + 2 + UNDER_SLOTS
+    counts = torch.zeros(slots, dtype=torch.int64)
     for key in keys:
-        b = ((key - origin) >> BIN_SHIFT).clamp_(max=WINDOW_BINS)  # WINDOW_BINS collects `over`
-        b = b[(b >= 0) & (key > 0)]
-        counts += torch.bincount(b, minlength=WINDOW_BINS + 1).cpu()
-    return counts[:WINDOW_BINS], int(counts[WINDOW_BINS])
+        b = bins(key, torch.tensor(origin, dtype=torch.int32, device=key.device))
+        counts += torch.bincount(b, minlength=slots).cpu()
+    return counts[1:WINDOW_BINS + 1], int(counts[WINDOW_BINS + 1])
 
 
 def select_bin(counts: Tensor, above: int, k: int) -> tuple[int, int, int] | None:
@@ -124,7 +144,7 @@ def window_threshold(counts: Tensor, over: int, k: int, origin: int) -> int | No
     if count - 1 > tolerance(k):
         return None
     bin_hi = origin + ((b + 1) << BIN_SHIFT)
-    return max(1, bin_hi - -(-need * BIN_WIDTH // count))
+    return bin_hi - -(-need * BIN_WIDTH // count)  # >= the bin's low edge >= origin >= 1
 
 
 def radix_threshold(keys: Sequence[Tensor], k: int) -> int:
@@ -154,7 +174,8 @@ def radix_threshold(keys: Sequence[Tensor], k: int) -> int:
     return (bucket << RADIX_SHIFT) | low
 
 
-def approx_threshold(keys: Sequence[Tensor], k: int, anchor: int) -> tuple[int, bool]:
+def approx_threshold(keys: Sequence[Tensor], k: int, anchor: int,
+                     bins: Callable[[Tensor, Tensor], Tensor] = window_bins) -> tuple[int, bool]:
     """Threshold for the top-k of the eligible keys of one tensor (or of several, pooled).
 
     `anchor` is the previous threshold (KEY_NONE if none). Returns (tau, repaired): the window
@@ -164,7 +185,7 @@ def approx_threshold(keys: Sequence[Tensor], k: int, anchor: int) -> tuple[int, 
         return KEY_NONE, False
     if anchor < KEY_NONE:
         origin = window_origin(anchor)
-        counts, over = window_histogram(keys, origin)
+        counts, over = window_histogram(keys, origin, bins)
         tau = window_threshold(counts, over, k, origin)
         if tau is not None:
             return tau, False

@@ -6,6 +6,8 @@ import torch
 
 import epi_kernels.compiled as compiled
 from epi_kernels import EPIAdamW
+from epi_kernels.mask import threshold_mask
+from epi_kernels.threshold import score_keys, window_bins
 
 EPI = dict(lr=0.05, isolation_ratio=0.2, refresh_interval=2, importance_beta=0.5)
 
@@ -67,17 +69,21 @@ def test_compiled_keeps_isolated_elements_bit_identical():
         assert (p[~mask] != b[~mask]).all()
 
 
-def test_falls_back_to_eager_with_a_warning_when_compiling_fails(monkeypatch):
+def test_falls_back_to_uncompiled_with_a_warning_when_compiling_fails(monkeypatch):
     def broken(*args):
         raise torch._inductor.exc.InvalidCxxCompiler()
 
-    monkeypatch.setattr(compiled, "_kernel", broken)
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: broken)
+    for f in (compiled._step_kernel, compiled._threshold_words_kernel, compiled.COMPILED_REFRESH_OPS.keys,
+              compiled.COMPILED_REFRESH_OPS.bins):
+        monkeypatch.setattr(f, "compiled", None)
     monkeypatch.setattr(compiled, "_broken", None)
-    with pytest.warns(RuntimeWarning, match="falling back to the eager torch backend"):
-        p_comp, _ = _run("compiled", torch.float32)
-    p_eager, _ = _run("torch", torch.float32)
-    for a, b in zip(p_eager, p_comp):
-        assert torch.equal(a, b)  # the eager path ran every step, from the first tensor on
+    with pytest.warns(RuntimeWarning, match="running its steps uncompiled"):
+        p_fallback, o_fallback = _run("compiled", torch.float32)
+    p_eager, o_eager = _run("torch", torch.float32)
+    for a, b in zip(p_eager, p_fallback):
+        assert torch.equal(o_eager.isolation_mask(a), o_fallback.isolation_mask(b))
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         _run("compiled", torch.float32, steps=1)  # warned once per process only
@@ -87,7 +93,20 @@ def test_other_errors_are_not_swallowed(monkeypatch):
     def bad(*args):
         raise ValueError("a real bug")
 
-    monkeypatch.setattr(compiled, "_kernel", bad)
+    monkeypatch.setattr(compiled._step_kernel, "compiled", bad)
     monkeypatch.setattr(compiled, "_broken", None)
     with pytest.raises(ValueError, match="a real bug"):
         _run("compiled", torch.float32, steps=1)
+
+
+def test_compiled_refresh_ops_give_the_eager_integers():
+    g = torch.Generator().manual_seed(5)
+    s = torch.cat([torch.randn(5000, generator=g).pow(2), torch.zeros(10), torch.tensor([float("nan"), 1e-40])])
+    keys = compiled.COMPILED_REFRESH_OPS.keys(s)
+    assert torch.equal(keys, score_keys(s))
+    for origin in (0, 0x3C000000):
+        o = torch.tensor(origin, dtype=torch.int32)
+        assert torch.equal(compiled.COMPILED_REFRESH_OPS.bins(keys, o), window_bins(keys, o))
+    for n in (1, 63, 64, 5012):
+        tau = torch.tensor(0x3F000000, dtype=torch.int32)
+        assert torch.equal(compiled.COMPILED_REFRESH_OPS.mask(keys[:n], tau), threshold_mask(keys[:n], tau))

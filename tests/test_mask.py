@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from epi_kernels.mask import jaccard, pack_mask, packed_numel, unpack_mask
+from epi_kernels.mask import jaccard, pack_mask, packed_numel, popcount, unpack_mask
 
 
 def test_bit_layout_is_lsb_first_by_hand():
@@ -27,11 +27,21 @@ def test_non_contiguous_masks_pack_in_logical_order():
     assert unpack_mask(pack_mask(m), 6).tolist() == [True, False, True, False, False, True]
 
 
-def test_jaccard():
-    a = torch.tensor([True, True, False, False])
-    b = torch.tensor([False, True, True, False])
+def test_pack_matches_a_plain_loop_on_random_masks():
+    m = torch.rand(1000, generator=torch.Generator().manual_seed(1)) < 0.5
+    want = [sum(int(m[i]) << (i % 8) for i in range(j, min(j + 8, 1000))) for j in range(0, 1000, 8)]
+    assert pack_mask(m).tolist()[: len(want)] == want
+
+
+def test_popcount_and_jaccard():
+    def packed(bits):
+        return pack_mask(torch.tensor(bits))
+
+    a, b = packed([True, True, False, False]), packed([False, True, True, False])
+    assert popcount(a).item() == 2
+    assert popcount(pack_mask(torch.ones(200, dtype=torch.bool))).item() == 200
     assert jaccard(a, b).item() == pytest.approx(1 / 3)
     assert jaccard(a, a).item() == 1.0
-    none = torch.zeros(4, dtype=torch.bool)
+    none = packed([False] * 4)
     assert jaccard(none, none).item() == 1.0  # two empty masks are the same set
     assert jaccard(a, none).item() == 0.0

@@ -108,7 +108,7 @@ def test_window_origin_is_one_octave_below_and_bin_aligned():
     one = 0x3F800000  # bits of 1.0
     assert th.window_origin(one) == 0x3F000000  # 0.5
     assert th.window_origin(one + 12345) == 0x3F000000 + (12345 >> th.BIN_SHIFT << th.BIN_SHIFT)
-    assert th.window_origin(5) == 0  # denormal anchors clamp to the bottom of the key range
+    assert th.window_origin(5) == th.BIN_WIDTH  # never below: key 0 must stay under the window
     assert th.WINDOW_BINS * th.BIN_WIDTH == th.WINDOW_OCTAVES << 23
 
 
@@ -250,6 +250,8 @@ def test_edge_cases(mode):
     assert tau_of(torch.zeros(0), 0) == th.KEY_NONE  # empty
     den = torch.tensor([1e-45, 2e-45, 3e-45, 1e-40])  # denormals: exact order still holds
     assert tau_of(den, 2) == int(th.score_keys(torch.tensor([3e-45])))
+    if mode == "approx":  # below the lowest window: the repair path answers, exactly
+        assert th.approx_threshold([th.score_keys(den)], 3, 2) == (int(th.score_keys(torch.tensor([2e-45]))), True)
     mixed = torch.tensor([-0.0, 0.0, float("inf"), float("nan"), 1.0, 2.0])
     assert tau_of(mixed, 2) == 0x3F800000  # only 1.0 and 2.0 are eligible
     assert n_selected(mixed, tau_of(mixed, 5)) == 2  # fewer eligible than k: all of them

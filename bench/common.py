@@ -1,0 +1,190 @@
+"""What the benchmarks measure, shared by the runner (bench/run.py) and the pytest-benchmark files.
+
+Bytes-per-element model of one optimizer step (reads + writes of every state tensor, once):
+
+    AdamW:  2*P (param r/w) + G (grad) + 4*M (exp_avg, exp_avg_sq r/w)
+    EPI:    AdamW + 2*S (score r/w) + 1/8 (one mask bit)
+
+P, G, M, S are the element sizes of param, grad, moments (torch keeps them in the param dtype) and
+score. fp32 everywhere: AdamW 28 B, EPI 36.125 B (ideal EPI/AdamW time ratio 1.29).
+"""
+from __future__ import annotations
+
+import math
+import os
+import platform
+import statistics
+import subprocess
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from epi_kernels import EPIAdamW
+from epi_kernels.threshold import isolation_k
+
+MiB = 1 << 20
+
+
+# ------------------------------------------------------------------------------------------ cases
+
+@dataclass(frozen=True)
+class Case:
+    """A set of parameter tensors to step: a name and the shapes."""
+    name: str
+    shapes: tuple[tuple[int, ...], ...]
+
+    @property
+    def numel(self) -> int:
+        return sum(math.prod(s) for s in self.shapes)
+
+
+def flat(n: int, name: str) -> Case:
+    return Case(name, ((n,),))
+
+
+def model_mix(total: int = 25_000_000, width: int = 512) -> Case:
+    """A small transformer's tensors: an embedding, then per layer 4 attention and 2 MLP matrices,
+    2 norm vectors and biases (many small tensors, a few large ones), scaled to about `total`."""
+    layer = [(width, width)] * 4 + [(4 * width, width), (width, 4 * width)] + [(width,)] * 2 + [(4 * width,)]
+    per_layer = sum(math.prod(s) for s in layer)
+    vocab = 32000
+    layers = max(1, (total - vocab * width) // per_layer)
+    return Case(f"mix-{total / 1e6:.0f}M", ((vocab, width),) + tuple(layer) * layers + ((width,),))
+
+
+def cpu_cases(quick: bool) -> list[Case]:
+    return [flat(MiB, "1M")] if quick else [flat(MiB, "1M"), flat(25 * MiB, "25M"), model_mix()]
+
+
+def gpu_cases(quick: bool) -> list[Case]:
+    return [flat(MiB, "1M")] if quick else [flat(MiB, "1M"), flat(16 * MiB, "16M"), flat(128 * MiB, "128M")]
+
+
+def make_params(case: Case, dtype: torch.dtype, device: str, seed: int = 0) -> list[torch.nn.Parameter]:
+    """Parameters with fixed gradients (the same numbers for every contender)."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    params = []
+    for shape in case.shapes:
+        p = torch.nn.Parameter(torch.randn(shape, generator=g).to(device=device, dtype=dtype))
+        p.grad = (torch.randn(shape, generator=g) * torch.rand(shape, generator=g)).to(device=device, dtype=dtype)
+        params.append(p)
+    return params
+
+
+# ------------------------------------------------------------------------------------ bytes model
+
+def bytes_per_element(param_dtype: torch.dtype, score_dtype: torch.dtype | None) -> float:
+    """Bytes moved per element by one step (module docstring); score_dtype None = plain AdamW."""
+    P = torch.empty((), dtype=param_dtype).element_size()
+    adamw = 2 * P + P + 4 * P
+    if score_dtype is None:
+        return adamw
+    return adamw + 2 * torch.empty((), dtype=score_dtype).element_size() + 1 / 8
+
+
+def state_bytes_per_param(opt: torch.optim.Optimizer) -> float:
+    """Optimizer state bytes (every tensor in opt.state, step counters included) per parameter."""
+    numel = sum(p.numel() for g in opt.param_groups for p in g["params"])
+    total = sum(t.numel() * t.element_size() for st in opt.state.values() for t in st.values()
+                if torch.is_tensor(t))
+    return total / numel
+
+
+# ------------------------------------------------------------------------------------ contenders
+
+class HandWrittenEPI:
+    """The EPI step as a user would write it with separate PyTorch ops and torch.kthvalue per tensor
+    (the unfused baseline): same semantics, a bool mask per tensor, no fusion."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
+                 isolation_ratio=0.01, importance_beta=0.99, refresh_interval=100, warmup_steps=100):
+        self.params, self.lr, self.betas, self.eps, self.wd = list(params), lr, betas, eps, weight_decay
+        self.ratio, self.beta, self.t = isolation_ratio, importance_beta, 0
+        self.interval, self.warmup = refresh_interval, warmup_steps
+        self.state = [dict(m=torch.zeros_like(p), v=torch.zeros_like(p), s=torch.zeros_like(p, dtype=torch.float32),
+                           mask=torch.zeros_like(p, dtype=torch.bool)) for p in self.params]
+
+    @torch.no_grad()
+    def step(self):
+        self.t += 1
+        b1, b2 = self.betas
+        for p, st in zip(self.params, self.state):
+            g, s = p.grad, st["s"]
+            if self.t >= self.warmup and (self.t - self.warmup) % self.interval == 0 and p.numel():
+                k = isolation_k(self.ratio, p.numel())
+                if k:
+                    tau = torch.kthvalue(s.flatten(), p.numel() - k + 1).values
+                    st["mask"] = (s >= tau) & (s > 0)
+            s.mul_(self.beta).addcmul_(g.float(), g.float(), value=1 - self.beta)
+            st["m"].lerp_(g, 1 - b1)
+            st["v"].mul_(b2).addcmul_(g, g, value=1 - b2)
+            bc1, bc2 = 1 - b1 ** self.t, 1 - b2 ** self.t
+            denom = st["v"].sqrt() / math.sqrt(bc2) + self.eps
+            new = p * (1 - self.lr * self.wd) - (self.lr / bc1) * st["m"] / denom
+            p.copy_(torch.where(st["mask"], p, new))
+
+
+def contender(kind: str, params, refresh: bool):
+    """An optimizer over `params`: "adamw-foreach", "adamw-fused", "unfused", or "epi-<backend>".
+
+    EPI runs with isolation_ratio=0.01. Normal steps: one refresh happened at step 2 (so a real
+    mask is applied) and none follows. Refresh steps: refresh_interval=1, every step refreshes."""
+    if kind == "adamw-foreach":
+        return torch.optim.AdamW(params, foreach=True)
+    if kind == "adamw-fused":
+        return torch.optim.AdamW(params, fused=True)
+    schedule = dict(refresh_interval=1, warmup_steps=1) if refresh else dict(refresh_interval=10**9, warmup_steps=2)
+    if kind == "unfused":
+        return HandWrittenEPI(params, **schedule)
+    return EPIAdamW(params, isolation_ratio=0.01, backend=kind.removeprefix("epi-"), **schedule)
+
+
+# ---------------------------------------------------------------------------------------- timing
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed(fn: Callable[[], object], device: str) -> float:
+    """Seconds one call takes (wall clock; the device is synchronised before and after)."""
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def summary(samples: list[float]) -> dict[str, float]:
+    """Median and spread of timing samples (seconds in, milliseconds out)."""
+    ms = sorted(1e3 * s for s in samples)
+    q = statistics.quantiles(ms, n=4) if len(ms) >= 2 else [ms[0]] * 3
+    return {"median_ms": statistics.median(ms), "min_ms": ms[0], "max_ms": ms[-1], "q1_ms": q[0], "q3_ms": q[2],
+            "n": len(ms)}
+
+
+def machine_info(device: str) -> dict[str, object]:
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=os.path.dirname(__file__), check=False).stdout.strip() or None
+    except OSError:
+        rev = None
+    try:
+        import triton  # noqa: PLC0415 - optional
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    info = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "host": platform.node(), "cpu": cpu,
+            "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
+            "triton": triton_version, "cuda": torch.version.cuda, "git_rev": rev, "device": device}
+    if device.startswith("cuda"):
+        info["gpu"] = torch.cuda.get_device_name()
+    return info

@@ -1,0 +1,210 @@
+"""Benchmark runner: step time, GB/s and ratios to torch.optim.AdamW, threshold engine, memory.
+
+    python bench/run.py            # full suite on this machine (CUDA if present, else CPU)
+    python bench/run.py --quick    # under a minute on 2 CPU cores
+    python -m bench --quick        # the same
+
+Prints a table and writes JSON (machine, versions, git revision, every figure with median and
+spread) to bench/results/. Contenders of one row are built on identical tensors and timed
+interleaved (A, B, C, A, B, C, ...) in one process, so their ratios share the machine's noise.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import statistics
+import sys
+
+import torch
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from bench import common  # noqa: E402
+from epi_kernels import available_backends  # noqa: E402
+from epi_kernels import threshold as th  # noqa: E402
+from epi_kernels.refresh import refresh_masks  # noqa: E402
+from epi_kernels.state import init_epi_state  # noqa: E402
+
+RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+BASELINES = ("adamw-fused", "adamw-foreach")
+
+
+def ratio_summary(a: list[float], b: list[float]) -> dict[str, float]:
+    """Median and range of per-round ratios a/b (interleaved rounds)."""
+    r = sorted(x / y for x, y in zip(a, b))
+    return {"median": statistics.median(r), "min": r[0], "max": r[-1]}
+
+
+def bench_steps(device, cases, dtypes, backends, reps, threads) -> list[dict]:
+    rows = []
+    for case in cases:
+        for dtype in dtypes:
+            for refresh in (False, True):
+                kinds = [f"epi-{b}" for b in backends] + ["unfused", *BASELINES]
+                opts = {k: common.contender(k, common.make_params(case, dtype, device), refresh) for k in kinds}
+                for opt in opts.values():  # warm-up: compile, caches, the first refresh (step 2)
+                    for _ in range(3):
+                        opt.step()
+                times = {k: [] for k in kinds}
+                for _ in range(reps):
+                    for k, opt in opts.items():
+                        times[k].append(common.timed(opt.step, device))
+                for k in kinds:
+                    score = torch.float32 if k != "adamw-fused" and k != "adamw-foreach" else None
+                    nbytes = case.numel * common.bytes_per_element(dtype, score)
+                    med = statistics.median(times[k])
+                    rows.append({
+                        "case": case.name, "numel": case.numel, "tensors": len(case.shapes),
+                        "dtype": str(dtype).removeprefix("torch."), "threads": threads,
+                        "step": "refresh" if refresh else "normal", "contender": k, **common.summary(times[k]),
+                        "bytes_per_element": nbytes / case.numel, "gb_per_s": nbytes / med / 1e9,
+                        **{f"vs_{b}": ratio_summary(times[k], times[b]) for b in BASELINES},
+                    })
+                del opts
+    return rows
+
+
+def bench_threshold(device, sizes, reps, threads) -> list[dict]:
+    """The refresh (keys, histogram threshold, mask, packing, statistics) against exact selectors."""
+    rows = []
+    for n in sizes:
+        g = torch.Generator().manual_seed(0)
+        scores = torch.randn(n, generator=g).pow(2).to(device)  # an EMA-of-g^2-like tail
+        k = th.isolation_k(0.01, n)
+        keys = th.score_keys(scores)
+        anchor = th.radix_threshold([keys], k)
+        state = {}
+        init_epi_state(state, scores, torch.float32)
+        state["importance"] = scores
+
+        def refresh():
+            state["threshold_bits"].fill_(anchor)  # the previous threshold: the window path answers
+            refresh_masks([state], isolation_ratio=0.01, scope="tensor", threshold="approx", step=1)
+
+        fns = {
+            "refresh (approx)": refresh,
+            "window threshold": lambda: th.approx_threshold([keys], k, anchor),
+            "radix threshold (repair)": lambda: th.radix_threshold([keys], k),
+            "torch.kthvalue": lambda: scores.kthvalue(n - k + 1),
+            "torch.topk": lambda: scores.topk(k, sorted=False),
+        }
+        if device.startswith("cuda"):
+            fns.pop("torch.kthvalue")  # one thread block per slice on CUDA: minutes at this size
+        for f in fns.values():
+            f()
+        times = {name: [] for name in fns}
+        for _ in range(reps):
+            for name, f in fns.items():
+                times[name].append(common.timed(f, device))
+        ref = "torch.kthvalue" if "torch.kthvalue" in times else "torch.topk"
+        for name in fns:
+            rows.append({"numel": n, "threads": threads, "what": name, **common.summary(times[name]),
+                         f"speedup_vs_{ref}": ratio_summary(times[ref], times[name])})
+    return rows
+
+
+def bench_memory(device) -> list[dict]:
+    """Optimizer state bytes per parameter after a few steps, against AdamW."""
+    case = common.flat(common.MiB, "1M")
+    rows = []
+    for dtype in (torch.float32, torch.bfloat16):
+        configs = {"AdamW": lambda ps: torch.optim.AdamW(ps),
+                   "EPIAdamW, fp32 scores": lambda ps: common.contender("epi-torch", ps, False),
+                   "EPIAdamW, bf16 scores": lambda ps: common.EPIAdamW(
+                       ps, isolation_ratio=0.01, refresh_interval=10**9, warmup_steps=2,
+                       importance_dtype=torch.bfloat16)}
+        base = None
+        for name, make in configs.items():
+            params = common.make_params(case, dtype, device)
+            opt = make(params)
+            for _ in range(3):
+                opt.step()
+            per_param = common.state_bytes_per_param(opt)
+            base = per_param if base is None else base
+            cache = sum(8 * t.numel() for t in getattr(opt, "_isolated", {}).values()) / case.numel
+            rows.append({"param_dtype": str(dtype).removeprefix("torch."), "optimizer": name,
+                         "state_bytes_per_param": per_param, "over_adamw": per_param - base,
+                         "index_cache_bytes_per_param": cache})
+    return rows
+
+
+def copy_bandwidth(device, reps) -> float | None:
+    """Device-to-device copy GB/s (read + write) of a 1 GiB buffer; None on CPU."""
+    if not device.startswith("cuda"):
+        return None
+    src = torch.empty(1 << 28, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    t = statistics.median(common.timed(lambda: dst.copy_(src), device) for _ in range(reps))
+    return 2 * src.numel() * 4 / t / 1e9
+
+
+def print_tables(res) -> None:
+    print(f"\n# epi_kernels benchmarks: {res['machine']['device']} {res['machine'].get('gpu') or res['machine']['cpu']}"
+          f", torch {res['machine']['torch']}, {res['machine']['date']}")
+    copy = res.get("copy_gb_per_s")
+    if copy:
+        print(f"device-to-device copy: {copy:.0f} GB/s")
+    print(f"\n{'case':>8} {'dtype':>8} {'thr':>3} {'step':>7} {'contender':>14} {'median ms':>10} {'q1..q3 ms':>17} "
+          f"{'GB/s':>7} {'x fused':>8} {'x foreach':>9}" + ("  % copy" if copy else ""))
+    for r in res["steps"]:
+        line = (f"{r['case']:>8} {r['dtype']:>8} {r['threads'] or '-':>3} {r['step']:>7} {r['contender']:>14} "
+                f"{r['median_ms']:>10.2f} {r['q1_ms']:>8.2f}..{r['q3_ms']:<8.2f} {r['gb_per_s']:>7.1f} "
+                f"{r['vs_adamw-fused']['median']:>8.2f} {r['vs_adamw-foreach']['median']:>9.2f}")
+        print(line + (f"  {100 * r['gb_per_s'] / copy:5.1f}" if copy else ""))
+    print(f"\n{'numel':>10} {'thr':>3} {'threshold / refresh':>26} {'median ms':>10} {'min..max ms':>19} "
+          f"{'speedup vs exact':>16}")
+    for r in res["threshold"]:
+        sp = next(v for k, v in r.items() if k.startswith("speedup_vs_"))
+        print(f"{r['numel']:>10} {r['threads'] or '-':>3} {r['what']:>26} {r['median_ms']:>10.2f} "
+              f"{r['min_ms']:>9.2f}..{r['max_ms']:<9.2f} {sp['median']:>16.2f}")
+    print(f"\n{'param dtype':>11} {'optimizer':>22} {'state B/param':>14} {'over AdamW':>11} {'index cache B/param':>20}")
+    for r in res["memory"]:
+        print(f"{r['param_dtype']:>11} {r['optimizer']:>22} {r['state_bytes_per_param']:>14.3f} "
+              f"{r['over_adamw']:>11.3f} {r['index_cache_bytes_per_param']:>20.3f}")
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="small sizes and few rounds (under a minute on CPU)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--backends", default=None, help="comma list (default: all available; quick: torch)")
+    ap.add_argument("--threads", default=None, help="CPU thread counts, comma list (default 1,2; quick: 2)")
+    ap.add_argument("--reps", type=int, default=None, help="timed rounds per contender")
+    ap.add_argument("--out", default=str(RESULTS), help="folder for the JSON results ('' = do not write)")
+    args = ap.parse_args(argv)
+
+    cuda = args.device.startswith("cuda")
+    backends = (args.backends.split(",") if args.backends
+                else ["torch"] if args.quick else list(available_backends()))
+    reps = args.reps or (3 if args.quick else 9)
+    dtypes = [torch.float32] if args.quick else [torch.float32, torch.bfloat16]
+    threads = [None] if cuda else [int(t) for t in (args.threads or ("2" if args.quick else "1,2")).split(",")]
+    cases = common.gpu_cases(args.quick) if cuda else common.cpu_cases(args.quick)
+
+    res = {"machine": common.machine_info(args.device),
+           "config": {"quick": args.quick, "backends": backends, "reps": reps, "threads": threads,
+                      "cases": [c.name for c in cases], "dtypes": [str(d) for d in dtypes],
+                      "bytes_model": common.__doc__.strip()},
+           "copy_gb_per_s": copy_bandwidth(args.device, reps), "steps": []}
+    sizes = [common.MiB] if args.quick else [common.MiB, 16 * common.MiB]
+    res["threshold"] = []
+    for t in threads:
+        if t is not None:
+            torch.set_num_threads(t)
+        res["steps"] += bench_steps(args.device, cases, dtypes, backends, reps, t)
+        res["threshold"] += bench_threshold(args.device, sizes, reps, t)
+    res["memory"] = bench_memory(args.device)
+    print_tables(res)
+    if args.out:
+        out = pathlib.Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        name = f"{res['machine']['date'][:10]}-{args.device.split(':')[0]}-{'quick' if args.quick else 'full'}.json"
+        (out / name).write_text(json.dumps(res, indent=1))
+        print(f"\nwrote {out / name}")
+    return res
+
+
+if __name__ == "__main__":
+    main()
