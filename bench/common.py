@@ -129,7 +129,7 @@ class HandWrittenEPI:
 def contender(kind: str, params, refresh: bool):
     """An optimizer over `params`: "adamw-foreach", "adamw-fused", "unfused", or "epi-<backend>".
 
-    EPI runs with isolation_ratio=0.01. Normal steps: one refresh happened at step 2 (so a real
+    EPI runs with isolation_ratio=0.01 ("epi-torch" with foreach=True, as its AdamW baseline). Normal steps: one refresh happened at step 2 (so a real
     mask is applied) and none follows. Refresh steps: refresh_interval=1, every step refreshes."""
     if kind == "adamw-foreach":
         return torch.optim.AdamW(params, foreach=True)
@@ -138,7 +138,9 @@ def contender(kind: str, params, refresh: bool):
     schedule = dict(refresh_interval=1, warmup_steps=1) if refresh else dict(refresh_interval=10**9, warmup_steps=2)
     if kind == "unfused":
         return HandWrittenEPI(params, **schedule)
-    return EPIAdamW(params, isolation_ratio=0.01, backend=kind.removeprefix("epi-"), **schedule)
+    backend = kind.removeprefix("epi-")
+    impl = dict(foreach=True) if backend == "torch" else {}  # eager: torch's foreach AdamW inside
+    return EPIAdamW(params, isolation_ratio=0.01, backend=backend, **impl, **schedule)
 
 
 # ---------------------------------------------------------------------------------------- timing

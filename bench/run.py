@@ -23,6 +23,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from bench import common  # noqa: E402
 from epi_kernels import available_backends  # noqa: E402
 from epi_kernels import threshold as th  # noqa: E402
+from epi_kernels.functional import refresh_ops  # noqa: E402
 from epi_kernels.refresh import refresh_masks  # noqa: E402
 from epi_kernels.state import init_epi_state  # noqa: E402
 
@@ -65,7 +66,7 @@ def bench_steps(device, cases, dtypes, backends, reps, threads) -> list[dict]:
     return rows
 
 
-def bench_threshold(device, sizes, reps, threads) -> list[dict]:
+def bench_threshold(device, sizes, reps, threads, backends) -> list[dict]:
     """The refresh (keys, histogram threshold, mask, packing, statistics) against exact selectors."""
     rows = []
     for n in sizes:
@@ -78,12 +79,13 @@ def bench_threshold(device, sizes, reps, threads) -> list[dict]:
         init_epi_state(state, scores, torch.float32)
         state["importance"] = scores
 
-        def refresh():
+        def refresh(backend):
             state["threshold_bits"].fill_(anchor)  # the previous threshold: the window path answers
-            refresh_masks([state], isolation_ratio=0.01, scope="tensor", threshold="approx", step=1)
+            refresh_masks([state], isolation_ratio=0.01, scope="tensor", threshold="approx", step=1,
+                          ops=refresh_ops(backend))
 
         fns = {
-            "refresh (approx)": refresh,
+            **{f"refresh ({b})": (lambda b=b: refresh(b)) for b in backends},
             "window threshold": lambda: th.approx_threshold([keys], k, anchor),
             "radix threshold (repair)": lambda: th.radix_threshold([keys], k),
             "torch.kthvalue": lambda: scores.kthvalue(n - k + 1),
@@ -165,6 +167,59 @@ def print_tables(res) -> None:
               f"{r['over_adamw']:>11.3f} {r['index_cache_bytes_per_param']:>20.3f}")
 
 
+def targets(res) -> list[dict]:
+    """The CPU targets of the benchmark issue, checked against this run's medians."""
+    out = []
+
+    def step_ratio(case, contender, baseline, threads):
+        rows = [r for r in res["steps"] if r["case"] == case and r["contender"] == contender and
+                r["dtype"] == "float32" and r["step"] == "normal" and r["threads"] == threads]
+        return rows[0][f"vs_{baseline}"]["median"] if rows else None
+
+    for t in res["config"]["threads"]:
+        for case in ("25M", "mix-25M"):
+            for contender, baseline, limit in (("epi-compiled", "adamw-fused", 1.5),
+                                               ("epi-torch", "adamw-foreach", 1.3)):
+                r = step_ratio(case, contender, baseline, t)
+                if r is not None:
+                    out.append({"target": f"{contender} / {baseline}, {case} fp32 step, {t} thread(s)",
+                                "limit": f"<= {limit}", "measured": r, "met": r <= limit})
+        for r in res["threshold"]:
+            if r["numel"] == 16 * common.MiB and r["threads"] == t and r["what"].startswith("refresh"):
+                sp = r["speedup_vs_torch.kthvalue"]["median"]
+                out.append({"target": f"{r['what']} vs torch.kthvalue, 16M, {t} thread(s)", "limit": ">= 3",
+                            "measured": sp, "met": sp >= 3})
+    return out
+
+
+def markdown(res) -> str:
+    """A README-ready summary of a results file: EPI step ratios, refresh, memory, targets."""
+    m = res["machine"]
+    hw = m.get("gpu") or f"{m['cpu']}, {m['cores']} cores"
+    lines = [f"Measured {m['date']} on {hw} ({m['device']}), torch {m['torch']}, git {m['git_rev']}; "
+             f"medians of {res['config']['reps']} interleaved rounds.", "",
+             "| case | dtype | threads | step | contender | median ms | GB/s | x AdamW fused | x AdamW foreach |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in res["steps"]:
+        if r["contender"].startswith("adamw"):
+            continue
+        lines.append(f"| {r['case']} | {r['dtype']} | {r['threads'] or '-'} | {r['step']} | {r['contender']} | "
+                     f"{r['median_ms']:.1f} | {r['gb_per_s']:.1f} | {r['vs_adamw-fused']['median']:.2f} | "
+                     f"{r['vs_adamw-foreach']['median']:.2f} |")
+    lines += ["", "| numel | threads | threshold / refresh | median ms | speedup vs exact |", "|---|---|---|---|---|"]
+    for r in res["threshold"]:
+        sp = next(v for k, v in r.items() if k.startswith("speedup_vs_"))
+        lines.append(f"| {r['numel']} | {r['threads'] or '-'} | {r['what']} | {r['median_ms']:.1f} | {sp['median']:.2f} |")
+    lines += ["", "| param dtype | optimizer | state B/param | over AdamW |", "|---|---|---|---|"]
+    lines += [f"| {r['param_dtype']} | {r['optimizer']} | {r['state_bytes_per_param']:.3f} | {r['over_adamw']:.3f} |"
+              for r in res["memory"]]
+    if res.get("targets"):
+        lines += ["", "| target | limit | measured | |", "|---|---|---|---|"]
+        lines += [f"| {t['target']} | {t['limit']} | {t['measured']:.2f} | {'met' if t['met'] else '**missed**'} |"
+                  for t in res["targets"]]
+    return "\n".join(lines)
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small sizes and few rounds (under a minute on CPU)")
@@ -173,7 +228,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--threads", default=None, help="CPU thread counts, comma list (default 1,2; quick: 2)")
     ap.add_argument("--reps", type=int, default=None, help="timed rounds per contender")
     ap.add_argument("--out", default=str(RESULTS), help="folder for the JSON results ('' = do not write)")
+    ap.add_argument("--report", metavar="JSON", help="print a results file as markdown (README tables) and exit")
     args = ap.parse_args(argv)
+    if args.report:
+        res = json.loads(pathlib.Path(args.report).read_text())
+        print(markdown(res))
+        return res
 
     cuda = args.device.startswith("cuda")
     backends = (args.backends.split(",") if args.backends
@@ -194,9 +254,12 @@ def main(argv=None) -> dict:
         if t is not None:
             torch.set_num_threads(t)
         res["steps"] += bench_steps(args.device, cases, dtypes, backends, reps, t)
-        res["threshold"] += bench_threshold(args.device, sizes, reps, t)
+        res["threshold"] += bench_threshold(args.device, sizes, reps, t, backends)
     res["memory"] = bench_memory(args.device)
+    res["targets"] = [] if cuda else targets(res)
     print_tables(res)
+    for t in res["targets"]:
+        print(f"target {t['target']}: {t['limit']}, measured {t['measured']:.2f}: {'met' if t['met'] else 'MISSED'}")
     if args.out:
         out = pathlib.Path(args.out)
         out.mkdir(parents=True, exist_ok=True)

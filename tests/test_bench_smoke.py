@@ -1,0 +1,29 @@
+"""The benchmark runner's quick mode works from a clean checkout (no timing assertions)."""
+import json
+import math
+import pathlib
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_quick_benchmark_runs_and_writes_json(tmp_path):
+    proc = subprocess.run([sys.executable, "bench/run.py", "--quick", "--reps", "2", "--out", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (path,) = tmp_path.glob("*.json")
+    res = json.loads(path.read_text())
+    assert res["machine"]["torch"] and res["config"]["quick"] is True
+    kinds = {r["contender"] for r in res["steps"]}
+    assert {"epi-torch", "unfused", "adamw-fused", "adamw-foreach"} <= kinds
+    for r in res["steps"]:
+        assert r["n"] == 2 and 0 < r["min_ms"] <= r["median_ms"] <= r["max_ms"]
+        assert math.isfinite(r["gb_per_s"]) and r["vs_adamw-fused"]["median"] > 0
+    assert {r["what"] for r in res["threshold"]} >= {"refresh (approx)", "torch.kthvalue", "torch.topk"}
+    # memory is a layout fact, not a timing: EPI adds fp32 scores + 1 mask bit (bf16 scores: 2 B)
+    over = {(r["param_dtype"], r["optimizer"]): r["over_adamw"] for r in res["memory"]}
+    for dtype in ("float32", "bfloat16"):
+        assert 4.125 <= over[(dtype, "EPIAdamW, fp32 scores")] < 4.126
+        assert 2.125 <= over[(dtype, "EPIAdamW, bf16 scores")] < 2.126
+    assert "epi-torch" in proc.stdout and "wrote" in proc.stdout
