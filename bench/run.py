@@ -15,7 +15,9 @@ import json
 import os
 import pathlib
 import statistics
+import subprocess
 import sys
+import tempfile
 
 import torch
 
@@ -228,6 +230,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--threads", default=None, help="CPU thread counts, comma list (default 1,2; quick: 2)")
     ap.add_argument("--reps", type=int, default=None, help="timed rounds per contender")
     ap.add_argument("--out", default=str(RESULTS), help="folder for the JSON results ('' = do not write)")
+    ap.add_argument("--quiet", action="store_true", help="write the JSON only, print no tables")
     ap.add_argument("--report", metavar="JSON", help="print a results file as markdown (README tables) and exit")
     args = ap.parse_args(argv)
     if args.report:
@@ -250,22 +253,35 @@ def main(argv=None) -> dict:
            "copy_gb_per_s": copy_bandwidth(args.device, reps), "steps": []}
     sizes = [common.MiB] if args.quick else [common.MiB, 16 * common.MiB]
     res["threshold"] = []
-    for t in threads:
-        if t is not None:
-            torch.set_num_threads(t)
-        res["steps"] += bench_steps(args.device, cases, dtypes, backends, reps, t)
-        res["threshold"] += bench_threshold(args.device, sizes, reps, t, backends)
+    if len(threads) > 1:
+        # one process per thread count: Inductor's CPU kernels keep the thread count they were
+        # compiled under, so a second count in the same process would be measured wrongly
+        for t in threads:
+            with tempfile.TemporaryDirectory() as tmp:
+                cmd = [sys.executable, __file__, *(argv if argv is not None else sys.argv[1:]),
+                       "--threads", str(t), "--out", tmp, "--quiet"]
+                subprocess.run(cmd, check=True)
+                part = json.loads(next(pathlib.Path(tmp).glob("*.json")).read_text())
+            res["steps"] += part["steps"]
+            res["threshold"] += part["threshold"]
+    else:
+        if threads[0] is not None:
+            torch.set_num_threads(threads[0])
+        res["steps"] += bench_steps(args.device, cases, dtypes, backends, reps, threads[0])
+        res["threshold"] += bench_threshold(args.device, sizes, reps, threads[0], backends)
     res["memory"] = bench_memory(args.device)
     res["targets"] = [] if cuda else targets(res)
-    print_tables(res)
-    for t in res["targets"]:
+    if not args.quiet:
+        print_tables(res)
+    for t in res["targets"] if not args.quiet else []:
         print(f"target {t['target']}: {t['limit']}, measured {t['measured']:.2f}: {'met' if t['met'] else 'MISSED'}")
     if args.out:
         out = pathlib.Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         name = f"{res['machine']['date'][:10]}-{args.device.split(':')[0]}-{'quick' if args.quick else 'full'}.json"
         (out / name).write_text(json.dumps(res, indent=1))
-        print(f"\nwrote {out / name}")
+        if not args.quiet:
+            print(f"\nwrote {out / name}")
     return res
 
 

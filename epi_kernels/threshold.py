@@ -18,7 +18,7 @@ The algorithm
    ``WINDOW_BINS = WINDOW_OCTAVES * 2**MANTISSA_BITS`` bins of ``BIN_WIDTH = 2**(23 - MANTISSA_BITS)``
    keys each: within an octave the key is linear in the value, so every bin is a fixed relative
    width (2**-10). Eligible keys at or above the window end are counted in ``over``; keys below
-   the origin are not needed.
+   the origin are not needed (the CPU histogram spreads them over scratch counters only for speed).
 
 3. **Bin selection** (:func:`select_bin`). With ``C(b)`` = number of eligible keys in bins >= b plus
    ``over``, the k-th largest key lies in ``b* = max{b : C(b) >= k}``; ``need = k - C(b*+1)`` keys must
@@ -48,7 +48,7 @@ from torch import Tensor
 
 __all__ = [
     "KEY_NONE", "MANTISSA_BITS", "WINDOW_OCTAVES", "BIN_SHIFT", "BIN_WIDTH", "WINDOW_BINS",
-    "RADIX_SHIFT", "score_keys", "isolation_k", "tolerance", "window_origin", "window_bins", "window_histogram",
+    "RADIX_SHIFT", "UNDER_SLOTS", "score_keys", "isolation_k", "tolerance", "window_origin", "window_bins", "window_histogram",
     "select_bin", "window_threshold", "radix_threshold", "approx_threshold", "exact_threshold",
 ]
 
