@@ -57,6 +57,19 @@ def test_compiled_matches_eager(dtype, kw):
     assert isolated > 0
 
 
+def test_size_specialised_kernels_match_eager(monkeypatch):
+    monkeypatch.setattr(compiled, "STATIC_NUMEL", 64)  # the test tensors >= 64 get exact-size kernels
+    for f in (compiled._step_kernel, compiled.COMPILED_REFRESH_OPS.keys, compiled.COMPILED_REFRESH_OPS.bins,
+              compiled._threshold_words_kernel):
+        monkeypatch.setattr(f, "compiled", {})
+    p_eager, o_eager = _run("torch", torch.float32)
+    p_comp, o_comp = _run("compiled", torch.float32)
+    assert compiled._step_kernel.compiled.keys() == {False, True}  # both kinds of kernel ran
+    for a, b in zip(p_eager, p_comp):
+        assert torch.equal(o_eager.isolation_mask(a), o_comp.isolation_mask(b))
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+
+
 def test_compiled_keeps_isolated_elements_bit_identical():
     params, opt = _run("compiled", torch.float32, steps=3)
     before = [p.detach().clone() for p in params]
@@ -76,7 +89,7 @@ def test_falls_back_to_uncompiled_with_a_warning_when_compiling_fails(monkeypatc
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: broken)
     for f in (compiled._step_kernel, compiled._threshold_words_kernel, compiled.COMPILED_REFRESH_OPS.keys,
               compiled.COMPILED_REFRESH_OPS.bins):
-        monkeypatch.setattr(f, "compiled", None)
+        monkeypatch.setattr(f, "compiled", {})
     monkeypatch.setattr(compiled, "_broken", None)
     with pytest.warns(RuntimeWarning, match="running its steps uncompiled"):
         p_fallback, o_fallback = _run("compiled", torch.float32)
@@ -93,7 +106,7 @@ def test_other_errors_are_not_swallowed(monkeypatch):
     def bad(*args):
         raise ValueError("a real bug")
 
-    monkeypatch.setattr(compiled._step_kernel, "compiled", bad)
+    monkeypatch.setattr(compiled._step_kernel, "compiled", {False: bad, True: bad})
     monkeypatch.setattr(compiled, "_broken", None)
     with pytest.raises(ValueError, match="a real bug"):
         _run("compiled", torch.float32, steps=1)
