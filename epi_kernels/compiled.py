@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from .refresh import RefreshOps
-from .threshold import score_keys, window_bins
+from .threshold import identity, score_keys, window_bins
 
 __all__ = ["compiled_epi_adamw", "COMPILED_REFRESH_OPS"]
 
@@ -99,22 +99,29 @@ def _tensor_step(p: Tensor, g: Tensor, m: Tensor, v: Tensor, s: Tensor, vmax: Te
     p.copy_(torch.where(isolated, p32, update))
 
 
-def _threshold_words(keys: Tensor, tau: Tensor) -> Tensor:
-    """mask.threshold_mask in a form Inductor fuses into one vectorised loop: each 64-bit word is
-    the sum of its 64 shifted bits (same layout, same bytes; eager, mask.py's form is faster)."""
+def _score_slots(scores: Tensor, origin: Tensor) -> Tensor:
+    """Histogram slots straight from scores: keys and slots in one compiled pass."""
+    return window_bins(score_keys(scores), origin)
+
+
+def _score_words(scores: Tensor, tau: Tensor) -> Tensor:
+    """The packed mask ``key(scores) >= tau`` as int64 words, in a form Inductor fuses into one
+    vectorised loop: each word is the sum of its 64 shifted bits (the layout of mask.pack_mask;
+    eager, mask.py's byte-gathering form is faster)."""
+    keys = score_keys(scores)
     pad = (-keys.numel()) % 64
     bits = torch.nn.functional.pad(keys >= tau, (0, pad)).view(-1, 64).to(torch.int64)
     return (bits << torch.arange(64, dtype=torch.int64, device=keys.device)).sum(1)
 
 
-def _compiled_threshold_mask(keys: Tensor, tau: Tensor) -> Tensor:
-    return _threshold_words_kernel(keys, tau).view(torch.uint8)
+def _score_mask(scores: Tensor, tau: Tensor) -> Tensor:
+    return _score_words_kernel(scores, tau).view(torch.uint8)
 
 
 _step_kernel = _CompiledOrEager(_tensor_step)
-_threshold_words_kernel = _CompiledOrEager(_threshold_words)
-COMPILED_REFRESH_OPS = RefreshOps(keys=_CompiledOrEager(score_keys), bins=_CompiledOrEager(window_bins),
-                                  mask=_compiled_threshold_mask)
+_score_words_kernel = _CompiledOrEager(_score_words)
+COMPILED_REFRESH_OPS = RefreshOps(prepare=identity, keys=_CompiledOrEager(score_keys),
+                                  bins=_CompiledOrEager(_score_slots), mask=_score_mask)
 
 
 def _value(x) -> float:

@@ -12,16 +12,18 @@ import torch
 from torch import Tensor
 
 from .mask import jaccard, popcount, threshold_mask
-from .threshold import KEY_NONE, approx_threshold, exact_threshold, isolation_k, score_keys, window_bins
+from .threshold import KEY_NONE, identity, approx_threshold, exact_threshold, isolation_k, score_keys, window_bins
 
 __all__ = ["RefreshOps", "EAGER_OPS", "is_refresh_step", "refresh_masks"]
 
 
 @dataclass(frozen=True)
 class RefreshOps:
-    """The elementwise passes of a refresh. Eager by default; the compiled backend substitutes
-    torch.compile'd copies of the same functions (same integers out, fewer passes over memory)."""
-    keys: Callable[[Tensor], Tensor] = score_keys
+    """The elementwise passes of a refresh, on `prepare(scores)`: eager, that is the keys, computed
+    once; the compiled backend keeps the scores and fuses the key computation into each pass.
+    Either way the same integers come out."""
+    prepare: Callable[[Tensor], Tensor] = score_keys
+    keys: Callable[[Tensor], Tensor] = identity
     bins: Callable[[Tensor, Tensor], Tensor] = window_bins
     mask: Callable[[Tensor, Tensor], Tensor] = threshold_mask
 
@@ -41,26 +43,26 @@ def is_refresh_step(step: int, refresh_interval: int, warmup_steps: int | None, 
     return not static or since == 0
 
 
-def _global_keys(scores: Tensor, keys: Callable[[Tensor], Tensor]) -> Tensor:
+def _global_values(scores: Tensor, prepare: Callable[[Tensor], Tensor]) -> Tensor:
     """Keys of scores divided by their tensor's mean finite score (scope="global").
 
     The mean is accumulated in float64; non-finite scores count as 0 and stay ineligible.
     """
     s = scores.detach().to(torch.float32)
     if s.numel() == 0:
-        return keys(s)
+        return prepare(s)
     mean = torch.where(s.isfinite(), s, 0.0).sum(dtype=torch.float64) / s.numel()
-    return keys(s / mean.to(torch.float32))
+    return prepare(s / mean.to(torch.float32))
 
 
-def _threshold(keys: Sequence[Tensor], k: int, anchor: int, mode: str, ops: RefreshOps) -> tuple[int, bool]:
+def _threshold(values: Sequence[Tensor], k: int, anchor: int, mode: str, ops: RefreshOps) -> tuple[int, bool]:
     if mode == "exact":
-        return exact_threshold(keys, k), True
-    return approx_threshold(keys, k, anchor, ops.bins)
+        return exact_threshold([ops.keys(v) for v in values], k), True
+    return approx_threshold(values, k, anchor, ops.bins, ops.keys)
 
 
-def _store(state: dict, keys: Tensor, tau: int, k: int, exact: bool, step: int, ops: RefreshOps) -> None:
-    packed = ops.mask(keys, torch.tensor(tau, dtype=torch.int32, device=keys.device))
+def _store(state: dict, values: Tensor, tau: int, k: int, exact: bool, step: int, ops: RefreshOps) -> None:
+    packed = ops.mask(values, torch.tensor(tau, dtype=torch.int32, device=values.device))
     count = popcount(packed)
     state["isolation_overlap"].copy_(jaccard(state["isolation_mask"], packed, state["isolated_count"], count))
     state["isolation_mask"].copy_(packed)
@@ -81,14 +83,14 @@ def refresh_masks(states: Sequence[dict], *, isolation_ratio: float, scope: str,
     """
     if scope == "tensor":
         for state in states:
-            keys = ops.keys(state["importance"].reshape(-1))
-            k = isolation_k(isolation_ratio, keys.numel())
-            tau, exact = _threshold([keys], k, int(state["threshold_bits"]), threshold, ops)
-            _store(state, keys, tau, k, exact, step, ops)
+            values = ops.prepare(state["importance"].reshape(-1))
+            k = isolation_k(isolation_ratio, values.numel())
+            tau, exact = _threshold([values], k, int(state["threshold_bits"]), threshold, ops)
+            _store(state, values, tau, k, exact, step, ops)
         return
-    keys = [_global_keys(state["importance"].reshape(-1), ops.keys) for state in states]
-    k = isolation_k(isolation_ratio, sum(key.numel() for key in keys))
+    values = [_global_values(state["importance"].reshape(-1), ops.prepare) for state in states]
+    k = isolation_k(isolation_ratio, sum(v.numel() for v in values))
     anchor = int(states[0]["threshold_bits"]) if states else KEY_NONE
-    tau, exact = _threshold(keys, k, anchor, threshold, ops)
-    for state, key in zip(states, keys):
-        _store(state, key, tau, k, exact, step, ops)
+    tau, exact = _threshold(values, k, anchor, threshold, ops)
+    for state, v in zip(states, values):
+        _store(state, v, tau, k, exact, step, ops)

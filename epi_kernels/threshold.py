@@ -48,7 +48,7 @@ from torch import Tensor
 
 __all__ = [
     "KEY_NONE", "MANTISSA_BITS", "WINDOW_OCTAVES", "BIN_SHIFT", "BIN_WIDTH", "WINDOW_BINS",
-    "RADIX_SHIFT", "UNDER_SLOTS", "score_keys", "isolation_k", "tolerance", "window_origin", "window_bins", "window_histogram",
+    "RADIX_SHIFT", "UNDER_SLOTS", "identity", "score_keys", "isolation_k", "tolerance", "window_origin", "window_bins", "window_histogram",
     "select_bin", "window_threshold", "radix_threshold", "approx_threshold", "exact_threshold",
 ]
 
@@ -102,15 +102,16 @@ def window_bins(key: Tensor, origin: int | Tensor) -> Tensor:
     return torch.where(b > 0, b, (key & (UNDER_SLOTS - 1)) + (WINDOW_BINS + 2))
 
 
-def window_histogram(keys: Sequence[Tensor], origin: int,
+def window_histogram(values: Sequence[Tensor], origin: int,
                      bins: Callable[[Tensor, Tensor], Tensor] = window_bins) -> tuple[Tensor, int]:
     """Counts of eligible keys in each window bin (int64 [WINDOW_BINS]) and the count above it.
 
-    `bins` computes the slots (:func:`window_bins`, or a compiled copy of it)."""
+    `bins` computes the slots of `values` (:func:`window_bins` of keys, or a compiled function that
+    computes the keys of scores and their slots in one pass)."""
     slots = WINDOW_BINS + 2 + UNDER_SLOTS
     counts = torch.zeros(slots, dtype=torch.int64)
-    for key in keys:
-        b = bins(key, torch.tensor(origin, dtype=torch.int32, device=key.device))
+    for v in values:
+        b = bins(v, torch.tensor(origin, dtype=torch.int32, device=v.device))
         counts += torch.bincount(b, minlength=slots).cpu()
     return counts[1:WINDOW_BINS + 1], int(counts[WINDOW_BINS + 1])
 
@@ -174,22 +175,30 @@ def radix_threshold(keys: Sequence[Tensor], k: int) -> int:
     return (bucket << RADIX_SHIFT) | low
 
 
-def approx_threshold(keys: Sequence[Tensor], k: int, anchor: int,
-                     bins: Callable[[Tensor, Tensor], Tensor] = window_bins) -> tuple[int, bool]:
+def identity(values: Tensor) -> Tensor:
+    """Values that already are keys."""
+    return values
+
+
+def approx_threshold(values: Sequence[Tensor], k: int, anchor: int,
+                     bins: Callable[[Tensor, Tensor], Tensor] = window_bins,
+                     keys: Callable[[Tensor], Tensor] = identity) -> tuple[int, bool]:
     """Threshold for the top-k of the eligible keys of one tensor (or of several, pooled).
 
     `anchor` is the previous threshold (KEY_NONE if none). Returns (tau, repaired): the window
     answer when it is accurate enough, else the exact radix answer with ``repaired=True``.
+    `values` are keys, unless `bins` and `keys` map them to slots and keys (the compiled backend
+    passes scores, so that computing keys fuses into the histogram pass).
     """
     if k < 1:
         return KEY_NONE, False
     if anchor < KEY_NONE:
         origin = window_origin(anchor)
-        counts, over = window_histogram(keys, origin, bins)
+        counts, over = window_histogram(values, origin, bins)
         tau = window_threshold(counts, over, k, origin)
         if tau is not None:
             return tau, False
-    return radix_threshold(keys, k), True
+    return radix_threshold([keys(v) for v in values], k), True
 
 
 def exact_threshold(keys: Sequence[Tensor], k: int) -> int:

@@ -7,6 +7,7 @@ import torch
 import epi_kernels.compiled as compiled
 from epi_kernels import EPIAdamW
 from epi_kernels.mask import threshold_mask
+from epi_kernels import threshold as th
 from epi_kernels.threshold import score_keys, window_bins
 
 EPI = dict(lr=0.05, isolation_ratio=0.2, refresh_interval=2, importance_beta=0.5)
@@ -60,7 +61,7 @@ def test_compiled_matches_eager(dtype, kw):
 def test_size_specialised_kernels_match_eager(monkeypatch):
     monkeypatch.setattr(compiled, "STATIC_NUMEL", 64)  # the test tensors >= 64 get exact-size kernels
     for f in (compiled._step_kernel, compiled.COMPILED_REFRESH_OPS.keys, compiled.COMPILED_REFRESH_OPS.bins,
-              compiled._threshold_words_kernel):
+              compiled._score_words_kernel):
         monkeypatch.setattr(f, "compiled", {})
     p_eager, o_eager = _run("torch", torch.float32)
     p_comp, o_comp = _run("compiled", torch.float32)
@@ -87,7 +88,7 @@ def test_falls_back_to_uncompiled_with_a_warning_when_compiling_fails(monkeypatc
         raise torch._inductor.exc.InvalidCxxCompiler()
 
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: broken)
-    for f in (compiled._step_kernel, compiled._threshold_words_kernel, compiled.COMPILED_REFRESH_OPS.keys,
+    for f in (compiled._step_kernel, compiled._score_words_kernel, compiled.COMPILED_REFRESH_OPS.keys,
               compiled.COMPILED_REFRESH_OPS.bins):
         monkeypatch.setattr(f, "compiled", {})
     monkeypatch.setattr(compiled, "_broken", None)
@@ -115,11 +116,12 @@ def test_other_errors_are_not_swallowed(monkeypatch):
 def test_compiled_refresh_ops_give_the_eager_integers():
     g = torch.Generator().manual_seed(5)
     s = torch.cat([torch.randn(5000, generator=g).pow(2), torch.zeros(10), torch.tensor([float("nan"), 1e-40])])
-    keys = compiled.COMPILED_REFRESH_OPS.keys(s)
-    assert torch.equal(keys, score_keys(s))
-    for origin in (0, 0x3C000000):
+    ops = compiled.COMPILED_REFRESH_OPS
+    keys = score_keys(s)
+    assert torch.equal(ops.keys(ops.prepare(s)), keys)
+    for origin in (th.BIN_WIDTH, 0x3C000000):
         o = torch.tensor(origin, dtype=torch.int32)
-        assert torch.equal(compiled.COMPILED_REFRESH_OPS.bins(keys, o), window_bins(keys, o))
+        assert torch.equal(ops.bins(ops.prepare(s), o), window_bins(keys, o))
     for n in (1, 63, 64, 5012):
         tau = torch.tensor(0x3F000000, dtype=torch.int32)
-        assert torch.equal(compiled.COMPILED_REFRESH_OPS.mask(keys[:n], tau), threshold_mask(keys[:n], tau))
+        assert torch.equal(ops.mask(ops.prepare(s[:n]), tau), threshold_mask(keys[:n], tau))
