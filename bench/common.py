@@ -49,9 +49,10 @@ def model_mix(total: int = 25_000_000, width: int = 512) -> Case:
     2 norm vectors and biases (many small tensors, a few large ones), scaled to about `total`."""
     layer = [(width, width)] * 4 + [(4 * width, width), (width, 4 * width)] + [(width,)] * 2 + [(4 * width,)]
     per_layer = sum(math.prod(s) for s in layer)
-    vocab = 32000
+    vocab = 8192
     layers = max(1, (total - vocab * width) // per_layer)
-    return Case(f"mix-{total / 1e6:.0f}M", ((vocab, width),) + tuple(layer) * layers + ((width,),))
+    shapes = ((vocab, width),) + tuple(layer) * layers + ((width,),)
+    return Case(f"mix-{sum(math.prod(s) for s in shapes) / 1e6:.0f}M", shapes)
 
 
 def cpu_cases(quick: bool) -> list[Case]:
