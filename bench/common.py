@@ -22,6 +22,10 @@ from typing import Callable
 import torch
 
 from epi_kernels import EPIAdamW
+from epi_kernels import threshold as th
+from epi_kernels.functional import refresh_ops
+from epi_kernels.refresh import refresh_masks
+from epi_kernels.state import init_epi_state
 from epi_kernels.threshold import isolation_k
 
 MiB = 1 << 20
@@ -142,6 +146,34 @@ def contender(kind: str, params, refresh: bool):
     backend = kind.removeprefix("epi-")
     impl = dict(foreach=True) if backend == "torch" else {}  # eager: torch's foreach AdamW inside
     return EPIAdamW(params, isolation_ratio=0.01, backend=backend, **impl, **schedule)
+
+
+def threshold_contenders(n: int, device: str, backends) -> dict[str, Callable[[], object]]:
+    """The refresh of one n-element tensor (keys, window threshold, packed mask, popcount, overlap)
+    per backend, the threshold engine's parts alone, and the exact selectors, on scores
+    distributed like an EMA of g^2 with k = 1 %. The previous threshold is the current k-th
+    largest, so the window path answers (as between ordinary refreshes)."""
+    scores = torch.randn(n, generator=torch.Generator().manual_seed(0)).pow(2).to(device)
+    k = isolation_k(0.01, n)
+    keys = th.score_keys(scores)
+    anchor = th.radix_threshold([keys], k)
+    state = {}
+    init_epi_state(state, scores, torch.float32)
+    state["importance"] = scores
+
+    def refresh(backend):
+        state["threshold_bits"].fill_(anchor)
+        refresh_masks([state], isolation_ratio=0.01, scope="tensor", threshold="approx", step=1,
+                      ops=refresh_ops(backend))
+
+    fns = {**{f"refresh ({b})": (lambda b=b: refresh(b)) for b in backends},
+           "window threshold": lambda: th.approx_threshold([keys], k, anchor),
+           "radix threshold (repair)": lambda: th.radix_threshold([keys], k),
+           "torch.kthvalue": lambda: scores.kthvalue(n - k + 1),
+           "torch.topk": lambda: scores.topk(k, sorted=False)}
+    if device.startswith("cuda"):
+        fns.pop("torch.kthvalue")  # one thread block per slice on CUDA: minutes at this size
+    return fns
 
 
 # ---------------------------------------------------------------------------------------- timing

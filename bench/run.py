@@ -24,10 +24,6 @@ import torch
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from bench import common  # noqa: E402
 from epi_kernels import available_backends  # noqa: E402
-from epi_kernels import threshold as th  # noqa: E402
-from epi_kernels.functional import refresh_ops  # noqa: E402
-from epi_kernels.refresh import refresh_masks  # noqa: E402
-from epi_kernels.state import init_epi_state  # noqa: E402
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 BASELINES = ("adamw-fused", "adamw-foreach")
@@ -72,29 +68,7 @@ def bench_threshold(device, sizes, reps, threads, backends) -> list[dict]:
     """The refresh (keys, histogram threshold, mask, packing, statistics) against exact selectors."""
     rows = []
     for n in sizes:
-        g = torch.Generator().manual_seed(0)
-        scores = torch.randn(n, generator=g).pow(2).to(device)  # an EMA-of-g^2-like tail
-        k = th.isolation_k(0.01, n)
-        keys = th.score_keys(scores)
-        anchor = th.radix_threshold([keys], k)
-        state = {}
-        init_epi_state(state, scores, torch.float32)
-        state["importance"] = scores
-
-        def refresh(backend):
-            state["threshold_bits"].fill_(anchor)  # the previous threshold: the window path answers
-            refresh_masks([state], isolation_ratio=0.01, scope="tensor", threshold="approx", step=1,
-                          ops=refresh_ops(backend))
-
-        fns = {
-            **{f"refresh ({b})": (lambda b=b: refresh(b)) for b in backends},
-            "window threshold": lambda: th.approx_threshold([keys], k, anchor),
-            "radix threshold (repair)": lambda: th.radix_threshold([keys], k),
-            "torch.kthvalue": lambda: scores.kthvalue(n - k + 1),
-            "torch.topk": lambda: scores.topk(k, sorted=False),
-        }
-        if device.startswith("cuda"):
-            fns.pop("torch.kthvalue")  # one thread block per slice on CUDA: minutes at this size
+        fns = common.threshold_contenders(n, device, backends)
         for f in fns.values():
             f()
         times = {name: [] for name in fns}

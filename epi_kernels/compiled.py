@@ -33,6 +33,7 @@ _broken: str | None = None  # why compilation failed, once it has
 
 
 STATIC_NUMEL = 1 << 20  # tensors this large get kernels specialised to their exact size
+MAX_SIZES = 64  # exact-size kernels per function (dynamo's default limit, 8, is per function too)
 
 
 class _CompiledOrEager:
@@ -41,8 +42,8 @@ class _CompiledOrEager:
 
     Large tensors (first argument >= STATIC_NUMEL elements) get a kernel compiled for their exact
     size: measured on this project's 2-core CPU machines, shape-generic kernels ran up to 2x slower
-    on them. A model has few distinct large sizes, so few compilations; smaller tensors share one
-    shape-generic kernel, as their cost is mostly the call itself."""
+    on them. A model has few distinct large sizes, so few compilations (up to MAX_SIZES per
+    function); smaller tensors share one shape-generic kernel, as their cost is mostly the call."""
 
     def __init__(self, fn: Callable) -> None:
         self.fn = fn
@@ -56,6 +57,9 @@ class _CompiledOrEager:
             if kernel is None:
                 kernel = self.compiled[static] = torch.compile(self.fn, dynamic=not static)
             try:
+                if static:
+                    with _many_sizes():
+                        return kernel(*args)
                 return kernel(*args)
             except Exception as err:  # noqa: BLE001 - decided by _is_compile_error
                 if not _is_compile_error(err):
@@ -64,6 +68,14 @@ class _CompiledOrEager:
                 warnings.warn(f"epi_kernels: backend='compiled' could not compile ({_broken}); "
                               "running its steps uncompiled (eager)", RuntimeWarning, stacklevel=2)
         return self.fn(*args)
+
+
+def _many_sizes():
+    """Raise dynamo's per-function recompile limit while an exact-size kernel is looked up or built:
+    past the limit dynamo would silently run the function uncompiled."""
+    cfg = torch._dynamo.config
+    name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
+    return cfg.patch(**{name: max(MAX_SIZES, getattr(cfg, name))})
 
 
 def _is_compile_error(err: Exception) -> bool:
