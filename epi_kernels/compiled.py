@@ -18,6 +18,7 @@ its uncompiled self instead, with one warning per process.
 """
 from __future__ import annotations
 
+import types
 import warnings
 from typing import Callable
 
@@ -47,7 +48,13 @@ class _CompiledOrEager:
 
     def __init__(self, fn: Callable) -> None:
         self.fn = fn
+        # the exact-size variant is a copy with its own code object: dynamo keeps compiled entries
+        # (and its recompile limit) per code object, so exact sizes cannot crowd out the generic one
+        self.variants = {False: fn, True: types.FunctionType(
+            fn.__code__.replace(co_name=fn.__name__ + "_exact_size"), fn.__globals__,
+            fn.__name__ + "_exact_size", fn.__defaults__, fn.__closure__)}
         self.compiled: dict[bool, Callable] = {}
+        self.sizes: set[tuple] = set()  # argument signatures that already have an exact-size kernel
 
     def __call__(self, *args):
         global _broken
@@ -55,12 +62,17 @@ class _CompiledOrEager:
             static = args[0].numel() >= STATIC_NUMEL
             kernel = self.compiled.get(static)
             if kernel is None:
-                kernel = self.compiled[static] = torch.compile(self.fn, dynamic=not static)
+                kernel = self.compiled[static] = torch.compile(self.variants[static], dynamic=not static)
             try:
-                if static:
-                    with _many_sizes():
-                        return kernel(*args)
-                return kernel(*args)
+                if not static:
+                    return kernel(*args)
+                signature = tuple((a.shape, a.dtype, a.stride()) if isinstance(a, Tensor) else a for a in args)
+                if signature in self.sizes:
+                    return kernel(*args)
+                with _many_sizes():  # a new size compiles: allow more than dynamo's default 8
+                    out = kernel(*args)
+                self.sizes.add(signature)
+                return out
             except Exception as err:  # noqa: BLE001 - decided by _is_compile_error
                 if not _is_compile_error(err):
                     raise

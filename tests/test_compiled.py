@@ -63,6 +63,7 @@ def test_size_specialised_kernels_match_eager(monkeypatch):
     for f in (compiled._step_kernel, compiled.COMPILED_REFRESH_OPS.keys, compiled.COMPILED_REFRESH_OPS.bins,
               compiled._score_words_kernel):
         monkeypatch.setattr(f, "compiled", {})
+        monkeypatch.setattr(f, "sizes", set())
     p_eager, o_eager = _run("torch", torch.float32)
     p_comp, o_comp = _run("compiled", torch.float32)
     assert compiled._step_kernel.compiled.keys() == {False, True}  # both kinds of kernel ran
@@ -91,6 +92,7 @@ def test_falls_back_to_uncompiled_with_a_warning_when_compiling_fails(monkeypatc
     for f in (compiled._step_kernel, compiled._score_words_kernel, compiled.COMPILED_REFRESH_OPS.keys,
               compiled.COMPILED_REFRESH_OPS.bins):
         monkeypatch.setattr(f, "compiled", {})
+        monkeypatch.setattr(f, "sizes", set())
     monkeypatch.setattr(compiled, "_broken", None)
     with pytest.warns(RuntimeWarning, match="running its steps uncompiled"):
         p_fallback, o_fallback = _run("compiled", torch.float32)
