@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from .refresh import RefreshOps
+from .step_scalars import step_scalars
 from .threshold import identity, score_keys, window_bins
 
 __all__ = ["compiled_epi_adamw", "COMPILED_REFRESH_OPS"]
@@ -148,22 +149,16 @@ COMPILED_REFRESH_OPS = RefreshOps(prepare=identity, keys=_CompiledOrEager(score_
                                   bins=_CompiledOrEager(_score_slots), mask=_score_mask)
 
 
-def _value(x) -> float:
-    return x.item() if isinstance(x, Tensor) else float(x)
-
-
 def compiled_epi_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, importances,
                        masks, *, importance_beta, importance, amsgrad, beta1, beta2, lr, weight_decay, eps,
                        maximize) -> None:
     """Step each tensor with the compiled kernel (state in place, like the eager backend)."""
-    lr, beta1, beta2 = _value(lr), _value(beta1), _value(beta2)
     for i, p in enumerate(params):
         state_steps[i] += 1
         if not p.numel():
             continue
-        step = _value(state_steps[i])
-        hp = torch.tensor([1 - lr * weight_decay, lr / (1 - beta1 ** step), 1 - beta1, beta2, 1 - beta2,
-                           (1 - beta2 ** step) ** 0.5, eps, importance_beta, 1 - importance_beta],
+        hp = torch.tensor(step_scalars(lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps,
+                                       importance_beta=importance_beta, step=state_steps[i].item()),
                           dtype=torch.float32, device=p.device)
         tensors = [p, grads[i], exp_avgs[i], exp_avg_sqs[i], importances[i], max_exp_avg_sqs[i] if amsgrad else None]
         if all(t is None or t.is_contiguous() for t in tensors):

@@ -13,7 +13,7 @@ import sys
 import torch
 from torch import Tensor
 
-__all__ = ["packed_numel", "pack_mask", "threshold_mask", "unpack_mask", "popcount", "jaccard"]
+__all__ = ["packed_numel", "pack_mask", "threshold_mask", "unpack_mask", "popcount", "jaccard", "jaccard_counts"]
 
 assert sys.byteorder == "little", "packed masks assume a little-endian host"
 _BIT_WEIGHTS = torch.tensor([1 << i for i in range(8)], dtype=torch.uint8)
@@ -60,6 +60,11 @@ def popcount(packed: Tensor) -> Tensor:
 def jaccard(a: Tensor, b: Tensor, count_a: Tensor | None = None, count_b: Tensor | None = None) -> Tensor:
     """|a & b| / |a | b| of two packed masks as a 0-dim float32 tensor; 1.0 when both are empty.
     Known set sizes may be passed to save their counting."""
-    inter = popcount(a & b)
-    union = (popcount(a) if count_a is None else count_a) + (popcount(b) if count_b is None else count_b) - inter
+    return jaccard_counts(popcount(a & b), popcount(a) if count_a is None else count_a,
+                          popcount(b) if count_b is None else count_b)
+
+
+def jaccard_counts(inter: Tensor, count_a: Tensor, count_b: Tensor) -> Tensor:
+    """Jaccard index from set sizes (elementwise over tensors of them): float32, 1.0 for two empty sets."""
+    union = count_a + count_b - inter
     return torch.where(union > 0, inter / union.clamp(min=1), 1.0).to(torch.float32)

@@ -13,8 +13,9 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from .backends import check_backend, resolve_backend
+from .backends import check_backend, check_device, resolve_backend
 from .functional import epi_adamw, isolated_indices, refresh_ops
+from .fused_refresh import FusedRefresh
 from .mask import unpack_mask
 from .refresh import is_refresh_step, refresh_masks
 from .state import IMPORTANCE_DTYPES, init_epi_state, protect_epi_entries, restore_epi_entries
@@ -102,7 +103,7 @@ class EPIAdamW(Optimizer):
     isolation_ratio (0.01), refresh_interval (100), warmup_steps (None), importance_beta (0.99),
     importance ("sq" | "abs"), scope ("tensor" | "global"), threshold ("approx" | "exact"),
     static (False: refresh once, CPI-FT style), importance_dtype (torch.float32 | torch.bfloat16),
-    backend ("auto" | "torch" | "compiled").
+    backend ("auto" | "torch" | "compiled" | "triton").
     """
 
     def __init__(
@@ -148,6 +149,7 @@ class EPIAdamW(Optimizer):
         )
         _check_epi_args(defaults)
         self._isolated: dict[Tensor, Tensor] = {}  # cache: flat indices of each mask's isolated elements
+        self._histograms: dict[int, dict] = {}  # triton: per group (by id), histograms for the next step
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -158,6 +160,7 @@ class EPIAdamW(Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self._isolated = {}
+        self._histograms = {}
         for group in self.param_groups:
             for key, value in (("amsgrad", False), ("maximize", False), ("foreach", None),
                                ("capturable", False), ("differentiable", False), ("fused", None),
@@ -200,6 +203,7 @@ class EPIAdamW(Optimizer):
                                    f"of supported devices, got {p.dtype} on {p.device.type}")
             if group["capturable"] and p.device.type == "cpu":
                 raise RuntimeError("capturable=True requires parameters on an accelerator, got cpu")
+            check_device(resolve_backend(group["backend"], params[0].device), p.device)
         if params and group["foreach"] and torch.is_tensor(group["lr"]) and not group["capturable"]:
             raise RuntimeError("lr as a Tensor is not supported for capturable=False and foreach=True")
         return params
@@ -230,11 +234,19 @@ class EPIAdamW(Optimizer):
 
     def _step_group(self, group: dict, params: list[Tensor]) -> None:
         states = [self._init_state(p, group) for p in params]
-        backend = resolve_backend(group["backend"])
+        backend = resolve_backend(group["backend"], params[0].device)
         group["epi_step"] += 1
-        if is_refresh_step(group["epi_step"], group["refresh_interval"], group["warmup_steps"], group["static"]):
+        t = group["epi_step"]
+        when = (group["refresh_interval"], group["warmup_steps"], group["static"])
+        refresh = is_refresh_step(t, *when)
+        fused_refresh = None
+        if backend == "triton" and group["scope"] == "tensor" and group["threshold"] == "approx":
+            fused_refresh = FusedRefresh(states, group["isolation_ratio"], t, refresh, is_refresh_step(t + 1, *when),
+                                         self._histograms.setdefault(id(group), {}))
+        elif refresh:
             refresh_masks(states, isolation_ratio=group["isolation_ratio"], scope=group["scope"],
-                          threshold=group["threshold"], step=group["epi_step"], ops=refresh_ops(backend))
+                          threshold=group["threshold"], step=t, ops=refresh_ops(backend))
+        if refresh:
             for p in params:
                 self._isolated.pop(p, None)
         beta1, beta2 = group["betas"]
@@ -249,7 +261,7 @@ class EPIAdamW(Optimizer):
             importance=group["importance"], amsgrad=group["amsgrad"], beta1=beta1, beta2=beta2,
             lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"],
             maximize=group["maximize"], foreach=group["foreach"], capturable=group["capturable"],
-            fused=group["fused"],
+            fused=group["fused"], fused_refresh=fused_refresh,
         )
 
     # ------------------------------------------------------------------ introspection
@@ -293,6 +305,7 @@ class EPIAdamW(Optimizer):
         """
         pre = self.register_load_state_dict_pre_hook(protect_epi_entries)
         post = self.register_load_state_dict_post_hook(restore_epi_entries, prepend=True)
+        self._histograms = {}
         try:
             super().load_state_dict(state_dict)
         finally:

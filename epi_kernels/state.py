@@ -23,19 +23,19 @@ __all__ = ["EPI_STATE_KEYS", "IMPORTANCE_DTYPES", "init_epi_state", "protect_epi
 IMPORTANCE_DTYPES = (torch.float32, torch.bfloat16)
 EPI_STATE_KEYS = ("importance", "isolation_mask", "threshold_bits", "isolation_k", "isolated_count",
                   "isolation_overlap", "threshold_exact", "refresh_step")
-_ON_PARAM_DEVICE = ("importance", "isolation_mask")  # the rest are small CPU tensors
 
 
 def init_epi_state(state: dict, p: Tensor, importance_dtype: torch.dtype) -> None:
     """Create the EPI entries of a parameter's state (scores zero, nothing isolated)."""
     state["importance"] = torch.zeros(p.shape, dtype=importance_dtype, device=p.device)
     state["isolation_mask"] = torch.zeros(packed_numel(p.numel()), dtype=torch.uint8, device=p.device)
-    state["threshold_bits"] = torch.tensor(KEY_NONE, dtype=torch.int32)
-    state["isolation_k"] = torch.tensor(0, dtype=torch.int64)
-    state["isolated_count"] = torch.tensor(0, dtype=torch.int64)
-    state["isolation_overlap"] = torch.tensor(float("nan"))
-    state["threshold_exact"] = torch.tensor(False)
-    state["refresh_step"] = torch.tensor(0, dtype=torch.int64)
+    # 0-dim entries live on the param's device too: kernels update them without a host sync
+    state["threshold_bits"] = torch.tensor(KEY_NONE, dtype=torch.int32, device=p.device)
+    state["isolation_k"] = torch.tensor(0, dtype=torch.int64, device=p.device)
+    state["isolated_count"] = torch.tensor(0, dtype=torch.int64, device=p.device)
+    state["isolation_overlap"] = torch.tensor(float("nan"), device=p.device)
+    state["threshold_exact"] = torch.tensor(False, device=p.device)
+    state["refresh_step"] = torch.tensor(0, dtype=torch.int64, device=p.device)
 
 
 class _Verbatim:
@@ -86,4 +86,4 @@ def restore_epi_entries(optimizer: torch.optim.Optimizer) -> None:
     for p, entries in optimizer.state.items():
         for k, v in entries.items():
             if isinstance(v, _Verbatim):
-                entries[k] = v.value.to(device=p.device if k in _ON_PARAM_DEVICE else "cpu")
+                entries[k] = v.value.to(device=p.device)

@@ -80,11 +80,13 @@ def tolerance(k: int) -> int:
     return max(k // 200, 4)
 
 
-def window_origin(anchor: int) -> int:
+def window_origin(anchor: int | Tensor) -> int | Tensor:
     """First key of the window for a previous threshold `anchor`: one octave lower, bin aligned,
     and never below BIN_WIDTH, so that key 0 (ineligible) always falls below the window (a k-th
-    largest key under BIN_WIDTH, a denormal below 1.2e-41, is left to the repair path)."""
-    return max(BIN_WIDTH, ((anchor - (1 << 23)) >> BIN_SHIFT) << BIN_SHIFT)
+    largest key under BIN_WIDTH, a denormal below 1.2e-41, is left to the repair path).
+    Elementwise on an int32 tensor of anchors (the kernels' origin tables)."""
+    origin = ((anchor - (1 << 23)) >> BIN_SHIFT) << BIN_SHIFT
+    return origin.clamp(min=BIN_WIDTH) if isinstance(origin, Tensor) else max(BIN_WIDTH, origin)
 
 
 UNDER_SLOTS = 64  # keys below the window are spread over this many slots (see window_bins)

@@ -11,7 +11,7 @@ from epi_kernels import EPIAdamW
     ("refresh_interval", True), ("warmup_steps", -1), ("warmup_steps", 1.5),
     ("importance_beta", 1.0), ("importance_beta", -0.5), ("importance", "cube"),
     ("scope", "layer"), ("threshold", "fast"), ("static", "yes"),
-    ("importance_dtype", torch.float16), ("backend", "tpu"), ("backend", "triton"), ("backend", "cuda"),
+    ("importance_dtype", torch.float16), ("backend", "tpu"), ("backend", "cuda"),
 ])
 def test_invalid_epi_hyperparameter_names_the_argument(arg, value):
     p = torch.nn.Parameter(torch.zeros(3))

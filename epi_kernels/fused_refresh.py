@@ -1,0 +1,21 @@
+"""The request a kernel backend gets to refresh isolation masks inside its fused step."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+__all__ = ["FusedRefresh"]
+
+
+@dataclass
+class FusedRefresh:
+    """What the fused step needs to refresh masks itself (scope="tensor", threshold="approx").
+
+    `states` are the optimizer states of the stepped params; `refresh`: step `step` recomputes the
+    masks; `collect`: the next step will, so this one counts its new scores into histograms, kept
+    in `pending` (owned by the optimizer, one dict per param group) until then."""
+    states: list[dict]
+    isolation_ratio: float
+    step: int
+    refresh: bool
+    collect: bool
+    pending: dict = field(default_factory=dict)

@@ -1,0 +1,89 @@
+"""The fused EPI-AdamW step: one pass over memory per element, for all tensors of a launch.
+
+Per element: load p, g, m, v (and the amsgrad max), the score s and the mask bit; on a refresh
+step set the bit from the start-of-step score against the tensor's new threshold (and write the
+packed mask); update the score EMA, the Adam moments and, where the element is not isolated, the
+parameter (isolated elements are not written at all); on a step before a refresh, count the new
+score into the tensor's window histogram. Math is fp32 whatever the storage dtypes, in the order of
+torch's for-loop AdamW (see :func:`epi_kernels.compiled._tensor_step`, the same math in torch ops).
+"""
+import triton
+import triton.language as tl
+
+from .tensor_table import (EXP_AVG, EXP_AVG_SQ, GRAD, IMPORTANCE, MASK, MAX_EXP_AVG_SQ, PARAM, column,
+                           load_chunk)
+from .threshold_math import WINDOW_BINS, flush_histogram, score_key, window_counts
+
+
+@triton.jit
+def fused_step_kernel(
+    table_ptr, chunk_ptr,
+    tau_ptr,  # int32 [T]: REFRESH: the new threshold of each tensor
+    origin_ptr, hist_ptr, over_ptr,  # HIST: window origins int32 [T] (0: none), outputs [T, NB], [T]
+    count_ptr,  # REFRESH: int32 [T, 2] += (isolated count, |old mask & new mask|)
+    decay, step_size, one_minus_beta1, beta2, one_minus_beta2, bc2_sqrt, eps, ibeta, one_minus_ibeta,
+    P_TYPE: tl.constexpr, S_TYPE: tl.constexpr, SQ: tl.constexpr, MAXIMIZE: tl.constexpr,
+    AMSGRAD: tl.constexpr, REFRESH: tl.constexpr, HIST: tl.constexpr,
+    BLOCK: tl.constexpr, TILES: tl.constexpr,
+):
+    tid, row, first, n = load_chunk(table_ptr, chunk_ptr, BLOCK * TILES)
+    p_ptr = column(row, PARAM, P_TYPE)
+    g_ptr = column(row, GRAD, P_TYPE)
+    m_ptr = column(row, EXP_AVG, P_TYPE)
+    v_ptr = column(row, EXP_AVG_SQ, P_TYPE)
+    s_ptr = column(row, IMPORTANCE, S_TYPE)
+    mask_ptr = column(row, MASK, tl.uint8)
+    if REFRESH:
+        tau = tl.load(tau_ptr + tid)
+        n_isolated = tl.zeros([], tl.int32)
+        n_kept = tl.zeros([], tl.int32)
+    if HIST:
+        origin = tl.load(origin_ptr + tid)
+        h = tl.zeros([WINDOW_BINS], tl.int32)
+        n_over = tl.zeros([], tl.int32)
+    for i in range(TILES):
+        start = first + i * BLOCK
+        offs = start + tl.arange(0, BLOCK)
+        inb = offs < n
+        s = tl.load(s_ptr + offs, mask=inb, other=0.0).to(tl.float32)
+        old_bit = (tl.load(mask_ptr + (offs >> 3), mask=inb, other=0).to(tl.int32) >> (offs & 7).to(tl.int32)) & 1
+        if REFRESH:
+            bit = ((score_key(s) >= tau) & inb).to(tl.int32)
+            byte = tl.sum(tl.reshape(bit, (BLOCK // 8, 8)) << tl.arange(0, 8)[None, :], axis=1)
+            byte_offs = (start >> 3) + tl.arange(0, BLOCK // 8)
+            tl.store(mask_ptr + byte_offs, byte.to(tl.uint8), mask=byte_offs * 8 < n)
+            n_isolated += tl.sum(bit, 0)
+            n_kept += tl.sum(bit & old_bit, 0)
+        else:
+            bit = old_bit
+        g = tl.load(g_ptr + offs, mask=inb, other=0.0).to(tl.float32)
+        if SQ:
+            f = g * g
+        else:
+            f = tl.abs(g)
+        s = (s * ibeta + f * one_minus_ibeta).to(S_TYPE)
+        tl.store(s_ptr + offs, s, mask=inb)
+        if HIST:
+            hh, oo = window_counts(score_key(s.to(tl.float32)), origin, inb)
+            h += hh
+            n_over += oo
+        if MAXIMIZE:
+            g = -g
+        m = tl.load(m_ptr + offs, mask=inb, other=0.0).to(tl.float32)
+        m = m + (g - m) * one_minus_beta1
+        v = tl.load(v_ptr + offs, mask=inb, other=0.0).to(tl.float32) * beta2 + g * g * one_minus_beta2
+        tl.store(m_ptr + offs, m.to(P_TYPE), mask=inb)
+        tl.store(v_ptr + offs, v.to(P_TYPE), mask=inb)
+        if AMSGRAD:
+            vmax_ptr = column(row, MAX_EXP_AVG_SQ, P_TYPE)
+            v = tl.maximum(tl.load(vmax_ptr + offs, mask=inb, other=0.0).to(tl.float32), v)
+            tl.store(vmax_ptr + offs, v.to(P_TYPE), mask=inb)
+        p = tl.load(p_ptr + offs, mask=inb, other=0.0).to(tl.float32)
+        p = p * decay - tl.div_rn(step_size * m, tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps)
+        tl.store(p_ptr + offs, p.to(P_TYPE), mask=inb & (bit == 0))  # isolated: never written
+    if REFRESH:
+        tl.atomic_add(count_ptr + 2 * tid, n_isolated, sem="relaxed")
+        tl.atomic_add(count_ptr + 2 * tid + 1, n_kept, sem="relaxed")
+    if HIST:
+        flush_histogram(hist_ptr + tid * WINDOW_BINS, h, WINDOW_BINS)
+        tl.atomic_add(over_ptr + tid, n_over, sem="relaxed")
