@@ -12,6 +12,7 @@ import triton.language as tl
 
 from .tensor_table import (EXP_AVG, EXP_AVG_SQ, GRAD, IMPORTANCE, MASK, MAX_EXP_AVG_SQ, PARAM, column,
                            load_chunk)
+from .rounding import to_storage
 from .threshold_math import WINDOW_BINS, flush_histogram, score_key, window_counts
 
 
@@ -57,11 +58,11 @@ def fused_step_kernel(
         else:
             bit = old_bit
         g = tl.load(g_ptr + offs, mask=inb, other=0.0).to(tl.float32)
-        if SQ:
-            f = g * g
+        if SQ:  # the eager reference's order: s * beta + ((1 - beta) * g) * g
+            f = one_minus_ibeta * g * g
         else:
-            f = tl.abs(g)
-        s = (s * ibeta + f * one_minus_ibeta).to(S_TYPE)
+            f = one_minus_ibeta * tl.abs(g)
+        s = to_storage(s * ibeta + f, S_TYPE)
         tl.store(s_ptr + offs, s, mask=inb)
         if HIST:
             hh, oo = window_counts(score_key(s.to(tl.float32)), origin, inb)
@@ -72,15 +73,15 @@ def fused_step_kernel(
         m = tl.load(m_ptr + offs, mask=inb, other=0.0).to(tl.float32)
         m = m + (g - m) * one_minus_beta1
         v = tl.load(v_ptr + offs, mask=inb, other=0.0).to(tl.float32) * beta2 + g * g * one_minus_beta2
-        tl.store(m_ptr + offs, m.to(P_TYPE), mask=inb)
-        tl.store(v_ptr + offs, v.to(P_TYPE), mask=inb)
+        tl.store(m_ptr + offs, to_storage(m, P_TYPE), mask=inb)
+        tl.store(v_ptr + offs, to_storage(v, P_TYPE), mask=inb)
         if AMSGRAD:
             vmax_ptr = column(row, MAX_EXP_AVG_SQ, P_TYPE)
             v = tl.maximum(tl.load(vmax_ptr + offs, mask=inb, other=0.0).to(tl.float32), v)
-            tl.store(vmax_ptr + offs, v.to(P_TYPE), mask=inb)
+            tl.store(vmax_ptr + offs, to_storage(v, P_TYPE), mask=inb)
         p = tl.load(p_ptr + offs, mask=inb, other=0.0).to(tl.float32)
         p = p * decay - tl.div_rn(step_size * m, tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps)
-        tl.store(p_ptr + offs, p.to(P_TYPE), mask=inb & (bit == 0))  # isolated: never written
+        tl.store(p_ptr + offs, to_storage(p, P_TYPE), mask=inb & (bit == 0))  # isolated: never written
     if REFRESH:
         tl.atomic_add(count_ptr + 2 * tid, n_isolated, sem="relaxed")
         tl.atomic_add(count_ptr + 2 * tid + 1, n_kept, sem="relaxed")
