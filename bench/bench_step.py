@@ -4,9 +4,8 @@ import pytest
 import torch
 
 from bench import common
-from epi_kernels import available_backends
 
-KINDS = [f"epi-{b}" for b in available_backends()] + ["unfused", "adamw-fused", "adamw-foreach"]
+KINDS = [f"epi-{b}" for b in common.runnable_backends("cpu")] + ["unfused", "adamw-fused", "adamw-foreach"]
 CASES = [common.flat(common.MiB, "1M"), common.model_mix(4_000_000)]
 
 

@@ -21,8 +21,9 @@ from typing import Callable
 
 import torch
 
-from epi_kernels import EPIAdamW
+from epi_kernels import EPIAdamW, available_backends
 from epi_kernels import threshold as th
+from epi_kernels.backends import check_device
 from epi_kernels.functional import refresh_ops
 from epi_kernels.refresh import refresh_masks
 from epi_kernels.state import init_epi_state
@@ -57,6 +58,23 @@ def model_mix(total: int = 25_000_000, width: int = 512) -> Case:
     layers = max(1, (total - vocab * width) // per_layer)
     shapes = ((vocab, width),) + tuple(layer) * layers + ((width,),)
     return Case(f"mix-{sum(math.prod(s) for s in shapes) / 1e6:.0f}M", shapes)
+
+
+def runnable_backends(device: str) -> list[str]:
+    """Backends that can step tensors on `device` here (Triton on CPU only in its interpreter)."""
+    out = []
+    for b in available_backends():
+        try:
+            check_device(b, torch.device(device))
+        except RuntimeError:
+            continue
+        out.append(b)
+    return out
+
+
+def dry_cases() -> list[Case]:
+    """Tiny tensors for a dry run (the GPU code paths on CPU, in Triton's interpreter)."""
+    return [Case("dry-3x", ((1 << 14,), (1000,), (3, 7)))]
 
 
 def cpu_cases(quick: bool) -> list[Case]:
@@ -101,7 +119,7 @@ def state_bytes_per_param(opt: torch.optim.Optimizer) -> float:
 
 class HandWrittenEPI:
     """The EPI step as a user would write it with separate PyTorch ops and torch.kthvalue per tensor
-    (the unfused baseline): same semantics, a bool mask per tensor, no fusion."""
+    (torch.topk on CUDA): the unfused baseline, same semantics, a bool mask per tensor, no fusion."""
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
                  isolation_ratio=0.01, importance_beta=0.99, refresh_interval=100, warmup_steps=100):
@@ -119,7 +137,9 @@ class HandWrittenEPI:
             g, s = p.grad, st["s"]
             if self.t >= self.warmup and (self.t - self.warmup) % self.interval == 0 and p.numel():
                 k = isolation_k(self.ratio, p.numel())
-                if k:
+                if k and p.is_cuda:  # kthvalue on CUDA runs one thread block per slice: minutes
+                    tau = s.flatten().topk(k, sorted=False).values.min()
+                elif k:
                     tau = torch.kthvalue(s.flatten(), p.numel() - k + 1).values
                     st["mask"] = (s >= tau) & (s > 0)
             s.mul_(self.beta).addcmul_(g.float(), g.float(), value=1 - self.beta)
@@ -166,7 +186,12 @@ def threshold_contenders(n: int, device: str, backends) -> dict[str, Callable[[]
         refresh_masks([state], isolation_ratio=0.01, scope="tensor", threshold="approx", step=1,
                       ops=refresh_ops(backend))
 
-    fns = {**{f"refresh ({b})": (lambda b=b: refresh(b)) for b in backends},
+    fns = {f"refresh ({b})": (lambda b=b: refresh(b)) for b in backends if b != "triton"}
+    if "triton" in backends:  # its refresh runs inside the step: here its threshold kernels alone
+        from epi_kernels.triton_backend import window_thresholds  # noqa: PLC0415 - imports Triton
+
+        fns["threshold kernels (triton)"] = lambda: window_thresholds([scores], [k], [anchor])
+    fns = {**fns,
            "window threshold": lambda: th.approx_threshold([keys], k, anchor),
            "radix threshold (repair)": lambda: th.radix_threshold([keys], k),
            "torch.kthvalue": lambda: scores.kthvalue(n - k + 1),

@@ -3,6 +3,8 @@
     python bench/run.py            # full suite on this machine (CUDA if present, else CPU)
     python bench/run.py --quick    # under a minute on 2 CPU cores
     python -m bench --quick        # the same
+    python bench/run.py --dry      # the GPU code paths (Triton kernels) on CPU, in Triton's
+                                   # interpreter, at toy sizes: checks the code runs; no timings worth reading
 
 Prints a table and writes JSON (machine, versions, git revision, every figure with median and
 spread) to bench/results/. Contenders of one row are built on identical tensors and timed
@@ -23,7 +25,6 @@ import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from bench import common  # noqa: E402
-from epi_kernels import available_backends  # noqa: E402
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 BASELINES = ("adamw-fused", "adamw-foreach")
@@ -61,6 +62,27 @@ def bench_steps(device, cases, dtypes, backends, reps, threads) -> list[dict]:
                         **{f"vs_{b}": ratio_summary(times[k], times[b]) for b in BASELINES},
                     })
                 del opts
+    return rows
+
+
+def bench_triton_variants(device, cases, dtypes, reps) -> list[dict]:
+    """The Triton step with and without histogram / refresh work (bench/triton_steps.py)."""
+    from bench.triton_steps import triton_step_variants  # noqa: PLC0415 - imports Triton
+
+    rows = []
+    for case in cases:
+        for dtype in dtypes:
+            fns = triton_step_variants(common.make_params(case, dtype, device))
+            for f in fns.values():  # compile every variant
+                f()
+            times = {name: [] for name in fns}
+            for _ in range(reps):
+                for name, f in fns.items():
+                    times[name].append(common.timed(f, device))
+            for name in fns:
+                rows.append({"case": case.name, "numel": case.numel, "tensors": len(case.shapes),
+                             "dtype": str(dtype).removeprefix("torch."), "variant": name, **common.summary(times[name]),
+                             "vs_plain": ratio_summary(times[name], times["plain"])})
     return rows
 
 
@@ -137,6 +159,11 @@ def print_tables(res) -> None:
         sp = next(v for k, v in r.items() if k.startswith("speedup_vs_"))
         print(f"{r['numel']:>10} {r['threads'] or '-':>3} {r['what']:>26} {r['median_ms']:>10.2f} "
               f"{r['min_ms']:>9.2f}..{r['max_ms']:<9.2f} {sp['median']:>16.2f}")
+    if res.get("triton_variants"):
+        print(f"\n{'case':>8} {'dtype':>8} {'triton step':>10} {'median ms':>10} {'q1..q3 ms':>17} {'x plain':>8}")
+        for r in res["triton_variants"]:
+            print(f"{r['case']:>8} {r['dtype']:>8} {r['variant']:>10} {r['median_ms']:>10.3f} "
+                  f"{r['q1_ms']:>8.3f}..{r['q3_ms']:<8.3f} {r['vs_plain']['median']:>8.3f}")
     print(f"\n{'param dtype':>11} {'optimizer':>22} {'state B/param':>14} {'over AdamW':>11} {'index cache B/param':>20}")
     for r in res["memory"]:
         print(f"{r['param_dtype']:>11} {r['optimizer']:>22} {r['state_bytes_per_param']:>14.3f} "
@@ -170,12 +197,42 @@ def targets(res) -> list[dict]:
     return out
 
 
+def gpu_targets(res) -> list[dict]:
+    """The GPU targets (DESIGN.md section 5) for the Triton backend, from this run's medians."""
+    out = []
+    copy = res.get("copy_gb_per_s")
+    for r in res["steps"]:
+        if r["contender"] != "epi-triton" or r["dtype"] != "float32" or r["step"] != "normal":
+            continue
+        pct = 100 * r["gb_per_s"] / copy
+        fused = r["vs_adamw-fused"]["median"]
+        out.append({"target": f"epi-triton GB/s as % of device copy, {r['case']} fp32", "limit": ">= 85",
+                    "measured": pct, "met": pct >= 85})
+        out.append({"target": f"epi-triton / adamw-fused, {r['case']} fp32", "limit": "<= 1.35",
+                    "measured": fused, "met": fused <= 1.35})
+        unfused = next(u for u in res["steps"] if u["contender"] == "unfused" and u["case"] == r["case"]
+                       and u["dtype"] == r["dtype"] and u["step"] == "normal")
+        speedup = unfused["median_ms"] / r["median_ms"]
+        out.append({"target": f"epi-triton speedup over unfused EPI ops, {r['case']} fp32", "limit": ">= 5",
+                    "measured": speedup, "met": speedup >= 5})
+    for case in sorted({r["case"] for r in res["triton_variants"]}):
+        rows = {r["variant"]: r for r in res["triton_variants"] if r["case"] == case and r["dtype"] == "float32"}
+        if {"plain", "histogram", "refresh"} <= rows.keys():
+            extra = 100 * ((rows["histogram"]["median_ms"] + rows["refresh"]["median_ms"])
+                           / (2 * rows["plain"]["median_ms"]) - 1)
+            out.append({"target": f"histogram + select overhead (mean of the two steps vs plain), {case} fp32",
+                        "limit": "<= 5 %", "measured": extra, "met": extra <= 5})
+    return out
+
+
 def markdown(res) -> str:
     """A README-ready summary of a results file: EPI step ratios, refresh, memory, targets."""
     m = res["machine"]
     hw = m.get("gpu") or f"{m['cpu']}, {m['cores']} cores"
-    lines = [f"Measured {m['date']} on {hw} ({m['device']}), torch {m['torch']}, git {m['git_rev']}; "
-             f"medians of {res['config']['reps']} interleaved rounds.", "",
+    copy = res.get("copy_gb_per_s")
+    lines = [f"Measured {m['date']} on {hw} ({m['device']}), torch {m['torch']}, triton {m.get('triton')}, "
+             f"git {m['git_rev']}; medians of {res['config']['reps']} interleaved rounds."
+             + (f" Device-to-device copy: {copy:.0f} GB/s." if copy else ""), "",
              "| case | dtype | threads | step | contender | median ms | GB/s | x AdamW fused | x AdamW foreach |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in res["steps"]:
@@ -188,6 +245,10 @@ def markdown(res) -> str:
     for r in res["threshold"]:
         sp = next(v for k, v in r.items() if k.startswith("speedup_vs_"))
         lines.append(f"| {r['numel']} | {r['threads'] or '-'} | {r['what']} | {r['median_ms']:.1f} | {sp['median']:.2f} |")
+    if res.get("triton_variants"):
+        lines += ["", "| case | dtype | triton step | median ms | x plain |", "|---|---|---|---|---|"]
+        lines += [f"| {r['case']} | {r['dtype']} | {r['variant']} | {r['median_ms']:.3f} | {r['vs_plain']['median']:.3f} |"
+                  for r in res["triton_variants"]]
     lines += ["", "| param dtype | optimizer | state B/param | over AdamW |", "|---|---|---|---|"]
     lines += [f"| {r['param_dtype']} | {r['optimizer']} | {r['state_bytes_per_param']:.3f} | {r['over_adamw']:.3f} |"
               for r in res["memory"]]
@@ -201,11 +262,15 @@ def markdown(res) -> str:
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small sizes and few rounds (under a minute on CPU)")
+    ap.add_argument("--dry", action="store_true",
+                    help="the GPU code paths on CPU in Triton's interpreter, toy sizes (a code check, not a benchmark)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--backends", default=None, help="comma list (default: all available; quick: torch)")
     ap.add_argument("--threads", default=None, help="CPU thread counts, comma list (default 1,2; quick: 2)")
     ap.add_argument("--reps", type=int, default=None, help="timed rounds per contender")
-    ap.add_argument("--out", default=str(RESULTS), help="folder for the JSON results ('' = do not write)")
+    ap.add_argument("--out", default=None,
+                    help=f"folder for the JSON results (default {RESULTS.relative_to(RESULTS.parents[1])}, "
+                         "dry runs: none; '' = do not write)")
     ap.add_argument("--quiet", action="store_true", help="write the JSON only, print no tables")
     ap.add_argument("--report", metavar="JSON", help="print a results file as markdown (README tables) and exit")
     args = ap.parse_args(argv)
@@ -214,20 +279,23 @@ def main(argv=None) -> dict:
         print(markdown(res))
         return res
 
+    if args.dry:
+        os.environ["TRITON_INTERPRET"] = "1"  # before the kernels are first imported
+        args.device, args.quick = "cpu", True
     cuda = args.device.startswith("cuda")
-    backends = (args.backends.split(",") if args.backends
-                else ["torch"] if args.quick else list(available_backends()))
-    reps = args.reps or (3 if args.quick else 9)
+    default_backends = ["triton", "torch"] if args.dry else ["torch"] if args.quick else common.runnable_backends(args.device)
+    backends = args.backends.split(",") if args.backends else default_backends
+    reps = args.reps or (1 if args.dry else 3 if args.quick else 9)
     dtypes = [torch.float32] if args.quick else [torch.float32, torch.bfloat16]
-    threads = [None] if cuda else [int(t) for t in (args.threads or ("2" if args.quick else "1,2")).split(",")]
-    cases = common.gpu_cases(args.quick) if cuda else common.cpu_cases(args.quick)
+    threads = [None] if cuda or args.dry else [int(t) for t in (args.threads or ("2" if args.quick else "1,2")).split(",")]
+    cases = common.dry_cases() if args.dry else common.gpu_cases(args.quick) if cuda else common.cpu_cases(args.quick)
 
     res = {"machine": common.machine_info(args.device),
-           "config": {"quick": args.quick, "backends": backends, "reps": reps, "threads": threads,
+           "config": {"quick": args.quick, "dry": args.dry, "backends": backends, "reps": reps, "threads": threads,
                       "cases": [c.name for c in cases], "dtypes": [str(d) for d in dtypes],
                       "bytes_model": common.__doc__.strip()},
            "copy_gb_per_s": copy_bandwidth(args.device, reps), "steps": []}
-    sizes = [common.MiB] if args.quick else [common.MiB, 16 * common.MiB]
+    sizes = [1 << 14] if args.dry else [common.MiB] if args.quick else [common.MiB, 16 * common.MiB]
     res["threshold"] = []
     if len(threads) > 1:
         # one process per thread count: Inductor's CPU kernels keep the thread count they were
@@ -245,16 +313,21 @@ def main(argv=None) -> dict:
             torch.set_num_threads(threads[0])
         res["steps"] += bench_steps(args.device, cases, dtypes, backends, reps, threads[0])
         res["threshold"] += bench_threshold(args.device, sizes, reps, threads[0], backends)
+    res["triton_variants"] = (bench_triton_variants(args.device, cases, dtypes, reps)
+                              if "triton" in backends and (cuda or args.dry) else [])
     res["memory"] = bench_memory(args.device)
-    res["targets"] = [] if cuda else targets(res)
+    res["targets"] = gpu_targets(res) if cuda else [] if args.dry else targets(res)
     if not args.quiet:
         print_tables(res)
     for t in res["targets"] if not args.quiet else []:
         print(f"target {t['target']}: {t['limit']}, measured {t['measured']:.2f}: {'met' if t['met'] else 'MISSED'}")
+    if args.out is None and not args.dry:
+        args.out = str(RESULTS)
     if args.out:
         out = pathlib.Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        name = f"{res['machine']['date'][:10]}-{args.device.split(':')[0]}-{'quick' if args.quick else 'full'}.json"
+        mode = "dry" if args.dry else "quick" if args.quick else "full"
+        name = f"{res['machine']['date'][:10]}-{args.device.split(':')[0]}-{mode}.json"
         (out / name).write_text(json.dumps(res, indent=1))
         if not args.quiet:
             print(f"\nwrote {out / name}")

@@ -5,6 +5,10 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
+from kernel_devices import HAS_TRITON
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -27,3 +31,17 @@ def test_quick_benchmark_runs_and_writes_json(tmp_path):
         assert 4.125 <= over[(dtype, "EPIAdamW, fp32 scores")] < 4.126
         assert 2.125 <= over[(dtype, "EPIAdamW, bf16 scores")] < 2.126
     assert "epi-torch" in proc.stdout and "wrote" in proc.stdout
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="Triton not installed")
+def test_dry_run_exercises_the_gpu_code_paths_on_cpu(tmp_path):
+    proc = subprocess.run([sys.executable, "bench/run.py", "--dry", "--out", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (path,) = tmp_path.glob("*-dry.json")
+    res = json.loads(path.read_text())
+    assert res["config"]["dry"] is True
+    assert {r["contender"] for r in res["steps"]} >= {"epi-triton", "epi-torch", "unfused", "adamw-fused"}
+    assert {r["variant"] for r in res["triton_variants"]} == {"plain", "histogram", "refresh", "repair"}
+    assert "threshold kernels (triton)" in {r["what"] for r in res["threshold"]}
+    assert all(r["median_ms"] > 0 for r in res["steps"] + res["triton_variants"])

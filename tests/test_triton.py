@@ -51,11 +51,14 @@ def _check_refresh(opt, params, start, anchors, before):
         assert int(st["isolated_count"]) == int(mask.sum())
 
 
-def _run(backend, device, dtype, steps=6, skip=None, **kw):
+def _run(backend, device, dtype, steps=6, skip=None, spike=None, **kw):
     params = _params(dtype, device)
     opt = EPIAdamW(params, backend=backend, **{**EPI, **kw})
     for t in range(steps):
         for i, (p, g) in enumerate(zip(params, _grads(params, t))):
+            if spike is not None and t == spike:  # every 10th gradient x8: its score jumps x64
+                every_10th = torch.arange(g.numel(), device=g.device).view(g.shape) % 10 == 0
+                g.mul_(torch.where(every_10th, 8.0, 1.0).to(g.dtype))
             p.grad = None if skip and skip(t, i) else g
         st = [opt.state.get(p, {}) for p in params]
         start = [s["importance"].clone() if s else None for s in st]
@@ -113,6 +116,13 @@ def test_bf16_scores(device):
 @pytest.mark.parametrize("kw", [{"scope": "global"}, {"threshold": "exact"}])
 def test_global_scope_and_exact_thresholds(device, kw):
     _compare(_run("torch", "cpu", torch.float32, **kw), _run("triton", device, torch.float32, **kw), torch.float32)
+
+
+def test_scores_jumping_above_the_window(device):
+    # step 3 counts the histogram for step 4's refresh: 10 % of the scores land above the window
+    # (over the previous threshold x 8), so the count above the window decides the threshold
+    _compare(_run("torch", "cpu", torch.float32, spike=2), _run("triton", device, torch.float32, spike=2),
+             torch.float32)
 
 
 def test_histogram_missed_by_the_previous_step(device):

@@ -72,7 +72,7 @@ def fused_step_kernel(
             g = -g
         m = tl.load(m_ptr + offs, mask=inb, other=0.0).to(tl.float32)
         m = m + (g - m) * one_minus_beta1
-        v = tl.load(v_ptr + offs, mask=inb, other=0.0).to(tl.float32) * beta2 + g * g * one_minus_beta2
+        v = tl.load(v_ptr + offs, mask=inb, other=0.0).to(tl.float32) * beta2 + one_minus_beta2 * g * g
         tl.store(m_ptr + offs, to_storage(m, P_TYPE), mask=inb)
         tl.store(v_ptr + offs, to_storage(v, P_TYPE), mask=inb)
         if AMSGRAD:

@@ -1,0 +1,57 @@
+"""The Triton step's variants side by side: what the histogram and the refresh cost on top of the
+plain fused step (DESIGN.md target: histogram + threshold selection <= 5 % of the step).
+
+    plain     the fused step alone (mask read, no histogram): a normal step
+    histogram the step before a refresh: the same pass also counts the new scores
+    refresh   a refresh step: window select (one program per tensor), the repair kernels launched
+              with nothing flagged, and the fused step writing the new mask
+    repair    a refresh whose window misses for every tensor: three radix passes over the scores
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from epi_kernels import EPIAdamW
+from epi_kernels.fused_refresh import FusedRefresh
+from epi_kernels.threshold import KEY_NONE
+
+RATIO = 0.01
+
+
+def triton_step_variants(params: list[torch.nn.Parameter]) -> dict[str, Callable[[], None]]:
+    """Callables for each variant over `params` (with gradients), sharing one optimizer state."""
+    from epi_kernels.triton_backend import triton_epi_adamw  # noqa: PLC0415 - imports Triton
+
+    opt = EPIAdamW(params, backend="triton", isolation_ratio=RATIO, refresh_interval=1, warmup_steps=1)
+    for _ in range(3):  # state, then real scores, then a threshold from real scores
+        opt.step()
+    group = opt.param_groups[0]
+    states = [opt.state[p] for p in params]
+    lists = ([p.grad for p in params], [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states], [],
+             [st["step"] for st in states], [st["importance"] for st in states],
+             [st["isolation_mask"] for st in states])
+    hyper = dict(importance_beta=group["importance_beta"], importance=group["importance"], amsgrad=False,
+                 beta1=group["betas"][0], beta2=group["betas"][1], lr=group["lr"],
+                 weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
+    collected: dict = {}
+    step = [100]
+
+    def run(refresh: bool, collect: bool, pending: dict | None = None) -> None:
+        step[0] += 1
+        # the collected histograms, re-dated to the previous step so that this refresh uses them
+        fr = FusedRefresh(states, RATIO, step[0], refresh, collect,
+                          {key: (step[0] - 1, *value[1:]) for key, value in (pending or {}).items()})
+        triton_epi_adamw(params, *lists, **hyper, fused_refresh=fr)
+        if collect and not collected:
+            collected.update(fr.pending)
+
+    def repair() -> None:
+        for st in states:
+            st["threshold_bits"].fill_(KEY_NONE)  # no window: every tensor takes the repair path
+        run(True, False)
+
+    run(False, True)  # fills `collected`
+    return {"plain": lambda: run(False, False), "histogram": lambda: run(False, True),
+            "refresh": lambda: run(True, False, collected), "repair": repair}
