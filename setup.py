@@ -17,5 +17,6 @@ setup(
     install_requires=["torch>=2.7"],
     extras_require={
         "test": ["pytest>=8", "expecttest", "numpy", "pytest-benchmark"],
+        "triton": ["triton>=3.6,<3.10"],  # the "triton" backend; 3.6 is on the GPU machine
     },
 )
