@@ -18,5 +18,7 @@ setup(
     extras_require={
         "test": ["pytest>=8", "expecttest", "numpy", "pytest-benchmark"],
         "triton": ["triton>=3.6,<3.10"],  # the "triton" backend; 3.6 is on the GPU machine
+        # python -m epi_kernels.experiments (sympy comes with torch; the shim is in experiments/data.py)
+        "experiments": ["transformers>=4.50", "mathematics-dataset==1.0.1", "matplotlib", "tqdm"],
     },
 )

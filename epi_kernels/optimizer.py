@@ -16,7 +16,7 @@ from torch.optim import Optimizer
 from .backends import check_backend, check_device, resolve_backend
 from .functional import epi_adamw, isolated_indices, refresh_ops
 from .fused_refresh import FusedRefresh
-from .mask import unpack_mask
+from .mask import pack_mask, unpack_mask
 from .refresh import is_refresh_step, refresh_masks
 from .state import IMPORTANCE_DTYPES, init_epi_state, protect_epi_entries, restore_epi_entries
 
@@ -273,6 +273,22 @@ class EPIAdamW(Optimizer):
         if "isolation_mask" not in st:
             return torch.zeros(p.shape, dtype=torch.bool, device=p.device)
         return unpack_mask(st["isolation_mask"], p.numel()).view(p.shape)
+
+    @torch.no_grad()
+    def set_isolation_mask(self, p: Tensor, mask: Tensor) -> None:
+        """Put your own mask in force for `p` (bool, shaped like `p`) until its next refresh, e.g.
+        a random control mask or one computed elsewhere; `static=True` with a `warmup_steps`
+        beyond the run keeps it for good. Creates `p`'s state if it has none yet."""
+        group = next((g for g in self.param_groups if any(q is p for q in g["params"])), None)
+        if group is None:
+            raise ValueError("set_isolation_mask: p is not a parameter of this optimizer")
+        if not torch.is_tensor(mask) or mask.dtype != torch.bool or mask.shape != p.shape:
+            raise ValueError(f"set_isolation_mask: mask must be a bool tensor of shape {tuple(p.shape)}, got "
+                             f"{getattr(mask, 'dtype', type(mask).__name__)} {tuple(getattr(mask, 'shape', ()))}")
+        st = self._init_state(p, group)
+        st["isolation_mask"].copy_(pack_mask(mask.to(p.device)))
+        st["isolated_count"].fill_(int(mask.sum()))
+        self._isolated.pop(p, None)
 
     def isolation_stats(self) -> list[dict[str, Any]]:
         """Per tensor, as of its last refresh: k, selected count, threshold, overlap with the

@@ -1,0 +1,90 @@
+"""python -m epi_kernels.experiments [forgetting|drift|multitask] [options]
+
+With no arguments: the forgetting experiment at its default size (about 5 minutes on 2 CPU cores).
+Every run writes results.json, results.md and PNG plots to a new folder under --out (runs/).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from . import report
+from .train import METHODS
+
+EXPERIMENTS = ("forgetting", "drift", "multitask")
+# defaults per experiment; --tiny shrinks every size for a smoke test (seconds)
+DEFAULTS = {
+    "forgetting": dict(tasks=["numbers__place_value", "comparison__pair"], stage1_steps=800, stage2_steps=300,
+                       seeds=3),
+    "drift": dict(tasks=["numbers__place_value", "comparison__pair"], stage1_steps=1000, stage2_steps=1000,
+                  seeds=1, snapshot_every=100),
+    "multitask": dict(tasks=["numbers__place_value", "comparison__pair", "numbers__round_number"], steps=1500,
+                      seeds=2, eval_every=100, methods=["adamw", "static", "epi"]),
+}
+TINY = dict(stage1_steps=12, stage2_steps=8, steps=24, seeds=2, pool=64, eval_items=16, snapshot_every=4,
+            eval_every=8, batch=8, refresh_interval=4)
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m epi_kernels.experiments", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("experiment", nargs="?", default="forgetting", choices=EXPERIMENTS)
+    ap.add_argument("--tasks", nargs="+", help="mathematics-dataset modules, e.g. numbers__place_value")
+    ap.add_argument("--methods", nargs="+", choices=METHODS, help="forgetting/multitask: methods to compare")
+    ap.add_argument("--seeds", type=int, help="number of seeds (stage 2 / runs)")
+    ap.add_argument("--seed", type=int, default=0, help="first seed")
+    ap.add_argument("--stage1-steps", type=int)
+    ap.add_argument("--stage2-steps", type=int)
+    ap.add_argument("--steps", type=int, help="multitask: total steps")
+    ap.add_argument("--ratio", type=float, help="isolation_ratio (drift: the top-p of the masks); default 0.3")
+    ap.add_argument("--refresh-interval", type=int, default=25)
+    ap.add_argument("--importance-beta", type=float, default=0.99)
+    ap.add_argument("--scope", choices=("tensor", "global"), default="tensor")
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--weight-decay", type=float, default=0.0)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--pool", type=int, default=6000, help="training examples generated per task")
+    ap.add_argument("--eval-items", type=int, default=500, help="held-out examples per task")
+    ap.add_argument("--max-len", type=int, default=64, help="longest question + answer, in characters")
+    ap.add_argument("--snapshot-every", type=int, help="drift: steps between mask snapshots")
+    ap.add_argument("--eval-every", type=int, help="multitask: steps between evaluations")
+    ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    ap.add_argument("--tiny", action="store_true", help="toy sizes: a smoke test in seconds")
+    ap.add_argument("--out", default="runs", help="parent folder of the run folder")
+    ap.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    args = ap.parse_args(argv)
+    for key, value in {"ratio": 0.3, **DEFAULTS[args.experiment], **(TINY if args.tiny else {})}.items():
+        if getattr(args, key, None) is None or (args.tiny and key in TINY and key not in _given(argv)):
+            setattr(args, key, value)
+    if args.methods is None:
+        args.methods = list(METHODS)
+    return args
+
+
+def _given(argv: list[str]) -> set[str]:
+    return {a.lstrip("-").split("=")[0].replace("-", "_") for a in argv if a.startswith("--")}
+
+
+def main(argv: list[str] | None = None) -> tuple[dict, str]:
+    args = parse(sys.argv[1:] if argv is None else argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.experiment == "forgetting":
+        from .forgetting import run  # noqa: PLC0415
+    elif args.experiment == "drift":
+        from .drift import run  # noqa: PLC0415
+    else:
+        from .multitask import run  # noqa: PLC0415
+    folder = report.run_folder(args.out, args.experiment)
+    results, text = run(args, folder)
+    results["environment"] = report.environment()
+    results["folder"] = str(folder)
+    report.write(folder, results, text)
+    print("\n" + text + f"\n\nresults, tables and plots: {folder}")
+    return results, text
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,121 @@
+"""Tasks from DeepMind's mathematics-dataset generator, a character tokenizer, batches, exact match.
+
+mathematics-dataset 1.0.1 (the PyPI release) imports ``base_solution_linear`` from
+``sympy.solvers.diophantine``, a module that became a package in sympy 1.7; :func:`load_generators`
+puts the name back before importing it (upstream issue google-deepmind/mathematics_dataset#14).
+"""
+from __future__ import annotations
+
+import importlib
+import random
+import string
+import sys
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+import torch
+
+LEVELS = 3  # the generator's entropy range split in thirds; level 0 = the easiest third
+
+
+def apply_sympy_shim() -> None:
+    """Make ``from sympy.solvers.diophantine import base_solution_linear`` work on sympy >= 1.7."""
+    pkg = importlib.import_module("sympy.solvers.diophantine")
+    if not hasattr(pkg, "base_solution_linear"):
+        pkg.base_solution_linear = importlib.import_module("sympy.solvers.diophantine.diophantine").base_solution_linear
+    sys.modules["sympy.solvers.diophantine"] = pkg
+
+
+@lru_cache(maxsize=None)
+def load_generators(level: int = 0) -> dict:
+    """{"module__task": generator} for the training modules at difficulty `level` (0 = easiest third)."""
+    apply_sympy_shim()
+    from mathematics_dataset.modules import modules  # noqa: PLC0415 - needs the shim first
+
+    def entropy(r):
+        lo, hi = r
+        return lo + (hi - lo) * level / LEVELS, lo + (hi - lo) * (level + 1) / LEVELS
+
+    return {f"{m}__{k}": fn for m, sub in modules.train(entropy).items() for k, fn in sub.items()}
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    train: tuple[tuple[str, str], ...]
+    eval: tuple[tuple[str, str], ...]
+
+
+def make_task(name: str, n_train: int, n_eval: int, seed: int, max_len: int, level: int = 0) -> Task:
+    """Question/answer pairs from one generator: a training pool and a held-out set of distinct
+    questions never seen in training; pairs longer than `max_len` characters are dropped."""
+    fn = load_generators(level)[name]
+    random.seed(seed)
+    np.random.seed(seed)
+    seen: set[str] = set()
+    pairs: list[tuple[str, str]] = []
+    tries = 0
+    while len(pairs) < n_train + n_eval and tries < 20 * (n_train + n_eval):
+        tries += 1
+        p = fn()
+        q, a = str(p.question), str(p.answer)
+        if q in seen or len(q) + len(a) + 3 > max_len:
+            continue
+        seen.add(q)
+        pairs.append((q, a))
+    if len(pairs) < n_train + n_eval:
+        raise RuntimeError(f"task {name}: only {len(pairs)} distinct examples of <= {max_len} characters")
+    return Task(name, tuple(pairs[n_eval:]), tuple(pairs[:n_eval]))
+
+
+class CharTokenizer:
+    """One token per printable character plus PAD, BOS, SEP (question/answer) and EOS."""
+
+    PAD, BOS, SEP, EOS = 0, 1, 2, 3
+
+    def __init__(self) -> None:
+        self.chars = sorted(set(string.printable) - set("\t\n\r\x0b\x0c"))
+        self.index = {c: i + 4 for i, c in enumerate(self.chars)}
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.chars) + 4
+
+    def encode(self, text: str) -> list[int]:
+        return [self.index[c] for c in text]
+
+    def decode(self, ids) -> str:
+        return "".join(self.chars[i - 4] for i in ids if i >= 4)
+
+    def batch(self, pairs, device="cpu") -> dict[str, torch.Tensor]:
+        """input_ids, attention_mask and labels (answer characters and EOS only; -100 elsewhere)."""
+        seqs, answer_starts = [], []
+        for q, a in pairs:
+            head = [self.BOS, *self.encode(q), self.SEP]
+            seqs.append(head + self.encode(a) + [self.EOS])
+            answer_starts.append(len(head))
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), self.PAD, dtype=torch.long)
+        labels = torch.full_like(ids, -100)
+        for i, (s, start) in enumerate(zip(seqs, answer_starts)):
+            ids[i, :len(s)] = torch.tensor(s)
+            labels[i, start:len(s)] = ids[i, start:len(s)]
+        return {"input_ids": ids.to(device), "attention_mask": (ids != self.PAD).long().to(device),
+                "labels": labels.to(device)}
+
+
+@torch.no_grad()
+def exact_match(model, tokenizer: CharTokenizer, pairs, batch_size: int = 128) -> float:
+    """Fraction of pairs whose every answer token (EOS included) is the model's argmax given the
+    gold prefix: in one forward pass, the same as exact match of greedy decoding."""
+    model.eval()
+    hits = 0
+    for i in range(0, len(pairs), batch_size):
+        b = tokenizer.batch(pairs[i:i + batch_size], next(model.parameters()).device)
+        pred = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1].argmax(-1)
+        gold = b["labels"][:, 1:]
+        ok = (pred == gold) | (gold == -100)
+        hits += int(ok.all(dim=1).sum())
+    model.train()
+    return hits / len(pairs)

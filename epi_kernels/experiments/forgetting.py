@@ -1,0 +1,83 @@
+"""Two-stage SFT: forgetting of task 1 and learning of task 2 per method, from one shared stage-1
+checkpoint. Stage 1 trains with EPIAdamW at ratio 0 (exactly AdamW) while its importance scores
+accumulate; stage 2 restarts from that model + optimizer state with each method (train.configure):
+static and EPI take their first mask from the stage-1 importance at the first stage-2 step."""
+from __future__ import annotations
+
+import copy
+import time
+
+from .. import EPIAdamW
+from .data import CharTokenizer, exact_match, make_task
+from .model import tiny_llama
+from .report import fmt, log, mean_std, pyplot, table
+from .train import METHODS, configure, sampler, train
+
+
+def run(args, folder) -> tuple[dict, str]:
+    tok = CharTokenizer()
+    t1, t2 = (make_task(name, args.pool, args.eval_items, seed=1000 + i, max_len=args.max_len)
+              for i, name in enumerate(args.tasks))
+    opt_kw = dict(lr=args.lr, weight_decay=args.weight_decay, importance_beta=args.importance_beta,
+                  scope=args.scope)
+    model = tiny_llama(tok.vocab_size, args.seed, max_len=args.max_len)
+    opt = EPIAdamW(model.parameters(), isolation_ratio=0.0, **opt_kw)
+    start = time.perf_counter()
+    train(model, opt, tok, sampler([t1.train]), args.stage1_steps, batch_size=args.batch, seed=args.seed,
+          desc=f"stage 1 ({t1.name})", progress=args.progress)
+    stage1 = {"em_t1": exact_match(model, tok, t1.eval), "em_t2": exact_match(model, tok, t2.eval),
+              "seconds": time.perf_counter() - start}
+    checkpoint = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+    log(f"stage 1: {t1.name} EM {stage1['em_t1']:.3f}, {t2.name} EM {stage1['em_t2']:.3f}, "
+        f"{stage1['seconds']:.0f} s")
+
+    runs = {m: [] for m in args.methods}
+    for seed in range(args.seed, args.seed + args.seeds):
+        for method in args.methods:
+            m = tiny_llama(tok.vocab_size, args.seed, max_len=args.max_len)
+            m.load_state_dict(checkpoint[0])
+            o = EPIAdamW(m.parameters(), **opt_kw)
+            o.load_state_dict(copy.deepcopy(checkpoint[1]))
+            configure(o, method, ratio=args.ratio, refresh_interval=args.refresh_interval, seed=seed)
+            start = time.perf_counter()
+            train(m, o, tok, sampler([t2.train]), args.stage2_steps, batch_size=args.batch, seed=seed,
+                  desc=f"stage 2 {method} seed {seed}", progress=args.progress)
+            seconds = time.perf_counter() - start
+            em1, em2 = exact_match(m, tok, t1.eval), exact_match(m, tok, t2.eval)
+            isolated = sum(int(o.isolation_mask(p).sum()) for p in m.parameters()) / sum(p.numel() for p in m.parameters())
+            runs[method].append({"seed": seed, "em_t1": em1, "em_t2": em2, "forgetting": stage1["em_t1"] - em1,
+                                 "seconds": seconds, "isolated_fraction": isolated})
+            log(f"stage 2 {method:>6} seed {seed}: {t1.name} EM {em1:.3f} (stage 1: {stage1['em_t1']:.3f}), "
+                f"{t2.name} EM {em2:.3f}, {seconds:.0f} s")
+    summary = {method: {key: mean_std([r[key] for r in rs]) for key in ("em_t1", "em_t2", "forgetting", "seconds")}
+               for method, rs in runs.items()}
+    results = {"experiment": "forgetting", "config": vars(args), "tasks": [t1.name, t2.name],
+               "stage1": stage1, "runs": runs, "summary": summary}
+    _plot(results, folder)
+    rows = [[m, fmt(s["em_t1"]), fmt(s["forgetting"]), fmt(s["em_t2"]),
+             f"{(s['em_t1']['mean'] + s['em_t2']['mean']) / 2:.3f}", f"{s['seconds']['mean']:.1f}"]
+            for m, s in summary.items()]
+    text = (f"Forgetting: stage 1 = {t1.name} ({args.stage1_steps} steps, exact match "
+            f"{stage1['em_t1']:.3f}), stage 2 = {t2.name} ({args.stage2_steps} steps), ratio {args.ratio}, "
+            f"refresh every {args.refresh_interval}, {args.seeds} seeds (mean ± std)\n\n"
+            + table(["method", f"{t1.name} EM after stage 2", "forgetting (EM lost)", f"{t2.name} EM",
+                     "average EM", "stage 2 s"], rows))
+    return results, text
+
+
+def _plot(results: dict, folder) -> None:
+    plt = pyplot()
+    summary = results["summary"]
+    methods = list(summary)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key, title in ((axes[0], "forgetting", "forgetting: task-1 EM lost (lower is better)"),
+                           (axes[1], "em_t2", "plasticity: task-2 EM (higher is better)")):
+        ax.bar(methods, [summary[m][key]["mean"] for m in methods], yerr=[summary[m][key]["std"] for m in methods],
+               capsize=4, color=["#888888", "#4c72b0", "#dd8452", "#55a868"][:len(methods)])
+        for i, m in enumerate(methods):
+            ax.scatter([i] * len(summary[m][key]["values"]), summary[m][key]["values"], color="k", s=10, zorder=3)
+        ax.set_title(title, fontsize=10)
+    fig.suptitle(f"{results['tasks'][0]} then {results['tasks'][1]}")
+    fig.tight_layout()
+    fig.savefig(folder / "forgetting.png", dpi=120)
+    plt.close(fig)

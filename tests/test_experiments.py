@@ -1,0 +1,147 @@
+"""The experiments package: offline task generation, tokenizer and metric, method setup, and each
+experiment end to end at toy size (seconds; never at full size here)."""
+import json
+import math
+import os
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+for mod in ("transformers", "mathematics_dataset", "matplotlib", "tqdm"):
+    pytest.importorskip(mod, reason="the experiments extra is not installed")
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+from epi_kernels import EPIAdamW  # noqa: E402
+from epi_kernels.experiments import data  # noqa: E402
+from epi_kernels.experiments.__main__ import main  # noqa: E402
+from epi_kernels.experiments.train import configure  # noqa: E402
+
+
+def test_sympy_shim_and_generators_work_offline():
+    data.apply_sympy_shim()
+    from sympy.solvers.diophantine import base_solution_linear  # the name mathematics-dataset imports
+
+    assert callable(base_solution_linear)
+    gens = data.load_generators(0)
+    assert {"numbers__place_value", "comparison__pair", "numbers__round_number"} <= gens.keys()
+    task = data.make_task("numbers__place_value", 200, 50, seed=3, max_len=64)
+    again = data.make_task("numbers__place_value", 200, 50, seed=3, max_len=64)
+    other = data.make_task("numbers__place_value", 200, 50, seed=4, max_len=64)
+    assert task == again and task != other  # deterministic per seed
+    assert len(task.train) == 200 and len(task.eval) == 50
+    assert not {q for q, _ in task.eval} & {q for q, _ in task.train}  # held-out questions are unseen
+    assert all(q and a and len(q) + len(a) + 3 <= 64 for q, a in task.train + task.eval)
+    q, a = task.eval[0]
+    assert "digit" in q and a.isdigit()
+
+
+def test_tokenizer_round_trip_and_answer_only_labels():
+    tok = data.CharTokenizer()
+    text = "What is the units digit of 27563? 3, -1/2."
+    assert tok.decode(tok.encode(text)) == text
+    b = tok.batch([("Is 4 > 2?", "True"), ("1+1", "2")])
+    ids, labels = b["input_ids"], b["labels"]
+    assert ids.shape == labels.shape == b["attention_mask"].shape
+    assert tok.decode(labels[0][labels[0] >= 0].tolist()) == "True" and labels[0][labels[0] >= 0][-1] == tok.EOS
+    assert tok.decode(labels[1][labels[1] >= 0].tolist()) == "2"
+    assert (labels[1][b["attention_mask"][1] == 0] == -100).all()  # padding never counts
+
+
+class _Oracle(torch.nn.Module):
+    """Predicts the gold next token everywhere, except where told to be wrong."""
+
+    def __init__(self, vocab, wrong_row=None):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.vocab, self.wrong_row = vocab, wrong_row
+
+    def forward(self, input_ids, attention_mask=None):
+        nxt = torch.cat([input_ids[:, 1:], input_ids[:, :1]], dim=1)
+        if self.wrong_row is not None:
+            nxt[self.wrong_row, (input_ids[self.wrong_row] == data.CharTokenizer.SEP).nonzero()[0, 0]] = 5
+        return SimpleNamespace(logits=torch.nn.functional.one_hot(nxt, self.vocab).float())
+
+
+def test_exact_match_counts_whole_answers():
+    tok = data.CharTokenizer()
+    pairs = [("What is 2+2?", "4"), ("Sort 3, 1.", "1, 3"), ("Is 7 prime?", "True")]
+    assert data.exact_match(_Oracle(tok.vocab_size), tok, pairs) == 1.0
+    # the first answer character of one example is wrong: that example, and only it, is a miss
+    assert data.exact_match(_Oracle(tok.vocab_size, wrong_row=1), tok, pairs) == pytest.approx(2 / 3)
+
+
+def _stepped_optimizer():
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(40, 10)), torch.nn.Parameter(torch.randn(30))]
+    opt = EPIAdamW(params, isolation_ratio=0.0, refresh_interval=5)
+    for _ in range(3):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()
+    return params, opt
+
+
+@pytest.mark.parametrize("method", ["adamw", "static", "random", "epi"])
+def test_methods_isolate_what_they_claim(method):
+    params, opt = _stepped_optimizer()
+    configure(opt, method, ratio=0.2, refresh_interval=2, seed=0)
+    before = None
+    for step in range(4):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()
+        masks = [opt.isolation_mask(p).clone() for p in params]
+        counts = [int(m.sum()) for m in masks]
+        if method == "adamw":
+            assert counts == [0, 0]
+        else:  # exactly k = floor(0.2 * numel) per tensor (distinct random scores)
+            assert counts == [80, 6], (method, step)
+        if step == 0:
+            before = masks
+    changed = any(not torch.equal(a, b) for a, b in zip(before, masks))
+    assert changed == (method == "epi")  # only EPI re-selects; static and random keep their masks
+
+
+def test_set_isolation_mask_validates_and_applies():
+    params, opt = _stepped_optimizer()
+    with pytest.raises(ValueError, match="bool tensor of shape"):
+        opt.set_isolation_mask(params[0], torch.ones(3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="not a parameter"):
+        opt.set_isolation_mask(torch.nn.Parameter(torch.ones(2)), torch.ones(2, dtype=torch.bool))
+    mask = torch.zeros(40, 10, dtype=torch.bool)
+    mask[3, :] = True
+    opt.set_isolation_mask(params[0], mask)
+    frozen = params[0].detach()[3].clone()
+    params[0].grad = torch.randn(40, 10)
+    opt.step()
+    assert torch.equal(params[0].detach()[3], frozen) and torch.equal(opt.isolation_mask(params[0]), mask)
+
+
+@pytest.mark.parametrize("experiment", ["forgetting", "drift", "multitask"])
+def test_each_experiment_runs_at_toy_size(experiment, tmp_path):
+    results, text = main([experiment, "--tiny", "--out", str(tmp_path), "--no-progress", "--threads", "2"])
+    folder = tmp_path / os.path.basename(results["folder"])
+    saved = json.loads((folder / "results.json").read_text())
+    assert saved["experiment"] == experiment and (folder / f"{experiment}.png").stat().st_size > 1000
+    assert (folder / "results.md").read_text().strip() == text.strip()
+    in_unit = lambda x: math.isfinite(x) and 0.0 <= x <= 1.0  # noqa: E731
+    if experiment == "forgetting":
+        assert set(saved["summary"]) == {"adamw", "static", "random", "epi"}
+        for method, runs in saved["runs"].items():
+            assert len(runs) == 2
+            for r in runs:
+                assert in_unit(r["em_t1"]) and in_unit(r["em_t2"]) and -1 <= r["forgetting"] <= 1
+                assert math.isclose(r["forgetting"], saved["stage1"]["em_t1"] - r["em_t1"])
+                assert (r["isolated_fraction"] == 0) == (method == "adamw")
+    elif experiment == "drift":
+        n = len(saved["steps"])
+        assert n == (12 + 8) // 4 and len(saved["overlap_matrix"]) == n
+        assert all(in_unit(x) for row in saved["overlap_matrix"] for x in row)
+        assert all(saved["overlap_matrix"][i][i] == 1.0 for i in range(n))
+        assert saved["independent_floor"] == pytest.approx(0.3 / 1.7)
+    else:
+        for runs in saved["runs"].values():
+            for r in runs:
+                assert [c["step"] for c in r["curve"]] == [8, 16, 24]
+                assert all(in_unit(v) for v in r["final"].values()) and in_unit(r["final_average"])
