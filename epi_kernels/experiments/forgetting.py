@@ -8,25 +8,37 @@ import copy
 import time
 
 from .. import EPIAdamW
-from .data import CharTokenizer, exact_match, make_task
-from .model import tiny_llama
+from .data import CharTokenizer, PromptTokenizer, exact_match, heldout_text, make_task, mean_nll
+from .model import smollm2, tiny_llama
 from .report import fmt, log, mean_std, pyplot, table
 from .train import METHODS, configure, sampler, train
 
 
-def run(args, folder) -> tuple[dict, str]:
+def _model_factory(args):
+    """(tokenizer, new_model(), held-out NLL function or None) for --model tiny / smollm2."""
+    if args.model == "smollm2":
+        base, hf_tok = smollm2()
+        texts = heldout_text(args.heldout_chunks)
+        return PromptTokenizer(hf_tok), lambda: copy.deepcopy(base), lambda m: mean_nll(m, hf_tok, texts)
     tok = CharTokenizer()
+    return tok, lambda: tiny_llama(tok.vocab_size, args.seed, max_len=args.max_len), None
+
+
+def run(args, folder) -> tuple[dict, str]:
+    tok, new_model, nll = _model_factory(args)
     t1, t2 = (make_task(name, args.pool, args.eval_items, seed=1000 + i, max_len=args.max_len)
               for i, name in enumerate(args.tasks))
     opt_kw = dict(lr=args.lr, weight_decay=args.weight_decay, importance_beta=args.importance_beta,
                   scope=args.scope)
-    model = tiny_llama(tok.vocab_size, args.seed, max_len=args.max_len)
+    model = new_model()
+    base_nll = nll(model) if nll else None
     opt = EPIAdamW(model.parameters(), isolation_ratio=0.0, **opt_kw)
     start = time.perf_counter()
     train(model, opt, tok, sampler([t1.train]), args.stage1_steps, batch_size=args.batch, seed=args.seed,
           desc=f"stage 1 ({t1.name})", progress=args.progress)
     stage1 = {"em_t1": exact_match(model, tok, t1.eval), "em_t2": exact_match(model, tok, t2.eval),
-              "seconds": time.perf_counter() - start}
+              "seconds": time.perf_counter() - start, "heldout_nll": nll(model) if nll else None,
+              "base_heldout_nll": base_nll}
     checkpoint = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
     log(f"stage 1: {t1.name} EM {stage1['em_t1']:.3f}, {t2.name} EM {stage1['em_t2']:.3f}, "
         f"{stage1['seconds']:.0f} s")
@@ -34,7 +46,7 @@ def run(args, folder) -> tuple[dict, str]:
     runs = {m: [] for m in args.methods}
     for seed in range(args.seed, args.seed + args.seeds):
         for method in args.methods:
-            m = tiny_llama(tok.vocab_size, args.seed, max_len=args.max_len)
+            m = new_model()
             m.load_state_dict(checkpoint[0])
             o = EPIAdamW(m.parameters(), **opt_kw)
             o.load_state_dict(copy.deepcopy(checkpoint[1]))
@@ -46,22 +58,24 @@ def run(args, folder) -> tuple[dict, str]:
             em1, em2 = exact_match(m, tok, t1.eval), exact_match(m, tok, t2.eval)
             isolated = sum(int(o.isolation_mask(p).sum()) for p in m.parameters()) / sum(p.numel() for p in m.parameters())
             runs[method].append({"seed": seed, "em_t1": em1, "em_t2": em2, "forgetting": stage1["em_t1"] - em1,
-                                 "seconds": seconds, "isolated_fraction": isolated})
+                                 "seconds": seconds, "isolated_fraction": isolated,
+                                 "heldout_nll_increase": nll(m) - base_nll if nll else None})
             log(f"stage 2 {method:>6} seed {seed}: {t1.name} EM {em1:.3f} (stage 1: {stage1['em_t1']:.3f}), "
                 f"{t2.name} EM {em2:.3f}, {seconds:.0f} s")
-    summary = {method: {key: mean_std([r[key] for r in rs]) for key in ("em_t1", "em_t2", "forgetting", "seconds")}
-               for method, rs in runs.items()}
+    keys = ("em_t1", "em_t2", "forgetting", "seconds") + (("heldout_nll_increase",) if nll else ())
+    summary = {method: {key: mean_std([r[key] for r in rs]) for key in keys} for method, rs in runs.items()}
     results = {"experiment": "forgetting", "config": vars(args), "tasks": [t1.name, t2.name],
                "stage1": stage1, "runs": runs, "summary": summary}
     _plot(results, folder)
     rows = [[m, fmt(s["em_t1"]), fmt(s["forgetting"]), fmt(s["em_t2"]),
              f"{(s['em_t1']['mean'] + s['em_t2']['mean']) / 2:.3f}", f"{s['seconds']['mean']:.1f}"]
-            for m, s in summary.items()]
-    text = (f"Forgetting: stage 1 = {t1.name} ({args.stage1_steps} steps, exact match "
+            + ([fmt(s["heldout_nll_increase"])] if nll else []) for m, s in summary.items()]
+    text = (f"Forgetting ({args.model} model): stage 1 = {t1.name} ({args.stage1_steps} steps, exact match "
             f"{stage1['em_t1']:.3f}), stage 2 = {t2.name} ({args.stage2_steps} steps), ratio {args.ratio}, "
-            f"refresh every {args.refresh_interval}, {args.seeds} seeds (mean ± std)\n\n"
-            + table(["method", f"{t1.name} EM after stage 2", "forgetting (EM lost)", f"{t2.name} EM",
-                     "average EM", "stage 2 s"], rows))
+            f"refresh every {args.refresh_interval}, {args.seeds} seeds (mean ± std)"
+            + (f"; held-out pydoc NLL: base {base_nll:.3f}, after stage 1 {stage1['heldout_nll']:.3f}" if nll else "")
+            + "\n\n" + table(["method", f"{t1.name} EM after stage 2", "forgetting (EM lost)", f"{t2.name} EM",
+                              "average EM", "stage 2 s"] + (["held-out NLL increase vs base"] if nll else []), rows))
     return results, text
 
 

