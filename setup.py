@@ -16,9 +16,9 @@ setup(
     python_requires=">=3.10",
     install_requires=["torch>=2.7"],
     extras_require={
-        "test": ["pytest>=8", "expecttest", "numpy", "pytest-benchmark"],
+        "test": ["pytest>=8", "expecttest", "numpy", "pytest-benchmark", "lightning"],
         "triton": ["triton>=3.6,<3.10"],  # the "triton" backend; 3.6 is on the GPU machine
         # python -m epi_kernels.experiments (sympy comes with torch; the shim is in experiments/data.py)
-        "experiments": ["transformers>=4.50", "mathematics-dataset==1.0.1", "matplotlib", "tqdm"],
+        "experiments": ["transformers>=4.50", "accelerate", "mathematics-dataset==1.0.1", "matplotlib", "tqdm"],
     },
 )

@@ -90,6 +90,13 @@ def _step_dtype(fused_or_capturable: bool) -> torch.dtype:
     return torch.float32
 
 
+def _by_device(tensors: list[Tensor]) -> dict[torch.device, list[Tensor]]:
+    out: dict[torch.device, list[Tensor]] = {}
+    for t in tensors:
+        out.setdefault(t.device, []).append(t)
+    return out
+
+
 class EPIAdamW(Optimizer):
     """AdamW that freezes, per tensor, the top `isolation_ratio` fraction of elements by importance.
 
@@ -227,10 +234,29 @@ class EPIAdamW(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         stepped = [self._stepped_params(group) for group in self.param_groups]  # validate all first
+        if self._amp_overflow([p for params in stepped for p in params]):
+            return loss  # GradScaler found inf/NaN gradients: the whole step is skipped
         for group, params in zip(self.param_groups, stepped):
             if params:
                 self._step_group(group, params)
         return loss
+
+    # GradScaler hands this optimizer its scale and overflow flag (as it does torch's fused Adam)
+    # instead of unscaling the gradients itself and skipping step() on overflow.
+    _step_supports_amp_scaling = True
+
+    def _amp_overflow(self, params: list[Tensor]) -> bool:
+        """With a GradScaler: True if this step must be skipped (inf/NaN gradients), else unscale
+        the gradients in place by the scaler's scale, exactly as GradScaler.unscale_ would."""
+        found_inf = getattr(self, "found_inf", None)
+        grad_scale = getattr(self, "grad_scale", None)
+        if found_inf is not None and bool(found_inf.sum() > 0):  # a host sync, as GradScaler's own path
+            return True
+        if grad_scale is not None and params:
+            inv = torch.as_tensor(grad_scale).double().reciprocal().float()
+            for device, grads in _by_device([p.grad for p in params]).items():
+                torch._foreach_mul_(grads, inv.to(device))
+        return False
 
     def _step_group(self, group: dict, params: list[Tensor]) -> None:
         states = [self._init_state(p, group) for p in params]
@@ -238,7 +264,7 @@ class EPIAdamW(Optimizer):
         group["epi_step"] += 1
         t = group["epi_step"]
         when = (group["refresh_interval"], group["warmup_steps"], group["static"])
-        refresh = is_refresh_step(t, *when)
+        refresh = is_refresh_step(t, *when) or bool(group.pop("refresh_requested", False))
         fused_refresh = None
         if backend == "triton" and group["scope"] == "tensor" and group["threshold"] == "approx":
             fused_refresh = FusedRefresh(states, group["isolation_ratio"], t, refresh, is_refresh_step(t + 1, *when),
@@ -273,6 +299,13 @@ class EPIAdamW(Optimizer):
         if "isolation_mask" not in st:
             return torch.zeros(p.shape, dtype=torch.bool, device=p.device)
         return unpack_mask(st["isolation_mask"], p.numel()).view(p.shape)
+
+    def request_refresh(self) -> None:
+        """Make the next step of every param group a refresh step, whatever the schedule says (for
+        stage boundaries: protect what mattered for the stage that just ended). The regular
+        schedule continues unchanged; with `static=True` the schedule's one refresh still comes."""
+        for group in self.param_groups:
+            group["refresh_requested"] = True
 
     @torch.no_grad()
     def set_isolation_mask(self, p: Tensor, mask: Tensor) -> None:

@@ -1,0 +1,53 @@
+"""DDP: EPIAdamW works unchanged under DistributedDataParallel (2 CPU processes, gloo, loopback):
+every rank keeps the same masks and parameters, equal to a single-process run on the whole batch.
+
+Inputs are small integers and the loss a sum, so gradients are exact whatever the reduction order:
+the comparison can be bit for bit."""
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from epi_kernels import EPIAdamW
+
+WORLD, STEPS = 2, 6
+EPI = dict(lr=0.05, isolation_ratio=0.2, refresh_interval=2, importance_beta=0.5)
+
+
+def _model():
+    torch.manual_seed(0)
+    return torch.nn.Linear(8, 6)  # gradients: integer sums of the inputs (exact in any order)
+
+
+def _batch(step):
+    g = torch.Generator().manual_seed(step)
+    return torch.randint(-2, 3, (4 * WORLD, 8), generator=g).float()
+
+
+def _rank(rank, init_file, out):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    model = torch.nn.parallel.DistributedDataParallel(_model())
+    opt = EPIAdamW(model.parameters(), **EPI)
+    for step in range(STEPS):
+        x = _batch(step).chunk(WORLD)[rank]
+        opt.zero_grad()
+        model(x).sum().backward()  # DDP averages the ranks' gradients
+        opt.step()
+    torch.save({"params": [p.detach() for p in model.parameters()],
+                "masks": [opt.isolation_mask(p) for p in model.parameters()]}, f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_ddp_ranks_agree_with_each_other_and_with_one_process(tmp_path):
+    mp.spawn(_rank, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    model = _model()
+    opt = EPIAdamW(model.parameters(), **EPI)
+    for step in range(STEPS):
+        opt.zero_grad()
+        (model(_batch(step)).sum() / WORLD).backward()  # the mean over ranks of the per-rank sums
+        opt.step()
+    single = {"params": [p.detach() for p in model.parameters()], "masks": [opt.isolation_mask(p) for p in model.parameters()]}
+    assert sum(int(m.sum()) for m in single["masks"]) > 0
+    for r in ranks:
+        for key in ("params", "masks"):
+            assert all(torch.equal(a, b) for a, b in zip(r[key], single[key])), key
