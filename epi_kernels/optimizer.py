@@ -18,6 +18,7 @@ from .functional import epi_adamw, isolated_indices, refresh_ops
 from .fused_refresh import FusedRefresh
 from .mask import pack_mask, unpack_mask
 from .refresh import is_refresh_step, refresh_masks
+from .sharding import is_sharded, local, shard_of
 from .state import IMPORTANCE_DTYPES, init_epi_state, protect_epi_entries, restore_epi_entries
 
 __all__ = ["EPIAdamW"]
@@ -194,7 +195,7 @@ class EPIAdamW(Optimizer):
         if group["amsgrad"] and "max_exp_avg_sq" not in st:
             st["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         if "importance" not in st:
-            init_epi_state(st, p, group["importance_dtype"])
+            init_epi_state(st, local(p), group["importance_dtype"])  # a shard's own elements
         return st
 
     def _stepped_params(self, group: dict) -> list[Tensor]:
@@ -218,7 +219,7 @@ class EPIAdamW(Optimizer):
     def _isolated_index(self, p: Tensor, st: dict) -> Tensor:
         index = self._isolated.get(p)
         if index is None:
-            index = self._isolated[p] = isolated_indices(st["isolation_mask"], p.numel())
+            index = self._isolated[p] = isolated_indices(st["isolation_mask"], local(p).numel())
         return index
 
     # ------------------------------------------------------------------ step
@@ -266,23 +267,25 @@ class EPIAdamW(Optimizer):
         when = (group["refresh_interval"], group["warmup_steps"], group["static"])
         refresh = is_refresh_step(t, *when) or bool(group.pop("refresh_requested", False))
         fused_refresh = None
-        if backend == "triton" and group["scope"] == "tensor" and group["threshold"] == "approx":
+        sharded = any(is_sharded(p) for p in params)
+        if backend == "triton" and group["scope"] == "tensor" and group["threshold"] == "approx" and not sharded:
             fused_refresh = FusedRefresh(states, group["isolation_ratio"], t, refresh, is_refresh_step(t + 1, *when),
                                          self._histograms.setdefault(id(group), {}))
         elif refresh:
             refresh_masks(states, isolation_ratio=group["isolation_ratio"], scope=group["scope"],
-                          threshold=group["threshold"], step=t, ops=refresh_ops(backend))
+                          threshold=group["threshold"], step=t, ops=refresh_ops(backend),
+                          shards=[shard_of(p) for p in params] if sharded else None)
         if refresh:
             for p in params:
                 self._isolated.pop(p, None)
         beta1, beta2 = group["betas"]
-        epi_adamw(
-            params, [p.grad for p in params], [st["exp_avg"] for st in states],
-            [st["exp_avg_sq"] for st in states],
-            [st["max_exp_avg_sq"] for st in states] if group["amsgrad"] else [],
+        isolated = [self._isolated_index(p, st) for p, st in zip(params, states)] if backend == "torch" else None
+        epi_adamw(  # FSDP2 DTensors: each rank steps its local shard (local() is a no-op otherwise)
+            [local(p) for p in params], [local(p.grad) for p in params], [local(st["exp_avg"]) for st in states],
+            [local(st["exp_avg_sq"]) for st in states],
+            [local(st["max_exp_avg_sq"]) for st in states] if group["amsgrad"] else [],
             [st["step"] for st in states], [st["importance"] for st in states],
-            [st["isolation_mask"] for st in states],
-            [self._isolated_index(p, st) for p, st in zip(params, states)] if backend == "torch" else None,
+            [st["isolation_mask"] for st in states], isolated,
             backend=backend, importance_beta=group["importance_beta"],
             importance=group["importance"], amsgrad=group["amsgrad"], beta1=beta1, beta2=beta2,
             lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"],
@@ -295,10 +298,10 @@ class EPIAdamW(Optimizer):
     def isolation_mask(self, p: Tensor) -> Tensor:
         """Bool tensor shaped like `p`: the elements isolated in the most recent step (and until the
         next refresh). All False before the first refresh."""
-        st = self.state.get(p, {})
+        st, shard = self.state.get(p, {}), local(p)  # FSDP2: the mask of this rank's shard
         if "isolation_mask" not in st:
-            return torch.zeros(p.shape, dtype=torch.bool, device=p.device)
-        return unpack_mask(st["isolation_mask"], p.numel()).view(p.shape)
+            return torch.zeros(shard.shape, dtype=torch.bool, device=shard.device)
+        return unpack_mask(st["isolation_mask"], shard.numel()).view(shard.shape)
 
     def request_refresh(self) -> None:
         """Make the next step of every param group a refresh step, whatever the schedule says (for

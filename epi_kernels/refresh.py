@@ -11,10 +11,10 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from .mask import jaccard, popcount, threshold_mask
+from .mask import jaccard_counts, popcount, threshold_mask
 from .threshold import KEY_NONE, identity, approx_threshold, exact_threshold, isolation_k, score_keys, window_bins
 
-__all__ = ["RefreshOps", "EAGER_OPS", "is_refresh_step", "refresh_masks"]
+__all__ = ["RefreshOps", "EAGER_OPS", "Shard", "is_refresh_step", "refresh_masks"]
 
 
 @dataclass(frozen=True)
@@ -29,6 +29,15 @@ class RefreshOps:
 
 
 EAGER_OPS = RefreshOps()
+
+
+@dataclass(frozen=True)
+class Shard:
+    """This process's part of a tensor sharded over a process group (FSDP2): the whole tensor's
+    numel, and `reduce`, which sums integer counts over the group (all ranks get the same sums,
+    so they reach the same threshold for the whole tensor)."""
+    numel: int
+    reduce: Callable[[Tensor], Tensor]
 
 
 def is_refresh_step(step: int, refresh_interval: int, warmup_steps: int | None, static: bool) -> bool:
@@ -55,16 +64,19 @@ def _global_values(scores: Tensor, prepare: Callable[[Tensor], Tensor]) -> Tenso
     return prepare(s / mean.to(torch.float32))
 
 
-def _threshold(values: Sequence[Tensor], k: int, anchor: int, mode: str, ops: RefreshOps) -> tuple[int, bool]:
+def _threshold(values: Sequence[Tensor], k: int, anchor: int, mode: str, ops: RefreshOps,
+               reduce: Callable[[Tensor], Tensor] = identity) -> tuple[int, bool]:
     if mode == "exact":
         return exact_threshold([ops.keys(v) for v in values], k), True
-    return approx_threshold(values, k, anchor, ops.bins, ops.keys)
+    return approx_threshold(values, k, anchor, ops.bins, ops.keys, reduce)
 
 
-def _store(state: dict, values: Tensor, tau: int, k: int, exact: bool, step: int, ops: RefreshOps) -> None:
+def _store(state: dict, values: Tensor, tau: int, k: int, exact: bool, step: int, ops: RefreshOps,
+           reduce: Callable[[Tensor], Tensor] = identity) -> None:
     packed = ops.mask(values, torch.tensor(tau, dtype=torch.int32, device=values.device))
-    count = popcount(packed)
-    state["isolation_overlap"].copy_(jaccard(state["isolation_mask"], packed, state["isolated_count"], count))
+    kept, count = reduce(torch.stack([popcount(state["isolation_mask"] & packed), popcount(packed)]).cpu()).to(
+        state["isolated_count"].device).unbind(0)
+    state["isolation_overlap"].copy_(jaccard_counts(kept, state["isolated_count"], count))
     state["isolation_mask"].copy_(packed)
     state["threshold_bits"].fill_(tau)
     state["isolation_k"].fill_(k)
@@ -74,19 +86,24 @@ def _store(state: dict, values: Tensor, tau: int, k: int, exact: bool, step: int
 
 
 def refresh_masks(states: Sequence[dict], *, isolation_ratio: float, scope: str, threshold: str,
-                  step: int, ops: RefreshOps = EAGER_OPS) -> None:
+                  step: int, ops: RefreshOps = EAGER_OPS, shards: Sequence[Shard | None] | None = None) -> None:
     """Recompute the isolation masks of one param group's stepped tensors from their scores.
 
     Writes each state's packed mask, threshold and refresh statistics. scope="tensor": one top-k
     per tensor; scope="global": one top-k over all tensors' mean-normalised scores, sharing one
-    threshold.
+    threshold. `shards[i]` describes state i's tensor when it is a shard of a larger one (FSDP2):
+    its counts are summed over the shard group, so k and the threshold are the whole tensor's.
     """
+    shards = list(shards) if shards is not None else [None] * len(states)
+    if any(shards) and (scope != "tensor" or threshold != "approx"):
+        raise NotImplementedError("sharded (FSDP2) parameters support scope='tensor' with threshold='approx' only")
     if scope == "tensor":
-        for state in states:
+        for state, shard in zip(states, shards):
             values = ops.prepare(state["importance"].reshape(-1))
-            k = isolation_k(isolation_ratio, values.numel())
-            tau, exact = _threshold([values], k, int(state["threshold_bits"]), threshold, ops)
-            _store(state, values, tau, k, exact, step, ops)
+            k = isolation_k(isolation_ratio, shard.numel if shard else values.numel())
+            reduce = shard.reduce if shard else identity
+            tau, exact = _threshold([values], k, int(state["threshold_bits"]), threshold, ops, reduce)
+            _store(state, values, tau, k, exact, step, ops, reduce)
         return
     values = [_global_values(state["importance"].reshape(-1), ops.prepare) for state in states]
     k = isolation_k(isolation_ratio, sum(v.numel() for v in values))

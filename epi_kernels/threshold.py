@@ -89,6 +89,11 @@ def window_origin(anchor: int | Tensor) -> int | Tensor:
     return origin.clamp(min=BIN_WIDTH) if isinstance(origin, Tensor) else max(BIN_WIDTH, origin)
 
 
+def identity(values: Tensor) -> Tensor:
+    """Values that already are keys."""
+    return values
+
+
 UNDER_SLOTS = 64  # keys below the window are spread over this many slots (see window_bins)
 
 
@@ -105,16 +110,19 @@ def window_bins(key: Tensor, origin: int | Tensor) -> Tensor:
 
 
 def window_histogram(values: Sequence[Tensor], origin: int,
-                     bins: Callable[[Tensor, Tensor], Tensor] = window_bins) -> tuple[Tensor, int]:
+                     bins: Callable[[Tensor, Tensor], Tensor] = window_bins,
+                     reduce: Callable[[Tensor], Tensor] = identity) -> tuple[Tensor, int]:
     """Counts of eligible keys in each window bin (int64 [WINDOW_BINS]) and the count above it.
 
     `bins` computes the slots of `values` (:func:`window_bins` of keys, or a compiled function that
-    computes the keys of scores and their slots in one pass)."""
+    computes the keys of scores and their slots in one pass). `reduce` sums the counts over the
+    shards of a tensor held by several processes (FSDP2; identity otherwise)."""
     slots = WINDOW_BINS + 2 + UNDER_SLOTS
     counts = torch.zeros(slots, dtype=torch.int64)
     for v in values:
         b = bins(v, torch.tensor(origin, dtype=torch.int32, device=v.device))
         counts += torch.bincount(b, minlength=slots).cpu()
+    counts = reduce(counts)
     return counts[1:WINDOW_BINS + 1], int(counts[WINDOW_BINS + 1])
 
 
@@ -150,10 +158,11 @@ def window_threshold(counts: Tensor, over: int, k: int, origin: int) -> int | No
     return bin_hi - -(-need * BIN_WIDTH // count)  # >= the bin's low edge >= origin >= 1
 
 
-def radix_threshold(keys: Sequence[Tensor], k: int) -> int:
+def radix_threshold(keys: Sequence[Tensor], k: int, reduce: Callable[[Tensor], Tensor] = identity) -> int:
     """Exact k-th largest eligible key by a two-level radix select (the repair path).
 
     k is clipped to the number of eligible keys; returns KEY_NONE when k = 0 or none is eligible.
+    `reduce` sums counts over the shards of a tensor (see :func:`window_histogram`).
     """
     n_hi = 1 << (31 - RADIX_SHIFT)
     hi_counts = torch.zeros(n_hi, dtype=torch.int64)
@@ -161,6 +170,7 @@ def radix_threshold(keys: Sequence[Tensor], k: int) -> int:
         hi_counts += torch.bincount(key >> RADIX_SHIFT, minlength=n_hi).cpu()
     zeros = sum(int((key == 0).sum()) for key in keys)
     hi_counts[0] -= zeros  # key 0 (ineligible) shares bucket 0 with the smallest denormals
+    hi_counts = reduce(hi_counts)
     k = min(k, int(hi_counts.sum()))
     found = select_bin(hi_counts, 0, k)
     if found is None:
@@ -173,18 +183,14 @@ def radix_threshold(keys: Sequence[Tensor], k: int) -> int:
         lo_counts += torch.bincount(low, minlength=n_lo).cpu()
     if bucket == 0:
         lo_counts[0] -= zeros
-    low, _, _ = select_bin(lo_counts, 0, need)
+    low, _, _ = select_bin(reduce(lo_counts), 0, need)
     return (bucket << RADIX_SHIFT) | low
-
-
-def identity(values: Tensor) -> Tensor:
-    """Values that already are keys."""
-    return values
 
 
 def approx_threshold(values: Sequence[Tensor], k: int, anchor: int,
                      bins: Callable[[Tensor, Tensor], Tensor] = window_bins,
-                     keys: Callable[[Tensor], Tensor] = identity) -> tuple[int, bool]:
+                     keys: Callable[[Tensor], Tensor] = identity,
+                     reduce: Callable[[Tensor], Tensor] = identity) -> tuple[int, bool]:
     """Threshold for the top-k of the eligible keys of one tensor (or of several, pooled).
 
     `anchor` is the previous threshold (KEY_NONE if none). Returns (tau, repaired): the window
@@ -196,11 +202,11 @@ def approx_threshold(values: Sequence[Tensor], k: int, anchor: int,
         return KEY_NONE, False
     if anchor < KEY_NONE:
         origin = window_origin(anchor)
-        counts, over = window_histogram(values, origin, bins)
+        counts, over = window_histogram(values, origin, bins, reduce)
         tau = window_threshold(counts, over, k, origin)
         if tau is not None:
             return tau, False
-    return radix_threshold([keys(v) for v in values], k), True
+    return radix_threshold([keys(v) for v in values], k, reduce), True
 
 
 def exact_threshold(keys: Sequence[Tensor], k: int) -> int:

@@ -51,3 +51,41 @@ def test_ddp_ranks_agree_with_each_other_and_with_one_process(tmp_path):
     for r in ranks:
         for key in ("params", "masks"):
             assert all(torch.equal(a, b) for a, b in zip(r[key], single[key])), key
+
+
+def _fsdp_rank(rank, init_file, out):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    model = _model()
+    fully_shard(model, mesh=init_device_mesh("cpu", (WORLD,)))
+    opt = EPIAdamW(model.parameters(), **EPI)
+    for step in range(STEPS):
+        x = _batch(step).chunk(WORLD)[rank]
+        opt.zero_grad()
+        model(x).sum().backward()  # FSDP2 reduce-scatters the mean of the ranks' gradients
+        opt.step()
+    full = [p.full_tensor() for p in model.parameters()]
+    masks = [opt.isolation_mask(p) for p in model.parameters()]  # this rank's shard (rows of dim 0)
+    torch.save({"params": full, "masks": masks, "stats": opt.isolation_stats()}, f"{out}/fsdp{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_fsdp2_shards_pick_the_whole_tensors_threshold(tmp_path):
+    mp.spawn(_fsdp_rank, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=True)
+    ranks = [torch.load(tmp_path / f"fsdp{r}.pt", weights_only=False) for r in range(WORLD)]
+    model = _model()
+    opt = EPIAdamW(model.parameters(), **EPI)
+    for step in range(STEPS):
+        opt.zero_grad()
+        (model(_batch(step)).sum() / WORLD).backward()
+        opt.step()
+    for i, p in enumerate(model.parameters()):
+        whole = torch.cat([r["masks"][i] for r in ranks])  # shards are consecutive rows
+        assert torch.equal(whole, opt.isolation_mask(p))  # same threshold as the unsharded tensor
+        assert whole.sum() > 0 or p.numel() < 5
+        for r in ranks:
+            assert torch.equal(r["params"][i], p.detach())
+            assert r["stats"][i]["threshold_bits"] == opt.isolation_stats()[i]["threshold_bits"]
+            assert r["stats"][i]["selected"] == opt.isolation_stats()[i]["selected"]  # counts summed too
