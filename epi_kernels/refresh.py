@@ -74,8 +74,9 @@ def _threshold(values: Sequence[Tensor], k: int, anchor: int, mode: str, ops: Re
 def _store(state: dict, values: Tensor, tau: int, k: int, exact: bool, step: int, ops: RefreshOps,
            reduce: Callable[[Tensor], Tensor] = identity) -> None:
     packed = ops.mask(values, torch.tensor(tau, dtype=torch.int32, device=values.device))
-    kept, count = reduce(torch.stack([popcount(state["isolation_mask"] & packed), popcount(packed)]).cpu()).to(
-        state["isolated_count"].device).unbind(0)
+    kept, count = popcount(state["isolation_mask"] & packed), popcount(packed)
+    if reduce is not identity:  # a shard: the whole tensor's counts
+        kept, count = reduce(torch.stack([kept, count])).unbind(0)
     state["isolation_overlap"].copy_(jaccard_counts(kept, state["isolated_count"], count))
     state["isolation_mask"].copy_(packed)
     state["threshold_bits"].fill_(tau)

@@ -40,10 +40,11 @@ def shard_of(p: Tensor) -> Shard | None:
     if mesh.ndim != 1:
         raise NotImplementedError("EPIAdamW supports DTensor parameters on a 1-D device mesh (fully_shard) only")
     group = mesh.get_group()
+    comm_device = "cuda" if dist.get_backend(group) == "nccl" else "cpu"  # NCCL reduces CUDA tensors only
 
     def reduce(counts: Tensor) -> Tensor:
-        counts = counts.clone()
-        dist.all_reduce(counts, group=group)
-        return counts
+        summed = counts.to(comm_device, copy=True)
+        dist.all_reduce(summed, group=group)
+        return summed.to(counts.device)
 
     return Shard(p.numel(), reduce)
