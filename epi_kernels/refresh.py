@@ -12,7 +12,8 @@ import torch
 from torch import Tensor
 
 from .mask import jaccard_counts, popcount, threshold_mask
-from .threshold import KEY_NONE, identity, approx_threshold, exact_threshold, isolation_k, score_keys, window_bins
+from .threshold import (KEY_NONE, approx_threshold, approx_thresholds, exact_threshold, identity, isolation_k,
+                        score_keys, window_bins)
 
 __all__ = ["RefreshOps", "EAGER_OPS", "Shard", "is_refresh_step", "refresh_masks"]
 
@@ -64,19 +65,18 @@ def _global_values(scores: Tensor, prepare: Callable[[Tensor], Tensor]) -> Tenso
     return prepare(s / mean.to(torch.float32))
 
 
-def _threshold(values: Sequence[Tensor], k: int, anchor: int, mode: str, ops: RefreshOps,
-               reduce: Callable[[Tensor], Tensor] = identity) -> tuple[int, bool]:
+SHARD_BATCH = 32  # sharded tensors per collective (a repair's radix counts are 512 KiB per tensor)
+
+
+def _threshold(values: Sequence[Tensor], k: int, anchor: int, mode: str, ops: RefreshOps) -> tuple[int, bool]:
     if mode == "exact":
         return exact_threshold([ops.keys(v) for v in values], k), True
-    return approx_threshold(values, k, anchor, ops.bins, ops.keys, reduce)
+    return approx_threshold(values, k, anchor, ops.bins, ops.keys)
 
 
-def _store(state: dict, values: Tensor, tau: int, k: int, exact: bool, step: int, ops: RefreshOps,
-           reduce: Callable[[Tensor], Tensor] = identity) -> None:
-    packed = ops.mask(values, torch.tensor(tau, dtype=torch.int32, device=values.device))
-    kept, count = popcount(state["isolation_mask"] & packed), popcount(packed)
-    if reduce is not identity:  # a shard: the whole tensor's counts
-        kept, count = reduce(torch.stack([kept, count])).unbind(0)
+def _store(state: dict, packed: Tensor, kept: Tensor, count: Tensor, tau: int, k: int, exact: bool,
+           step: int) -> None:
+    """Put a new packed mask in force; `kept` = |old & new|, `count` = |new| (whole-tensor counts)."""
     state["isolation_overlap"].copy_(jaccard_counts(kept, state["isolated_count"], count))
     state["isolation_mask"].copy_(packed)
     state["threshold_bits"].fill_(tau)
@@ -86,6 +86,17 @@ def _store(state: dict, values: Tensor, tau: int, k: int, exact: bool, step: int
     state["refresh_step"].fill_(step)
 
 
+def _apply(states: Sequence[dict], values: Sequence[Tensor], taus: Sequence[tuple[int, bool]], ks: Sequence[int],
+           step: int, ops: RefreshOps, reduce: Callable[[Tensor], Tensor] = identity) -> None:
+    """Masks from thresholds, their counts (summed over shards through one `reduce`), the states."""
+    packed = [ops.mask(v, torch.tensor(tau, dtype=torch.int32, device=v.device)) for v, (tau, _) in zip(values, taus)]
+    counts = [(popcount(st["isolation_mask"] & pk), popcount(pk)) for st, pk in zip(states, packed)]
+    if reduce is not identity:  # shards: the whole tensors' counts
+        counts = [tuple(row.unbind(0)) for row in reduce(torch.stack([torch.stack(c) for c in counts]))]
+    for st, pk, (kept, count), (tau, exact), k in zip(states, packed, counts, taus, ks):
+        _store(st, pk, kept, count, tau, k, exact, step)
+
+
 def refresh_masks(states: Sequence[dict], *, isolation_ratio: float, scope: str, threshold: str,
                   step: int, ops: RefreshOps = EAGER_OPS, shards: Sequence[Shard | None] | None = None) -> None:
     """Recompute the isolation masks of one param group's stepped tensors from their scores.
@@ -93,22 +104,34 @@ def refresh_masks(states: Sequence[dict], *, isolation_ratio: float, scope: str,
     Writes each state's packed mask, threshold and refresh statistics. scope="tensor": one top-k
     per tensor; scope="global": one top-k over all tensors' mean-normalised scores, sharing one
     threshold. `shards[i]` describes state i's tensor when it is a shard of a larger one (FSDP2):
-    its counts are summed over the shard group, so k and the threshold are the whole tensor's.
+    its counts are summed over the shard group, so k and the threshold are the whole tensor's;
+    the shards of a group go through each phase together (one collective per phase per
+    SHARD_BATCH tensors).
     """
     shards = list(shards) if shards is not None else [None] * len(states)
     if any(shards) and (scope != "tensor" or threshold != "approx"):
         raise NotImplementedError("sharded (FSDP2) parameters support scope='tensor' with threshold='approx' only")
     if scope == "tensor":
-        for state, shard in zip(states, shards):
-            values = ops.prepare(state["importance"].reshape(-1))
-            k = isolation_k(isolation_ratio, shard.numel if shard else values.numel())
-            reduce = shard.reduce if shard else identity
-            tau, exact = _threshold([values], k, int(state["threshold_bits"]), threshold, ops, reduce)
-            _store(state, values, tau, k, exact, step, ops, reduce)
+        by_group: dict = {}
+        for i, shard in enumerate(shards):
+            by_group.setdefault(shard.reduce if shard else None, []).append(i)
+        for reduce, idx in by_group.items():
+            batches = [[i] for i in idx] if reduce is None else \
+                [idx[j:j + SHARD_BATCH] for j in range(0, len(idx), SHARD_BATCH)]
+            for batch in batches:
+                sts = [states[i] for i in batch]
+                values = [ops.prepare(st["importance"].reshape(-1)) for st in sts]
+                ks = [isolation_k(isolation_ratio, shards[i].numel if shards[i] else v.numel())
+                      for i, v in zip(batch, values)]
+                anchors = [int(st["threshold_bits"]) for st in sts]
+                if reduce is None:
+                    taus = [_threshold([v], k, a, threshold, ops) for v, k, a in zip(values, ks, anchors)]
+                else:
+                    taus = approx_thresholds([[v] for v in values], ks, anchors, ops.bins, ops.keys, reduce)
+                _apply(sts, values, taus, ks, step, ops, reduce or identity)
         return
     values = [_global_values(state["importance"].reshape(-1), ops.prepare) for state in states]
     k = isolation_k(isolation_ratio, sum(v.numel() for v in values))
     anchor = int(states[0]["threshold_bits"]) if states else KEY_NONE
-    tau, exact = _threshold(values, k, anchor, threshold, ops)
-    for state, v in zip(states, values):
-        _store(state, v, tau, k, exact, step, ops)
+    tau = _threshold(values, k, anchor, threshold, ops)
+    _apply(states, values, [tau] * len(states), [k] * len(states), step, ops)

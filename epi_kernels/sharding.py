@@ -30,21 +30,29 @@ def local(t: Tensor) -> Tensor:
     return t.to_local() if is_sharded(t) else t
 
 
+_REDUCERS: dict = {}  # process group -> its reduce function (one per group: shards batch by it)
+
+
+def _reducer(group):
+    import torch.distributed as dist  # noqa: PLC0415
+
+    if group not in _REDUCERS:
+        comm_device = "cuda" if dist.get_backend(group) == "nccl" else "cpu"  # NCCL reduces CUDA tensors only
+
+        def reduce(counts: Tensor) -> Tensor:
+            summed = counts.to(comm_device, copy=True)
+            dist.all_reduce(summed, group=group)
+            return summed.to(counts.device)
+
+        _REDUCERS[group] = reduce
+    return _REDUCERS[group]
+
+
 def shard_of(p: Tensor) -> Shard | None:
     """How to reduce `p`'s counts over its shard group; None for an ordinary tensor."""
     if not is_sharded(p):
         return None
-    import torch.distributed as dist  # noqa: PLC0415
-
     mesh = p.device_mesh
     if mesh.ndim != 1:
         raise NotImplementedError("EPIAdamW supports DTensor parameters on a 1-D device mesh (fully_shard) only")
-    group = mesh.get_group()
-    comm_device = "cuda" if dist.get_backend(group) == "nccl" else "cpu"  # NCCL reduces CUDA tensors only
-
-    def reduce(counts: Tensor) -> Tensor:
-        summed = counts.to(comm_device, copy=True)
-        dist.all_reduce(summed, group=group)
-        return summed.to(counts.device)
-
-    return Shard(p.numel(), reduce)
+    return Shard(p.numel(), _reducer(mesh.get_group()))

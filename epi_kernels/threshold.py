@@ -49,7 +49,8 @@ from torch import Tensor
 __all__ = [
     "KEY_NONE", "MANTISSA_BITS", "WINDOW_OCTAVES", "BIN_SHIFT", "BIN_WIDTH", "WINDOW_BINS",
     "RADIX_SHIFT", "UNDER_SLOTS", "identity", "score_keys", "isolation_k", "tolerance", "window_origin", "window_bins", "window_histogram",
-    "select_bin", "window_threshold", "radix_threshold", "approx_threshold", "exact_threshold",
+    "select_bin", "window_threshold", "radix_threshold", "radix_thresholds", "approx_threshold",
+    "approx_thresholds", "exact_threshold",
 ]
 
 KEY_NONE = 0x7F800000  # key of +inf: above every eligible key, so `key >= KEY_NONE` selects nothing
@@ -109,6 +110,16 @@ def window_bins(key: Tensor, origin: int | Tensor) -> Tensor:
     return torch.where(b > 0, b, (key & (UNDER_SLOTS - 1)) + (WINDOW_BINS + 2))
 
 
+def _window_slots(values: Sequence[Tensor], origin: int, bins: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
+    """This process's histogram slot counts (int64 [WINDOW_BINS + 2 + UNDER_SLOTS], on the CPU)."""
+    slots = WINDOW_BINS + 2 + UNDER_SLOTS
+    counts = torch.zeros(slots, dtype=torch.int64)
+    for v in values:
+        b = bins(v, torch.tensor(origin, dtype=torch.int32, device=v.device))
+        counts += torch.bincount(b, minlength=slots).cpu()
+    return counts
+
+
 def window_histogram(values: Sequence[Tensor], origin: int,
                      bins: Callable[[Tensor, Tensor], Tensor] = window_bins,
                      reduce: Callable[[Tensor], Tensor] = identity) -> tuple[Tensor, int]:
@@ -117,12 +128,7 @@ def window_histogram(values: Sequence[Tensor], origin: int,
     `bins` computes the slots of `values` (:func:`window_bins` of keys, or a compiled function that
     computes the keys of scores and their slots in one pass). `reduce` sums the counts over the
     shards of a tensor held by several processes (FSDP2; identity otherwise)."""
-    slots = WINDOW_BINS + 2 + UNDER_SLOTS
-    counts = torch.zeros(slots, dtype=torch.int64)
-    for v in values:
-        b = bins(v, torch.tensor(origin, dtype=torch.int32, device=v.device))
-        counts += torch.bincount(b, minlength=slots).cpu()
-    counts = reduce(counts)
+    counts = reduce(_window_slots(values, origin, bins))
     return counts[1:WINDOW_BINS + 1], int(counts[WINDOW_BINS + 1])
 
 
@@ -158,33 +164,68 @@ def window_threshold(counts: Tensor, over: int, k: int, origin: int) -> int | No
     return bin_hi - -(-need * BIN_WIDTH // count)  # >= the bin's low edge >= origin >= 1
 
 
+def radix_thresholds(keys: Sequence[Sequence[Tensor]], ks: Sequence[int],
+                     reduce: Callable[[Tensor], Tensor] = identity) -> list[int]:
+    """:func:`radix_threshold` of several tensors at once: each level's counts of all of them go
+    through one `reduce` (one collective per level for sharded tensors)."""
+    n_hi, n_lo = 1 << (31 - RADIX_SHIFT), 1 << RADIX_SHIFT
+    hi, zeros = [], []
+    for tensor_keys in keys:
+        counts = torch.zeros(n_hi, dtype=torch.int64)
+        for key in tensor_keys:
+            counts += torch.bincount(key >> RADIX_SHIFT, minlength=n_hi).cpu()
+        zeros.append(sum(int((key == 0).sum()) for key in tensor_keys))
+        counts[0] -= zeros[-1]  # key 0 (ineligible) shares bucket 0 with the smallest denormals
+        hi.append(counts)
+    taus, level2 = [KEY_NONE] * len(keys), []
+    for i, counts in enumerate(reduce(torch.stack(hi)) if hi else []):
+        found = select_bin(counts, 0, min(ks[i], int(counts.sum())))  # k clipped to the eligible keys
+        if found is not None:
+            level2.append((i, found[0], found[1]))
+    lo = []
+    for i, bucket, _ in level2:
+        counts = torch.zeros(n_lo, dtype=torch.int64)
+        for key in keys[i]:
+            counts += torch.bincount(key[(key >> RADIX_SHIFT) == bucket] & (n_lo - 1), minlength=n_lo).cpu()
+        if bucket == 0:
+            counts[0] -= zeros[i]
+        lo.append(counts)
+    for (i, bucket, need), counts in zip(level2, reduce(torch.stack(lo)) if lo else []):
+        taus[i] = (bucket << RADIX_SHIFT) | select_bin(counts, 0, need)[0]
+    return taus
+
+
 def radix_threshold(keys: Sequence[Tensor], k: int, reduce: Callable[[Tensor], Tensor] = identity) -> int:
     """Exact k-th largest eligible key by a two-level radix select (the repair path).
 
     k is clipped to the number of eligible keys; returns KEY_NONE when k = 0 or none is eligible.
     `reduce` sums counts over the shards of a tensor (see :func:`window_histogram`).
     """
-    n_hi = 1 << (31 - RADIX_SHIFT)
-    hi_counts = torch.zeros(n_hi, dtype=torch.int64)
-    for key in keys:
-        hi_counts += torch.bincount(key >> RADIX_SHIFT, minlength=n_hi).cpu()
-    zeros = sum(int((key == 0).sum()) for key in keys)
-    hi_counts[0] -= zeros  # key 0 (ineligible) shares bucket 0 with the smallest denormals
-    hi_counts = reduce(hi_counts)
-    k = min(k, int(hi_counts.sum()))
-    found = select_bin(hi_counts, 0, k)
-    if found is None:
-        return KEY_NONE
-    bucket, need, _ = found
-    n_lo = 1 << RADIX_SHIFT
-    lo_counts = torch.zeros(n_lo, dtype=torch.int64)
-    for key in keys:
-        low = key[(key >> RADIX_SHIFT) == bucket] & (n_lo - 1)
-        lo_counts += torch.bincount(low, minlength=n_lo).cpu()
-    if bucket == 0:
-        lo_counts[0] -= zeros
-    low, _, _ = select_bin(reduce(lo_counts), 0, need)
-    return (bucket << RADIX_SHIFT) | low
+    return radix_thresholds([keys], [k], reduce)[0]
+
+
+def approx_thresholds(values: Sequence[Sequence[Tensor]], ks: Sequence[int], anchors: Sequence[int],
+                      bins: Callable[[Tensor, Tensor], Tensor] = window_bins,
+                      keys: Callable[[Tensor], Tensor] = identity,
+                      reduce: Callable[[Tensor], Tensor] = identity) -> list[tuple[int, bool]]:
+    """:func:`approx_threshold` of several tensors at once (`values[i]`, `ks[i]`, `anchors[i]`):
+    the window histograms of all of them go through one `reduce`, then the repairs through one per
+    radix level, so sharded tensors cost one collective per phase, not per tensor."""
+    out = [(KEY_NONE, False)] * len(values)
+    window = [i for i, (k, anchor) in enumerate(zip(ks, anchors)) if k >= 1 and anchor < KEY_NONE]
+    counts = reduce(torch.stack([_window_slots(values[i], window_origin(anchors[i]), bins) for i in window])) \
+        if window else []
+    answered = set()
+    for i, row in zip(window, counts):
+        tau = window_threshold(row[1:WINDOW_BINS + 1], int(row[WINDOW_BINS + 1]), ks[i], window_origin(anchors[i]))
+        if tau is not None:
+            out[i] = (tau, False)
+            answered.add(i)
+    repair = [i for i, k in enumerate(ks) if k >= 1 and i not in answered]
+    taus = radix_thresholds([[keys(v) for v in values[i]] for i in repair], [ks[i] for i in repair], reduce)
+    for i, tau in zip(repair, taus):
+        out[i] = (tau, True)
+    return out
 
 
 def approx_threshold(values: Sequence[Tensor], k: int, anchor: int,
@@ -198,15 +239,7 @@ def approx_threshold(values: Sequence[Tensor], k: int, anchor: int,
     `values` are keys, unless `bins` and `keys` map them to slots and keys (the compiled backend
     passes scores, so that computing keys fuses into the histogram pass).
     """
-    if k < 1:
-        return KEY_NONE, False
-    if anchor < KEY_NONE:
-        origin = window_origin(anchor)
-        counts, over = window_histogram(values, origin, bins, reduce)
-        tau = window_threshold(counts, over, k, origin)
-        if tau is not None:
-            return tau, False
-    return radix_threshold([keys(v) for v in values], k, reduce), True
+    return approx_thresholds([values], [k], [anchor], bins, keys, reduce)[0]
 
 
 def exact_threshold(keys: Sequence[Tensor], k: int) -> int:

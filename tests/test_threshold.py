@@ -212,3 +212,22 @@ def test_radix_repair_equals_kthvalue_oracle():
         for ratio in (0.003, 0.1, 0.7):
             k = th.isolation_k(ratio, s.numel())
             assert th.radix_threshold([keys], k) == th.exact_threshold([keys], k), (name, ratio)
+
+
+def test_batched_thresholds_equal_single_ones_with_one_reduce_per_phase():
+    g = torch.Generator().manual_seed(8)
+    values = [th.score_keys(gen(d, 3000, g)) for d in ("halfnormal", "lognormal_1", "pareto_3", "uniform")]
+    ks = [th.isolation_k(r, 3000) for r in (0.01, 0.05, 0.2, 0.0)]
+    calls = []
+
+    def reduce(counts):  # a stand-in for the all_reduce over a shard group: counts once per phase
+        calls.append(counts.shape)
+        return counts
+
+    for anchors, phases in ((lambda vk: vk, 1), (lambda vk: th.KEY_NONE, 2)):
+        anchor = [anchors(int(th.score_keys(kth_largest(v.view(torch.float32), max(k, 1)).reshape(1))))
+                  for v, k in zip(values, ks)]
+        calls.clear()
+        batched = th.approx_thresholds([[v] for v in values], ks, anchor, reduce=reduce)
+        assert batched == [th.approx_threshold([v], k, a) for v, k, a in zip(values, ks, anchor)]
+        assert len(calls) == phases and calls[0][0] == 3  # the k = 0 tensor needs no counts
