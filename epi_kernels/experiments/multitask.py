@@ -36,9 +36,9 @@ def run(args, folder) -> tuple[dict, str]:
             model = tiny_llama(tok.vocab_size, seed, max_len=args.max_len)
             opt = EPIAdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
                            importance_beta=args.importance_beta, scope=args.scope)
-            configure(opt, method, ratio=args.ratio, refresh_interval=args.refresh_interval, seed=seed)
-            for group in opt.param_groups:  # first refresh at the end of phase 1 (scores have history)
-                group["warmup_steps"] = phase if method != "random" else group["warmup_steps"]
+            # first refresh at the end of phase 1, once the scores have history
+            configure(opt, method, ratio=args.ratio, refresh_interval=args.refresh_interval, seed=seed,
+                      delay=phase - 1)
             curve = []
 
             def evaluate(step: int) -> None:

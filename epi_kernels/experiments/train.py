@@ -55,9 +55,11 @@ def train(model, opt, tokenizer, draw, steps: int, *, batch_size: int, seed: int
     return losses
 
 
-def configure(opt: EPIAdamW, method: str, *, ratio: float, refresh_interval: int, seed: int) -> None:
-    """Turn an optimizer (fresh, or loaded from a checkpoint) into one of the compared methods,
-    starting at its next step. Scores keep their history; the next step's refresh uses them.
+def configure(opt: EPIAdamW, method: str, *, ratio: float, refresh_interval: int, seed: int,
+              delay: int = 0) -> None:
+    """Turn an optimizer (fresh, or loaded from a checkpoint) into one of the compared methods.
+    Its first refresh comes `delay` steps after the next one (default: the next step, whose
+    refresh uses the scores' history, e.g. a stage-1 importance).
 
     adamw   no isolation (EPIAdamW with ratio 0 is torch.optim.AdamW)
     static  one refresh now, never again (CPI-FT-style static isolation)
@@ -67,7 +69,7 @@ def configure(opt: EPIAdamW, method: str, *, ratio: float, refresh_interval: int
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r} (expected one of {', '.join(METHODS)})")
     for group in opt.param_groups:
-        first = group["epi_step"] + 1
+        first = group["epi_step"] + 1 + delay
         group.update(isolation_ratio=0.0 if method == "adamw" else ratio, static=method in ("static", "random"),
                      refresh_interval=refresh_interval, warmup_steps=10**12 if method == "random" else first)
     if method == "random":
