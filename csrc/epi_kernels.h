@@ -1,11 +1,54 @@
 // The C++ API of the CUDA backend: raw device pointers, sizes, scalars and a stream.
 // No torch or Python headers: python/bindings.cpp wraps these for epi_kernels._C.
+//
+// A launch covers many tensors through two small device tables, built on the host
+// (epi_kernels/kernels/tensor_table.py documents them; the Triton kernels read the same tables):
+//   tensor table int64 [T, TABLE_WIDTH]: addresses of param, grad, exp_avg, exp_avg_sq,
+//     max_exp_avg_sq (0 without amsgrad), importance, packed mask, then numel;
+//   chunk table int32 [programs, 2]: (tensor index, chunk index); a chunk is CHUNK elements.
+// Every function returns cudaGetLastError() after its launches (never a silent no-op).
 #pragma once
 #include <cuda_runtime.h>
 #include <cstdint>
 
+#include "element.h"
+
 namespace epi {
 
+constexpr int TABLE_WIDTH = 8;
+enum Column { COL_PARAM, COL_GRAD, COL_EXP_AVG, COL_EXP_AVG_SQ, COL_MAX_EXP_AVG_SQ, COL_IMPORTANCE, COL_MASK, COL_NUMEL };
+constexpr int64_t CHUNK = 8192;  // elements per block: a multiple of 8, so no two blocks share a mask byte
+
+enum DType : int { DTYPE_F32 = 0, DTYPE_BF16 = 1, DTYPE_F16 = 2 };
+
+struct Tables {
+  const int64_t* table;
+  const int32_t* chunks;
+  int programs;  // rows of the chunk table
+};
+
 cudaError_t device_count(int* count);
+
+// The fused step (element math in element.h): REFRESH sets the masks from `tau` [T] and adds
+// (isolated, kept) counts to `counts` [T, 2]; HIST counts the new scores into `hist` [T, WINDOW_BINS]
+// and `over` [T] for windows starting at `origin` [T] (0: no window).
+cudaError_t fused_step(Tables t, DType param, DType score, unsigned flags, StepScalars scalars,
+                       const int32_t* tau, const int32_t* origin, int32_t* hist, int32_t* over, int32_t* counts,
+                       cudaStream_t stream);
+
+// Window histograms of the stored scores (when the previous step did not collect them).
+cudaError_t window_histogram(Tables t, DType score, const int32_t* origin, int32_t* hist, int32_t* over,
+                             cudaStream_t stream);
+
+// One block per tensor: tau from the window histogram, or repair[t] = 1 (then tau = KEY_NONE).
+cudaError_t window_select(int tensors, const int32_t* hist, const int32_t* over, const int32_t* origin,
+                          const int32_t* k, int32_t* tau, int32_t* repair, cudaStream_t stream);
+
+// The repair path for the tensors flagged in `repair`: for each radix level, count that digit of
+// the matching keys into `scratch` [T, RADIX_BINS], then choose it. `prefix` [T] starts at 0 and
+// `need` [T] at k; flags are cleared and tau written as tensors finish. Launched whatever the
+// flags say, so the host never waits for them.
+cudaError_t radix_repair(Tables t, int tensors, DType score, int32_t* repair, int32_t* prefix, int32_t* need,
+                         int32_t* scratch, int32_t* tau, cudaStream_t stream);
 
 }  // namespace epi

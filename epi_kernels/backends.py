@@ -3,7 +3,9 @@
 "torch" is the eager pure-PyTorch reference; "compiled" is the same step fused into one loop by
 torch.compile (opt-in: the first step pays the compile time); "triton" is the fused one-pass kernel
 (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``, the interpreter the tests use);
-"cuda" is reserved until the CUDA extension lands. Nothing here imports Triton or an extension.
+"cuda" is the same flow with the CUDA C++ kernels of the compiled extension ``epi_kernels._C``
+(CUDA tensors, or CPU tensors under ``EPI_CUDA_HOST=1``, which runs the kernels' host harness:
+see :mod:`epi_kernels.cuda_backend`). Nothing here imports Triton or loads the extension.
 """
 from __future__ import annotations
 
@@ -13,9 +15,10 @@ from functools import lru_cache
 
 import torch
 
-__all__ = ["BACKENDS", "available_backends", "check_backend", "check_device", "resolve_backend"]
+__all__ = ["BACKENDS", "FUSED_BACKENDS", "available_backends", "check_backend", "check_device", "resolve_backend"]
 
 BACKENDS = ("auto", "torch", "compiled", "triton", "cuda")
+FUSED_BACKENDS = ("triton", "cuda")  # one fused pass per step, refreshes inside it (fused_driver.py)
 
 
 @lru_cache(maxsize=None)
@@ -23,14 +26,25 @@ def _has_triton() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+@lru_cache(maxsize=None)
+def _has_extension() -> bool:
+    """Whether the CUDA extension was built into this installation (not whether a GPU exists)."""
+    return importlib.util.find_spec("epi_kernels._C") is not None
+
+
 def triton_interpreted() -> bool:
     """True when Triton kernels run in its interpreter (on CPU tensors)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def cuda_host_harness() -> bool:
+    """True when backend="cuda" steps CPU tensors in the extension's host harness (tests)."""
+    return os.environ.get("EPI_CUDA_HOST", "0") not in ("", "0")
+
+
 def available_backends() -> tuple[str, ...]:
     """Concrete backends usable in this installation."""
-    return ("torch", "compiled") + (("triton",) if _has_triton() else ())
+    return ("torch", "compiled") + (("triton",) if _has_triton() else ()) + (("cuda",) if _has_extension() else ())
 
 
 def check_backend(name: object) -> None:
@@ -38,7 +52,8 @@ def check_backend(name: object) -> None:
     if name not in BACKENDS:
         raise ValueError(f"Invalid backend: {name!r} (expected one of {', '.join(BACKENDS)})")
     if name != "auto" and name not in available_backends():
-        hint = " (pip install triton)" if name == "triton" else ""
+        hint = {"triton": " (pip install triton)",
+                "cuda": " (the CUDA extension was not built: reinstall with a CUDA toolchain, EPI_BUILD_CUDA=1)"}.get(name, "")
         raise ValueError(
             f"Invalid backend: {name!r} is not available in this installation{hint} "
             f"(available: auto, {', '.join(available_backends())})"
@@ -50,12 +65,17 @@ def check_device(backend: str, device: torch.device) -> None:
     if backend == "triton" and device.type != "cuda" and not (device.type == "cpu" and triton_interpreted()):
         raise RuntimeError(f"backend='triton' needs CUDA tensors, got {device.type} "
                            "(CPU tensors run only in Triton's interpreter, TRITON_INTERPRET=1)")
+    if backend == "cuda" and device.type != "cuda" and not (device.type == "cpu" and cuda_host_harness()):
+        raise RuntimeError(f"backend='cuda' needs CUDA tensors, got {device.type} "
+                           "(CPU tensors run only in the extension's host harness, EPI_CUDA_HOST=1)")
 
 
 def resolve_backend(name: str, device: torch.device | None = None) -> str:
     """The concrete backend for `name` on `device`: "auto" picks cuda > triton > torch by
-    availability (never "compiled", whose first step compiles for tens of seconds: ask for it by
-    name). The CUDA extension is not built yet, so on CUDA tensors "auto" is "triton" if installed."""
+    availability on CUDA tensors, "torch" elsewhere (never "compiled", whose first step compiles for
+    tens of seconds: ask for it by name)."""
     if name == "auto":
-        return "triton" if device is not None and device.type == "cuda" and _has_triton() else "torch"
+        if device is None or device.type != "cuda":
+            return "torch"
+        return "cuda" if _has_extension() else "triton" if _has_triton() else "torch"
     return name

@@ -25,8 +25,8 @@ __all__ = ["epi_adamw", "refresh_ops", "update_importance", "isolated_indices"]
 
 def refresh_ops(backend: str) -> RefreshOps:
     """The elementwise passes a backend's refreshes use (same integers out for every backend; the
-    triton backend refreshes inside its step and uses the eager passes only for scope="global" or
-    threshold="exact")."""
+    fused kernel backends refresh inside their step and use the eager passes only for scope="global"
+    or threshold="exact")."""
     return COMPILED_REFRESH_OPS if backend == "compiled" else EAGER_OPS
 
 
@@ -92,9 +92,10 @@ def epi_adamw(
 
     `masks` are the packed isolation masks in force (refreshes happen before this call);
     `isolated` optionally gives their flat isolated indices (a cache the eager backend uses),
-    else they are unpacked. backend: "torch" (eager; AdamW itself is torch's), "compiled" or
-    "triton" (which alone takes `fused_refresh`, a :class:`~epi_kernels.triton_backend.FusedRefresh`:
-    it then refreshes the masks inside the step instead of being handed refreshed ones).
+    else they are unpacked. backend: "torch" (eager; AdamW itself is torch's), "compiled", "triton" or
+    "cuda" (the fused kernels, which alone take `fused_refresh`, a
+    :class:`~epi_kernels.fused_refresh.FusedRefresh`: they then refresh the masks inside the step
+    instead of being handed refreshed ones).
     """
     kwargs = dict(importance_beta=importance_beta, importance=importance, amsgrad=amsgrad, beta1=beta1,
                   beta2=beta2, lr=lr, weight_decay=weight_decay, eps=eps, maximize=maximize)
@@ -107,6 +108,10 @@ def epi_adamw(
         from .triton_backend import triton_epi_adamw  # noqa: PLC0415 - imports Triton, only when used
 
         triton_epi_adamw(*lists, **kwargs, fused_refresh=fused_refresh)
+    elif backend == "cuda":
+        from .cuda_backend import cuda_epi_adamw  # noqa: PLC0415 - loads the extension, only when used
+
+        cuda_epi_adamw(*lists, **kwargs, fused_refresh=fused_refresh)
     else:
         raise ValueError(f"epi_adamw: unknown backend {backend!r}")
 

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from .backends import check_backend, check_device, resolve_backend
+from .backends import FUSED_BACKENDS, check_backend, check_device, resolve_backend
 from .functional import epi_adamw, isolated_indices, refresh_ops
 from .fused_refresh import FusedRefresh
 from .mask import pack_mask, unpack_mask
@@ -111,7 +111,7 @@ class EPIAdamW(Optimizer):
     isolation_ratio (0.01), refresh_interval (100), warmup_steps (None), importance_beta (0.99),
     importance ("sq" | "abs"), scope ("tensor" | "global"), threshold ("approx" | "exact"),
     static (False: refresh once, CPI-FT style), importance_dtype (torch.float32 | torch.bfloat16),
-    backend ("auto" | "torch" | "compiled" | "triton").
+    backend ("auto" | "torch" | "compiled" | "triton" | "cuda").
     """
 
     def __init__(
@@ -268,7 +268,7 @@ class EPIAdamW(Optimizer):
         refresh = is_refresh_step(t, *when) or bool(group.pop("refresh_requested", False))
         fused_refresh = None
         sharded = any(is_sharded(p) for p in params)
-        if backend == "triton" and group["scope"] == "tensor" and group["threshold"] == "approx" and not sharded:
+        if backend in FUSED_BACKENDS and group["scope"] == "tensor" and group["threshold"] == "approx" and not sharded:
             fused_refresh = FusedRefresh(states, group["isolation_ratio"], t, refresh, is_refresh_step(t + 1, *when),
                                          self._histograms.setdefault(id(group), {}))
         elif refresh:

@@ -1,5 +1,11 @@
-// pybind11 module epi_kernels._C: thin wrappers of csrc/epi_kernels.h (stub, being filled in).
+// pybind11 module epi_kernels._C: thin wrappers of the launch functions in csrc/epi_kernels.h.
+// Tensors arrive as raw device addresses (int), the stream as its cudaStream_t address (int), so no
+// torch header is needed. Every wrapper raises RuntimeError with the CUDA error name and message
+// when a launch fails (no driver, no device, bad configuration): never a silent no-op.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <array>
 #include <stdexcept>
 #include <string>
 
@@ -7,19 +13,111 @@
 
 namespace py = pybind11;
 
+void bind_host_harness(py::module_& m);  // host_harness.cpp
+
 namespace {
+
 void check(cudaError_t err, const char* what) {
   if (err != cudaSuccess)
     throw std::runtime_error(std::string("epi_kernels._C.") + what + ": " + cudaGetErrorName(err) + ": " +
                              cudaGetErrorString(err));
 }
+
+template <class T>
+T* ptr(uintptr_t address) { return reinterpret_cast<T*>(address); }
+
+cudaStream_t stream_of(uintptr_t address) { return reinterpret_cast<cudaStream_t>(address); }
+
+epi::Tables tables(uintptr_t table, uintptr_t chunks, int programs) {
+  return epi::Tables{ptr<const int64_t>(table), ptr<const int32_t>(chunks), programs};
+}
+
+epi::DType dtype(int code) {
+  if (code < epi::DTYPE_F32 || code > epi::DTYPE_F16) throw std::invalid_argument("unknown dtype code " + std::to_string(code));
+  return static_cast<epi::DType>(code);
+}
+
 }  // namespace
 
+epi::StepScalars step_scalars(const std::array<double, 9>& s) {
+  return epi::StepScalars{static_cast<float>(s[0]), static_cast<float>(s[1]), static_cast<float>(s[2]),
+                          static_cast<float>(s[3]), static_cast<float>(s[4]), static_cast<float>(s[5]),
+                          static_cast<float>(s[6]), static_cast<float>(s[7]), static_cast<float>(s[8])};
+}
+
 PYBIND11_MODULE(_C, m) {
-  m.doc() = "CUDA kernels of epi_kernels (fused EPI-AdamW step, window histogram, threshold select)";
+  m.doc() = "CUDA kernels of epi_kernels: fused EPI-AdamW step, window histogram, threshold select and repair";
+
   m.def("device_count", [] {
     int n = 0;
     check(epi::device_count(&n), "device_count");
     return n;
-  }, "Number of CUDA devices; raises RuntimeError with the CUDA message when there is no driver/GPU.");
+  }, "Number of CUDA devices; RuntimeError with the CUDA message when there is no driver or device.");
+
+  m.def("constants", [] {
+    py::dict d;
+    d["KEY_NONE"] = epi::KEY_NONE;
+    d["MANTISSA_BITS"] = epi::MANTISSA_BITS;
+    d["WINDOW_OCTAVES"] = epi::WINDOW_OCTAVES;
+    d["BIN_SHIFT"] = epi::BIN_SHIFT;
+    d["BIN_WIDTH"] = epi::BIN_WIDTH;
+    d["WINDOW_BINS"] = epi::WINDOW_BINS;
+    d["RADIX_BINS"] = epi::RADIX_BINS;
+    py::list levels;
+    for (int l = 0; l < epi::RADIX_LEVELS; ++l) levels.append(py::make_tuple(epi::radix_shift(l), epi::radix_bits(l)));
+    d["RADIX_LEVELS"] = levels;
+    d["CHUNK"] = epi::CHUNK;
+    d["TABLE_WIDTH"] = epi::TABLE_WIDTH;
+    d["DTYPE_F32"] = static_cast<int>(epi::DTYPE_F32);
+    d["DTYPE_BF16"] = static_cast<int>(epi::DTYPE_BF16);
+    d["DTYPE_F16"] = static_cast<int>(epi::DTYPE_F16);
+    d["STEP_SQ"] = static_cast<int>(epi::STEP_SQ);
+    d["STEP_MAXIMIZE"] = static_cast<int>(epi::STEP_MAXIMIZE);
+    d["STEP_AMSGRAD"] = static_cast<int>(epi::STEP_AMSGRAD);
+    d["STEP_REFRESH"] = static_cast<int>(epi::STEP_REFRESH);
+    d["STEP_HIST"] = static_cast<int>(epi::STEP_HIST);
+    return d;
+  }, "The constants the kernels were compiled with (tests compare them with epi_kernels.threshold).");
+
+  m.def("fused_step", [](uintptr_t table, uintptr_t chunks, int programs, int param_dtype, int score_dtype,
+                         unsigned flags, const std::array<double, 9>& scalars, uintptr_t tau, uintptr_t origin,
+                         uintptr_t hist, uintptr_t over, uintptr_t counts, uintptr_t stream) {
+    check(epi::fused_step(tables(table, chunks, programs), dtype(param_dtype), dtype(score_dtype), flags,
+                          step_scalars(scalars), ptr<const int32_t>(tau), ptr<const int32_t>(origin),
+                          ptr<int32_t>(hist), ptr<int32_t>(over), ptr<int32_t>(counts), stream_of(stream)),
+          "fused_step");
+  }, "The fused EPI-AdamW step over a launch group (see csrc/epi_kernels.h).",
+        py::arg("table"), py::arg("chunks"), py::arg("programs"), py::arg("param_dtype"), py::arg("score_dtype"),
+        py::arg("flags"), py::arg("scalars"), py::arg("tau"), py::arg("origin"), py::arg("hist"), py::arg("over"),
+        py::arg("counts"), py::arg("stream"));
+
+  m.def("window_histogram", [](uintptr_t table, uintptr_t chunks, int programs, int score_dtype, uintptr_t origin,
+                               uintptr_t hist, uintptr_t over, uintptr_t stream) {
+    check(epi::window_histogram(tables(table, chunks, programs), dtype(score_dtype), ptr<const int32_t>(origin),
+                                ptr<int32_t>(hist), ptr<int32_t>(over), stream_of(stream)),
+          "window_histogram");
+  }, "Window histograms of the stored scores.", py::arg("table"), py::arg("chunks"), py::arg("programs"),
+        py::arg("score_dtype"), py::arg("origin"), py::arg("hist"), py::arg("over"), py::arg("stream"));
+
+  m.def("window_select", [](int tensors, uintptr_t hist, uintptr_t over, uintptr_t origin, uintptr_t k, uintptr_t tau,
+                            uintptr_t repair, uintptr_t stream) {
+    check(epi::window_select(tensors, ptr<const int32_t>(hist), ptr<const int32_t>(over), ptr<const int32_t>(origin),
+                             ptr<const int32_t>(k), ptr<int32_t>(tau), ptr<int32_t>(repair), stream_of(stream)),
+          "window_select");
+  }, "Thresholds from window histograms, or repair flags.", py::arg("tensors"), py::arg("hist"), py::arg("over"),
+        py::arg("origin"), py::arg("k"), py::arg("tau"), py::arg("repair"), py::arg("stream"));
+
+  m.def("radix_repair", [](uintptr_t table, uintptr_t chunks, int programs, int tensors, int score_dtype,
+                           uintptr_t repair, uintptr_t prefix, uintptr_t need, uintptr_t scratch, uintptr_t tau,
+                           uintptr_t stream) {
+    check(epi::radix_repair(tables(table, chunks, programs), tensors, dtype(score_dtype), ptr<int32_t>(repair),
+                            ptr<int32_t>(prefix), ptr<int32_t>(need), ptr<int32_t>(scratch), ptr<int32_t>(tau),
+                            stream_of(stream)),
+          "radix_repair");
+  }, "Exact thresholds of the flagged tensors (radix select over the stored scores).", py::arg("table"),
+        py::arg("chunks"), py::arg("programs"), py::arg("tensors"), py::arg("score_dtype"), py::arg("repair"),
+        py::arg("prefix"), py::arg("need"), py::arg("scratch"), py::arg("tau"), py::arg("stream"));
+
+  py::module_ host = m.def_submodule("host", "The __host__ __device__ element and threshold functions run on CPU buffers (test harness)");
+  bind_host_harness(host);
 }

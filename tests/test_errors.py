@@ -11,7 +11,7 @@ from epi_kernels import EPIAdamW
     ("refresh_interval", True), ("warmup_steps", -1), ("warmup_steps", 1.5),
     ("importance_beta", 1.0), ("importance_beta", -0.5), ("importance", "cube"),
     ("scope", "layer"), ("threshold", "fast"), ("static", "yes"),
-    ("importance_dtype", torch.float16), ("backend", "tpu"), ("backend", "cuda"),
+    ("importance_dtype", torch.float16), ("backend", "tpu"), ("backend", "CUDA"),
 ])
 def test_invalid_epi_hyperparameter_names_the_argument(arg, value):
     p = torch.nn.Parameter(torch.zeros(3))
@@ -22,6 +22,15 @@ def test_invalid_epi_hyperparameter_names_the_argument(arg, value):
     with pytest.raises(ValueError, match=f"Invalid {arg}"):  # per-group overrides are checked too
         opt.add_param_group({"params": [q], arg: value})
     assert len(opt.param_groups) == 1
+
+
+@pytest.mark.parametrize("backend,missing", [("cuda", "_has_extension"), ("triton", "_has_triton")])
+def test_backend_missing_from_this_installation_is_named(backend, missing, monkeypatch):
+    from epi_kernels import backends
+
+    monkeypatch.setattr(backends, missing, lambda: False)
+    with pytest.raises(ValueError, match=f"Invalid backend: '{backend}' is not available in this installation"):
+        EPIAdamW([torch.nn.Parameter(torch.zeros(3))], backend=backend)
 
 
 def test_differentiable_is_rejected():

@@ -1,22 +1,25 @@
-"""backend="triton" (fused step, window histogram, select and repair kernels) against the reference.
+"""The fused kernel backends, "triton" and "cuda" (fused step, window histogram, select and repair
+kernels), against the pure-PyTorch reference.
 
-Without a GPU these run in Triton's interpreter on CPU tensors (conftest.py); with one, on CUDA.
-Gradients are quarter-integers, so with fp32 scores both backends hold the very same scores and
-must pick the very same masks; every refresh is also checked on the Triton optimizer's own
-start-of-step scores against the reference engine (C1, C2), whatever the dtypes.
+Without a GPU they run on CPU tensors: Triton's kernels in its interpreter, the CUDA backend in its
+extension's host harness (the kernels' own element and threshold functions, block after block;
+conftest.py); with a GPU, on CUDA. Gradients are quarter-integers, so with fp32 scores every backend
+holds the very same scores and must pick the very same masks; every refresh is also checked on the
+kernel optimizer's own start-of-step scores against the reference engine (C1, C2), whatever the dtypes.
 """
 import copy
+import importlib
 
 import pytest
 import torch
 
 from epi_kernels import EPIAdamW
 from epi_kernels import threshold as th
-from epi_kernels.backends import resolve_backend
-from kernel_devices import TRITON_DEVICES
+from epi_kernels.backends import FUSED_BACKENDS, resolve_backend
+from kernel_devices import HAS_EXTENSION, KERNEL_BACKENDS
 from score_inputs import DISTS, adversarial, gen, kth_largest, tie_inputs
 
-pytestmark = pytest.mark.parametrize("device", TRITON_DEVICES)
+pytestmark = pytest.mark.parametrize("kernel", KERNEL_BACKENDS)
 
 EPI = dict(lr=0.05, isolation_ratio=0.2, refresh_interval=2, importance_beta=0.5)
 STATS = ("threshold_bits", "isolation_k", "isolated_count", "isolation_overlap", "threshold_exact", "refresh_step")
@@ -65,7 +68,7 @@ def _run(backend, device, dtype, steps=6, skip=None, spike=None, **kw):
         anchors = [int(s["threshold_bits"]) if s else th.KEY_NONE for s in st]
         before = [p.detach().clone() for p in params]
         opt.step()
-        if backend == "triton" and kw.get("scope", "tensor") == "tensor" and kw.get("threshold", "approx") == "approx":
+        if backend in FUSED_BACKENDS and kw.get("scope", "tensor") == "tensor" and kw.get("threshold", "approx") == "approx":
             _check_refresh(opt, params, [s if p.grad is not None else None for s, p in zip(start, params)],
                            anchors, before)
     return params, opt
@@ -100,39 +103,39 @@ def _compare(ref, out, dtype):
     (torch.bfloat16, {}),
     (torch.float16, {"amsgrad": True}),
 ])
-def test_parity_with_torch_backend(device, dtype, kw):
+def test_parity_with_torch_backend(kernel, dtype, kw):
     # low-precision params: torch's fused AdamW is the reference, as it too does fp32 math
     fused = {"fused": True} if dtype != torch.float32 else {}
-    _compare(_run("torch", "cpu", dtype, **kw, **fused), _run("triton", device, dtype, **kw), dtype)
+    _compare(_run("torch", "cpu", dtype, **kw, **fused), _run(*kernel, dtype, **kw), dtype)
 
 
-def test_bf16_scores(device):
+def test_bf16_scores(kernel):
     # bf16 rounding is spelled out in the kernel (kernels/rounding.py), so even the interpreter,
     # whose own casts truncate, stores the very scores torch does
     kw = {"importance_dtype": torch.bfloat16, "refresh_interval": 3}
-    _compare(_run("torch", "cpu", torch.float32, **kw), _run("triton", device, torch.float32, **kw), torch.float32)
+    _compare(_run("torch", "cpu", torch.float32, **kw), _run(*kernel, torch.float32, **kw), torch.float32)
 
 
 @pytest.mark.parametrize("kw", [{"scope": "global"}, {"threshold": "exact"}])
-def test_global_scope_and_exact_thresholds(device, kw):
-    _compare(_run("torch", "cpu", torch.float32, **kw), _run("triton", device, torch.float32, **kw), torch.float32)
+def test_global_scope_and_exact_thresholds(kernel, kw):
+    _compare(_run("torch", "cpu", torch.float32, **kw), _run(*kernel, torch.float32, **kw), torch.float32)
 
 
-def test_scores_jumping_above_the_window(device):
+def test_scores_jumping_above_the_window(kernel):
     # step 3 counts the histogram for step 4's refresh: 10 % of the scores land above the window
     # (over the previous threshold x 8), so the count above the window decides the threshold
-    _compare(_run("torch", "cpu", torch.float32, spike=2), _run("triton", device, torch.float32, spike=2),
+    _compare(_run("torch", "cpu", torch.float32, spike=2), _run(*kernel, torch.float32, spike=2),
              torch.float32)
 
 
-def test_histogram_missed_by_the_previous_step(device):
+def test_histogram_missed_by_the_previous_step(kernel):
     # params 2 and 4 have no gradient on the step before each refresh (steps 1, 3: t = 2, 4 refresh)
     skip = lambda t, i: i in (2, 4) and t % 2 == 0  # noqa: E731
-    _compare(_run("torch", "cpu", torch.float32, skip=skip), _run("triton", device, torch.float32, skip=skip),
+    _compare(_run("torch", "cpu", torch.float32, skip=skip), _run(*kernel, torch.float32, skip=skip),
              torch.float32)
 
 
-def test_launch_groups_of_mixed_dtypes_and_step_counts(device):
+def test_launch_groups_of_mixed_dtypes_and_step_counts(kernel):
     def run(backend, dev):
         params = _params(torch.float32, dev)[:5] + _params(torch.bfloat16, dev, seed=1)[2:5]
         opt = EPIAdamW(params, backend=backend, **EPI)
@@ -141,7 +144,7 @@ def test_launch_groups_of_mixed_dtypes_and_step_counts(device):
                 p.grad = None if (t == 0 and i % 3 == 0) else g  # some tensors one step behind
             opt.step()
         return params, opt
-    (pa, oa), (pb, ob) = run("torch", "cpu"), run("triton", device)
+    (pa, oa), (pb, ob) = run("torch", "cpu"), run(*kernel)
     for a, b in zip(pa, pb):
         assert torch.equal(oa.isolation_mask(a), ob.isolation_mask(b).cpu())
         assert int(oa.state[a]["step"]) == int(ob.state[b]["step"])
@@ -149,11 +152,11 @@ def test_launch_groups_of_mixed_dtypes_and_step_counts(device):
         torch.testing.assert_close(b.detach().cpu(), a.detach(), rtol=tol, atol=tol)
 
 
-def test_checkpoint_loaded_between_histogram_and_refresh(device):
-    params, opt = _run("triton", device, torch.float32, steps=3)  # step 3 collected histograms for step 4
+def test_checkpoint_loaded_between_histogram_and_refresh(kernel):
+    params, opt = _run(*kernel, torch.float32, steps=3)  # step 3 collected histograms for step 4
     saved = copy.deepcopy(opt.state_dict())  # as if saved to disk: no tensor shared with opt
     fresh = [torch.nn.Parameter(p.detach().clone()) for p in params]
-    opt2 = EPIAdamW(fresh, backend="triton", **EPI)
+    opt2 = EPIAdamW(fresh, backend=kernel[0], **EPI)
     opt2.load_state_dict(saved)
     for o, ps in ((opt, params), (opt2, fresh)):
         for p, g in zip(ps, _grads(ps, 3)):
@@ -185,8 +188,9 @@ def _anchors(s, k):
             th.KEY_NONE]
 
 
-def test_window_select_and_repair_kernels_match_the_reference_engine(device):
-    from epi_kernels.triton_backend import window_thresholds
+def test_window_select_and_repair_kernels_match_the_reference_engine(kernel):
+    backend, device = kernel
+    window_thresholds = importlib.import_module(f"epi_kernels.{backend}_backend").window_thresholds
 
     g = torch.Generator().manual_seed(11)
     inputs = [gen(d, 4096, g) for d in DISTS] + [s for _, s in adversarial(g)] + [s for _, s in tie_inputs(g)]
@@ -209,17 +213,19 @@ def test_window_select_and_repair_kernels_match_the_reference_engine(device):
     assert checked > 250 and repaired_seen > 40 and window_seen > 40  # both paths exercised
 
 
-def test_auto_backend(device):
-    assert resolve_backend("auto", torch.device(device)) == ("triton" if device == "cuda" else "torch")
+def test_auto_backend(kernel):
+    on_cuda = "cuda" if HAS_EXTENSION else "triton"  # cuda > triton > torch
+    assert resolve_backend("auto", torch.device(kernel[1])) == (on_cuda if kernel[1] == "cuda" else "torch")
 
 
-def test_triton_on_cpu_without_interpreter_is_a_clear_error(device, monkeypatch):
+def test_cpu_tensors_outside_the_emulation_are_a_clear_error(kernel, monkeypatch):
+    backend, device = kernel
     if device != "cpu":
         pytest.skip("CPU-only case")
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setenv({"triton": "TRITON_INTERPRET", "cuda": "EPI_CUDA_HOST"}[backend], "0")
     p = torch.nn.Parameter(torch.ones(4))
-    opt = EPIAdamW([p], backend="triton")
+    opt = EPIAdamW([p], backend=backend)
     p.grad = torch.ones(4)
-    with pytest.raises(RuntimeError, match="backend='triton' needs CUDA tensors"):
+    with pytest.raises(RuntimeError, match=f"backend='{backend}' needs CUDA tensors"):
         opt.step()
     assert torch.equal(p, torch.ones(4)) and not opt.state

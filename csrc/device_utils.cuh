@@ -1,0 +1,128 @@
+// Device helpers shared by the kernels: the tensor and chunk tables, 16-byte vector loads of the
+// eight elements behind one mask byte, block reductions and warp-aggregated histogram increments.
+#pragma once
+#include <cstdint>
+
+#include "epi_kernels.h"
+
+namespace epi {
+
+constexpr int THREADS = 256;
+constexpr int GROUPS_PER_PASS = THREADS;  // a thread owns 8 consecutive elements (one mask byte) per pass
+constexpr unsigned FULL = 0xFFFFFFFFu;
+
+// The chunk a block works on: tensor index, table row, first element and the tensor's numel.
+struct Chunk {
+  int tensor;
+  const int64_t* row;
+  int64_t first, numel;
+};
+
+__device__ __forceinline__ Chunk load_chunk(const int64_t* table, const int32_t* chunks) {
+  Chunk c;
+  c.tensor = chunks[2 * blockIdx.x];
+  c.row = table + static_cast<int64_t>(c.tensor) * TABLE_WIDTH;
+  c.first = static_cast<int64_t>(chunks[2 * blockIdx.x + 1]) * CHUNK;
+  c.numel = c.row[COL_NUMEL];
+  return c;
+}
+
+// Elements of a group of 8 that exist when `left` elements of the tensor remain from its start.
+__device__ __forceinline__ int group_size(int64_t left) { return left <= 0 ? 0 : left >= 8 ? 8 : static_cast<int>(left); }
+
+template <class T>
+__device__ __forceinline__ T* column(const int64_t* row, int col) {
+  return reinterpret_cast<T*>(row[col]);
+}
+
+// Elements [i, i + 8) of `base`: two or one 16-byte loads when the group is whole and `vec`
+// (every column 16-byte aligned), else scalar loads of the lanes that exist (zeros beyond).
+template <class T>
+__device__ __forceinline__ void load8(T* out, const T* base, int64_t i, int valid, bool vec) {
+  if (vec && valid == 8) {
+#pragma unroll
+    for (int j = 0; j < 8; j += 16 / sizeof(T))
+      *reinterpret_cast<uint4*>(out + j) = __ldg(reinterpret_cast<const uint4*>(base + i + j));
+  } else {
+#pragma unroll
+    for (int j = 0; j < 8; ++j) out[j] = j < valid ? base[i + j] : T(0);
+  }
+}
+
+template <class T>
+__device__ __forceinline__ void store8(T* base, const T* in, int64_t i, int valid, bool vec) {
+  if (vec && valid == 8) {
+#pragma unroll
+    for (int j = 0; j < 8; j += 16 / sizeof(T))
+      *reinterpret_cast<uint4*>(base + i + j) = *reinterpret_cast<const uint4*>(in + j);
+  } else {
+#pragma unroll
+    for (int j = 0; j < 8; ++j)
+      if (j < valid) base[i + j] = in[j];
+  }
+}
+
+// Calls visit(key) for each of the 8 lanes of every group of the chunk's stored scores, with key 0
+// for lanes past the tensor's end (ineligible), so that every thread of a warp makes the same calls.
+template <class S, class Visit>
+__device__ __forceinline__ void for_each_score_key(const Chunk& ch, Visit&& visit) {
+  using SR = typename S::raw;
+  const SR* s = column<const SR>(ch.row, COL_IMPORTANCE);
+  const bool vec = (reinterpret_cast<uintptr_t>(s) & 15) == 0;
+  const int64_t end = ch.first + CHUNK < ch.numel ? ch.first + CHUNK : ch.numel;
+  for (int64_t i = ch.first + 8 * threadIdx.x; i < ch.first + CHUNK; i += 8 * THREADS) {
+    const int valid = group_size(end - i);
+    alignas(16) SR sv[8];
+    if (valid > 0) load8(sv, s, i, valid, vec);
+#pragma unroll
+    for (int j = 0; j < 8; ++j) visit(j < valid ? score_key(S::load(sv[j])) : 0);
+  }
+}
+
+__device__ __forceinline__ bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
+
+// Sum over the block; every thread must call it. The result is valid in thread 0.
+__device__ __forceinline__ int block_sum(int x) {
+  __shared__ int warp_sums[THREADS / 32];
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) x += __shfl_down_sync(FULL, x, o);
+  if ((threadIdx.x & 31) == 0) warp_sums[threadIdx.x >> 5] = x;
+  __syncthreads();
+  x = threadIdx.x < THREADS / 32 ? warp_sums[threadIdx.x] : 0;
+  if (threadIdx.x < 32) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) x += __shfl_down_sync(FULL, x, o);
+  }
+  __syncthreads();  // warp_sums may be reused by the next call
+  return x;
+}
+
+// hist[bin] += 1 for every lane with bin >= 0: lanes of a warp with the same bin add their count
+// in one shared-memory atomic (scores near the threshold fall into few bins). All lanes call it.
+__device__ __forceinline__ void warp_aggregated_increment(int* hist, int bin) {
+  if (!__any_sync(FULL, bin >= 0)) return;
+  unsigned peers = __match_any_sync(FULL, bin);
+  if (bin >= 0 && (threadIdx.x & 31) == __ffs(peers) - 1) atomicAdd(hist + bin, __popc(peers));
+}
+
+// Count a key into a block's window histogram (shared) or, above the window, into `over`.
+__device__ __forceinline__ void count_in_window(int* hist, int& over, int32_t key, int32_t origin) {
+  const int slot = window_slot(key, origin);
+  over += slot == OVER;
+  warp_aggregated_increment(hist, slot == OVER ? BELOW : slot);
+}
+
+__device__ __forceinline__ void zero_shared(int* hist, int n) {
+  for (int b = threadIdx.x; b < n; b += THREADS) hist[b] = 0;
+  __syncthreads();
+}
+
+// Add a block's shared histogram into a global one: integer atomics give the same sums in any
+// order (deterministic); empty bins are skipped.
+__device__ __forceinline__ void flush_histogram(int32_t* dst, const int* hist, int n) {
+  __syncthreads();
+  for (int b = threadIdx.x; b < n; b += THREADS)
+    if (hist[b]) atomicAdd(dst + b, hist[b]);
+}
+
+}  // namespace epi

@@ -1,0 +1,127 @@
+// The integer steps of the threshold engine, for kernels and host harness alike.
+//
+// epi_kernels/threshold.py documents the algorithm and is the reference: keys are the fp32 bit
+// patterns of |score| (0 for zero and non-finite scores), a window of WINDOW_BINS bins of
+// BIN_WIDTH keys starts one octave below the previous threshold, the bin holding the k-th largest
+// key is found by a scan from the top, the threshold is interpolated inside it with integer math,
+// and tensors the window cannot answer get an exact MSB-first radix select. The constants must
+// equal threshold.py's: _C.constants() exposes them and a test compares the two.
+#pragma once
+#include <cstdint>
+#include <cstring>
+
+#include "hd.h"
+
+namespace epi {
+
+constexpr int32_t KEY_NONE = 0x7F800000;  // key of +inf: no eligible key reaches it
+constexpr int MANTISSA_BITS = 10;
+constexpr int WINDOW_OCTAVES = 4;
+constexpr int BIN_SHIFT = 23 - MANTISSA_BITS;
+constexpr int32_t BIN_WIDTH = 1 << BIN_SHIFT;
+constexpr int WINDOW_BINS = WINDOW_OCTAVES << MANTISSA_BITS;
+constexpr int32_t WINDOW_KEYS = WINDOW_BINS << BIN_SHIFT;  // keys spanned by the window (2^25)
+
+// Repair digits, most significant first: (shift, bits) of the 31-bit key. Any exact radix split
+// gives the same integer as threshold.radix_threshold; 11/10/10 bits keep the scratch histogram of
+// a tensor at 2048 counters.
+constexpr int RADIX_LEVELS = 3;
+EPI_HD constexpr int radix_shift(int level) { return level == 0 ? 20 : level == 1 ? 10 : 0; }
+EPI_HD constexpr int radix_bits(int level) { return level == 0 ? 11 : 10; }
+constexpr int RADIX_BINS = 1 << 11;  // scratch counters per tensor
+
+EPI_HD uint32_t float_bits(float x) {
+#ifdef __CUDA_ARCH__
+  return __float_as_uint(x);
+#else
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof u);
+  return u;
+#endif
+}
+
+// threshold.score_keys for one fp32 score.
+EPI_HD int32_t score_key(float s) {
+  int32_t bits = static_cast<int32_t>(float_bits(s) & 0x7FFFFFFFu);
+  return bits >= KEY_NONE ? 0 : bits;
+}
+
+// threshold.window_origin: one octave below the anchor, bin aligned, at least BIN_WIDTH; 0 means
+// "no window" (no previous threshold), which sends the tensor to the repair path.
+EPI_HD int32_t window_origin(int32_t anchor) {
+  if (anchor >= KEY_NONE) return 0;
+  int32_t origin = ((anchor - (1 << 23)) >> BIN_SHIFT) << BIN_SHIFT;
+  return origin < BIN_WIDTH ? BIN_WIDTH : origin;
+}
+
+// Where a key goes in the window histogram of `origin`: a bin in [0, WINDOW_BINS), OVER for an
+// eligible key at or above the window end, or BELOW (not counted: only the k-th largest matters).
+constexpr int BELOW = -1, OVER = WINDOW_BINS;
+EPI_HD int window_slot(int32_t key, int32_t origin) {
+  int32_t rel = key - origin;  // origin >= BIN_WIDTH > 0, so rel >= 0 implies an eligible key
+  if (key <= 0 || origin <= 0 || rel < 0) return BELOW;
+  return rel >= WINDOW_KEYS ? OVER : rel >> BIN_SHIFT;
+}
+
+// Radix digit of `key` at `level`, or -1 when the key is ineligible or its higher digits differ from
+// those chosen so far (`prefix`).
+EPI_HD int radix_digit(int32_t key, int32_t prefix, int level) {
+  int high = radix_shift(level) + radix_bits(level);
+  if (key <= 0 || (key >> high) != (prefix >> high)) return -1;
+  return (key >> radix_shift(level)) & ((1 << radix_bits(level)) - 1);
+}
+
+struct BinHit {
+  int bin;       // -1: the k-th largest is not in these bins
+  int64_t need;  // keys still to take from `bin`
+  int64_t count; // keys in `bin`
+};
+
+// threshold.select_bin over counts[0, n) with `above` keys beyond the last bin: scan from the top
+// for the highest bin b with C(b) = above + sum(counts[b:]) >= k. The select kernel runs it on one
+// thread's slice of bins, with `above` the keys beyond that slice.
+EPI_HD BinHit select_bin(const int32_t* counts, int n, int64_t above, int64_t k) {
+  if (k < 1 || above >= k) return {-1, 0, 0};
+  int64_t run = above;
+  for (int b = n - 1; b >= 0; --b) {
+    int64_t c = counts[b];
+    if (run + c >= k) return {b, k - run, c};
+    run += c;
+  }
+  return {-1, 0, 0};
+}
+
+// threshold.tolerance: the largest count error accepted from interpolation.
+EPI_HD int64_t tolerance(int64_t k) { return k / 200 > 4 ? k / 200 : 4; }
+
+// threshold.window_threshold after select_bin: the interpolated threshold, or KEY_NONE when the
+// window cannot answer (no window, k-th largest outside it, or a bin too coarse) and the tensor
+// needs the repair path.
+EPI_HD int32_t window_tau(int32_t origin, BinHit hit, int64_t k) {
+  if (origin <= 0 || hit.bin < 0 || hit.count - 1 > tolerance(k)) return KEY_NONE;
+  int64_t bin_hi = static_cast<int64_t>(origin) + (static_cast<int64_t>(hit.bin + 1) << BIN_SHIFT);
+  int64_t step_down = (hit.need * BIN_WIDTH + hit.count - 1) / hit.count;  // ceil
+  return static_cast<int32_t>(bin_hi - step_down);
+}
+
+// The window select of one tensor: its threshold, or KEY_NONE and a repair flag (k >= 1).
+EPI_HD void window_finish(int32_t origin, BinHit hit, int64_t k, int32_t* tau, int32_t* repair) {
+  *tau = window_tau(origin, hit, k);
+  *repair = k >= 1 && *tau == KEY_NONE;
+}
+
+// One repair level of one tensor, after select_bin on its digit counts: append the digit to the
+// prefix; with no eligible key isolate nothing; after the last digit the prefix is the threshold.
+EPI_HD void radix_finish(int level, BinHit hit, int32_t* prefix, int32_t* need, int32_t* tau, int32_t* repair) {
+  *prefix |= hit.bin << radix_shift(level);
+  *need = static_cast<int32_t>(hit.need);
+  if (hit.bin < 0) {
+    *tau = KEY_NONE;
+    *repair = 0;
+  } else if (level == RADIX_LEVELS - 1) {
+    *tau = *prefix;
+    *repair = 0;
+  }
+}
+
+}  // namespace epi

@@ -1,0 +1,98 @@
+"""backend="cuda": the CUDA C++ kernel set (the extension ``epi_kernels._C``, built from csrc/ and
+python/) of the fused flow in :mod:`epi_kernels.fused_driver`.
+
+The extension takes raw device addresses and the current CUDA stream, so it needs no torch headers;
+every call raises RuntimeError with the CUDA error when a launch fails. Its submodule ``_C.host`` is
+the host harness: the same launch functions emulated on the CPU, block after block, with the
+kernels' own ``__host__ __device__`` element and threshold functions. With ``EPI_CUDA_HOST=1`` the
+"cuda" backend steps CPU tensors through it (the tests do, on machines without a GPU), as Triton's
+interpreter does for the "triton" backend.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import Tensor
+
+from . import _C, fused_driver
+from .fused_driver import CHUNK, COLUMNS, Launch, StepFlags
+from .threshold import WINDOW_BINS
+
+__all__ = ["CudaKernels", "cuda_epi_adamw", "window_thresholds", "DTYPE_CODES", "KERNELS", "HOST_KERNELS"]
+
+_K = _C.constants()
+DTYPE_CODES = {torch.float32: _K["DTYPE_F32"], torch.bfloat16: _K["DTYPE_BF16"], torch.float16: _K["DTYPE_F16"]}
+if (_K["CHUNK"], _K["TABLE_WIDTH"], _K["WINDOW_BINS"]) != (CHUNK, len(COLUMNS), WINDOW_BINS):
+    raise ImportError(f"epi_kernels._C was built for other tables than this package: {_K} (a stale build?)")
+
+
+def _address(t: Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+
+
+def step_flags(flags: StepFlags) -> int:
+    """The extension's bit set for `flags`."""
+    names = ("STEP_SQ", "STEP_MAXIMIZE", "STEP_AMSGRAD", "STEP_REFRESH", "STEP_HIST")
+    return sum(_K[name] for name, on in zip(names, flags) if on)
+
+
+class CudaKernels:
+    """:class:`epi_kernels.fused_driver.Kernels` with the launch functions of `ops`: ``_C`` (CUDA
+    tensors, on the current stream) or ``_C.host`` (CPU tensors, the host harness)."""
+
+    def __init__(self, ops, on_gpu: bool) -> None:
+        self.ops, self.on_gpu = ops, on_gpu
+
+    def _stream(self, device: torch.device) -> tuple[int, ...]:
+        return (torch.cuda.current_stream(device).cuda_stream,) if self.on_gpu else ()
+
+    def window_histogram(self, launch: Launch, origin: Tensor, hist: Tensor, over: Tensor) -> None:
+        self.ops.window_histogram(launch.table.data_ptr(), launch.chunks.data_ptr(), launch.programs,
+                                  DTYPE_CODES[launch.score_dtype], origin.data_ptr(), hist.data_ptr(),
+                                  over.data_ptr(), *self._stream(launch.device))
+
+    def select(self, launch: Launch, hist: Tensor, over: Tensor, origin: Tensor, k: Tensor,
+               tau: Tensor, repair: Tensor) -> None:
+        stream = self._stream(launch.device)
+        self.ops.window_select(len(launch.idx), hist.data_ptr(), over.data_ptr(), origin.data_ptr(), k.data_ptr(),
+                               tau.data_ptr(), repair.data_ptr(), *stream)
+        flags = repair.clone()  # the repair kernels clear flags as tensors finish
+        prefix, need, scratch = launch.zeros(), k.clone(), launch.zeros(_K["RADIX_BINS"])
+        self.ops.radix_repair(launch.table.data_ptr(), launch.chunks.data_ptr(), launch.programs, len(launch.idx),
+                              DTYPE_CODES[launch.score_dtype], flags.data_ptr(), prefix.data_ptr(),
+                              need.data_ptr(), scratch.data_ptr(), tau.data_ptr(), *stream)
+
+    def fused_step(self, launch: Launch, scalars: tuple[float, ...], flags: StepFlags, tau, origin, hist, over,
+                   counts) -> None:
+        self.ops.fused_step(launch.table.data_ptr(), launch.chunks.data_ptr(), launch.programs,
+                            DTYPE_CODES[launch.param_dtype], DTYPE_CODES[launch.score_dtype], step_flags(flags),
+                            scalars, *(_address(t) for t in (tau, origin, hist, over, counts)),
+                            *self._stream(launch.device))
+
+
+KERNELS = CudaKernels(_C, on_gpu=True)
+HOST_KERNELS = CudaKernels(_C.host, on_gpu=False)
+
+
+def _on(device: torch.device):
+    """The kernel set for tensors on `device` and the context to launch in."""
+    if device.type == "cuda":
+        return KERNELS, torch.cuda.device(device)
+    return HOST_KERNELS, contextlib.nullcontext()
+
+
+def cuda_epi_adamw(*args, **kwargs) -> None:
+    """The EPI-AdamW step of epi_adamw(backend="cuda")."""
+    kernels, context = _on(args[0][0].device)
+    with context:
+        fused_driver.fused_epi_adamw(kernels, *args, **kwargs)
+
+
+def window_thresholds(scores: list[Tensor], ks: list[int], anchors: list[int]) -> tuple[Tensor, Tensor]:
+    """fused_driver.window_thresholds with the CUDA kernels (tests and benchmarks)."""
+    kernels, context = _on(scores[0].device)
+    with context:
+        return fused_driver.window_thresholds(kernels, scores, ks, anchors)

@@ -1,0 +1,193 @@
+// Host harness: the four launch functions of csrc/epi_kernels.h emulated on the CPU, one block
+// after another, over the same tensor and chunk tables (addresses of CPU tensors). Each block does
+// what its CUDA block does with the same __host__ __device__ functions (element.h, threshold_math.h);
+// only the parallel decomposition (vector loads, shared-memory histograms, block scans) is left
+// out. Run through epi_kernels.fused_driver, this is the CUDA backend minus the GPU, so the tests
+// hold its arithmetic to the pure-PyTorch reference on machines without one. Compiled with
+// -ffp-contract=off: no multiply-add is fused here either.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <array>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "epi_kernels.h"
+
+namespace py = pybind11;
+
+epi::StepScalars step_scalars(const std::array<double, 9>& s);  // bindings.cpp
+
+namespace {
+
+template <class T>
+T* ptr(uintptr_t address) { return reinterpret_cast<T*>(address); }
+
+struct HostChunk {
+  int tensor;
+  const int64_t* row;
+  int64_t first, end;  // elements [first, end) of the tensor
+};
+
+HostChunk chunk(uintptr_t table, uintptr_t chunks, int program) {
+  const int32_t* c = ptr<const int32_t>(chunks) + 2 * program;
+  const int64_t* row = ptr<const int64_t>(table) + static_cast<int64_t>(c[0]) * epi::TABLE_WIDTH;
+  const int64_t first = static_cast<int64_t>(c[1]) * epi::CHUNK;
+  const int64_t numel = row[epi::COL_NUMEL];
+  return {c[0], row, first, first + epi::CHUNK < numel ? first + epi::CHUNK : numel};
+}
+
+template <class T>
+T* column(const HostChunk& c, int col) { return reinterpret_cast<T*>(c.row[col]); }
+
+void count_window(int32_t key, int32_t origin, int32_t* hist, int32_t* over) {
+  const int slot = epi::window_slot(key, origin);
+  if (slot == epi::OVER) ++*over;
+  else if (slot >= 0) ++hist[slot];
+}
+
+template <class P, class S>
+void fused_step(uintptr_t table, uintptr_t chunks, int programs, unsigned flags, const epi::StepScalars& sc,
+                const int32_t* tau, const int32_t* origin, int32_t* hist, int32_t* over, int32_t* counts) {
+  using PR = typename P::raw;
+  using SR = typename S::raw;
+  for (int b = 0; b < programs; ++b) {
+    const HostChunk c = chunk(table, chunks, b);
+    PR* vmax = (flags & epi::STEP_AMSGRAD) ? column<PR>(c, epi::COL_MAX_EXP_AVG_SQ) : nullptr;
+    uint8_t* mask = column<uint8_t>(c, epi::COL_MASK);
+    for (int64_t i = c.first; i < c.end; i += 8) {
+      const int valid = c.end - i < 8 ? static_cast<int>(c.end - i) : 8;
+      int32_t keys[8];
+      const unsigned old = mask[i >> 3];
+      const unsigned bits = epi::step_group<P, S>(
+          column<PR>(c, epi::COL_PARAM) + i, column<const PR>(c, epi::COL_GRAD) + i,
+          column<PR>(c, epi::COL_EXP_AVG) + i, column<PR>(c, epi::COL_EXP_AVG_SQ) + i, vmax ? vmax + i : nullptr,
+          column<SR>(c, epi::COL_IMPORTANCE) + i, old, valid, (flags & epi::STEP_REFRESH) ? tau[c.tensor] : epi::KEY_NONE,
+          sc, flags, keys);
+      if (flags & epi::STEP_REFRESH) {
+        mask[i >> 3] = static_cast<uint8_t>(bits);
+        counts[2 * c.tensor] += __builtin_popcount(bits);
+        counts[2 * c.tensor + 1] += __builtin_popcount(bits & old);
+      }
+      if (flags & epi::STEP_HIST)
+        for (int j = 0; j < valid; ++j)
+          count_window(keys[j], origin[c.tensor], hist + static_cast<int64_t>(c.tensor) * epi::WINDOW_BINS,
+                       over + c.tensor);
+    }
+  }
+}
+
+template <class P>
+void fused_step(int score_dtype, uintptr_t table, uintptr_t chunks, int programs, unsigned flags,
+                const epi::StepScalars& sc, const int32_t* tau, const int32_t* origin, int32_t* hist, int32_t* over,
+                int32_t* counts) {
+  if (score_dtype == epi::DTYPE_BF16) fused_step<P, epi::BF16>(table, chunks, programs, flags, sc, tau, origin, hist, over, counts);
+  else fused_step<P, epi::F32>(table, chunks, programs, flags, sc, tau, origin, hist, over, counts);
+}
+
+template <class S>
+float score_at(const HostChunk& c, int64_t i) { return S::load(column<const typename S::raw>(c, epi::COL_IMPORTANCE)[i]); }
+
+float score(int score_dtype, const HostChunk& c, int64_t i) {
+  return score_dtype == epi::DTYPE_BF16 ? score_at<epi::BF16>(c, i) : score_at<epi::F32>(c, i);
+}
+
+void window_histogram(uintptr_t table, uintptr_t chunks, int programs, int score_dtype, const int32_t* origin,
+                      int32_t* hist, int32_t* over) {
+  for (int b = 0; b < programs; ++b) {
+    const HostChunk c = chunk(table, chunks, b);
+    if (origin[c.tensor] <= 0) continue;
+    for (int64_t i = c.first; i < c.end; ++i)
+      count_window(epi::score_key(score(score_dtype, c, i)), origin[c.tensor],
+                   hist + static_cast<int64_t>(c.tensor) * epi::WINDOW_BINS, over + c.tensor);
+  }
+}
+
+void window_select(int tensors, const int32_t* hist, const int32_t* over, const int32_t* origin, const int32_t* k,
+                   int32_t* tau, int32_t* repair) {
+  for (int t = 0; t < tensors; ++t)
+    epi::window_finish(origin[t], epi::select_bin(hist + static_cast<int64_t>(t) * epi::WINDOW_BINS, epi::WINDOW_BINS,
+                                                  over[t], k[t]),
+                       k[t], tau + t, repair + t);
+}
+
+void radix_repair(uintptr_t table, uintptr_t chunks, int programs, int tensors, int score_dtype, int32_t* repair,
+                  int32_t* prefix, int32_t* need, int32_t* scratch, int32_t* tau) {
+  for (int level = 0; level < epi::RADIX_LEVELS; ++level) {
+    for (int b = 0; b < programs; ++b) {  // radix_count_kernel
+      const HostChunk c = chunk(table, chunks, b);
+      if (!repair[c.tensor]) continue;
+      for (int64_t i = c.first; i < c.end; ++i) {
+        const int d = epi::radix_digit(epi::score_key(score(score_dtype, c, i)), prefix[c.tensor], level);
+        if (d >= 0) ++scratch[static_cast<int64_t>(c.tensor) * epi::RADIX_BINS + d];
+      }
+    }
+    for (int t = 0; t < tensors; ++t) {  // radix_select_kernel
+      if (!repair[t]) continue;
+      int32_t* row = scratch + static_cast<int64_t>(t) * epi::RADIX_BINS;
+      const int nbins = 1 << epi::radix_bits(level);
+      int64_t k = need[t];
+      if (level == 0) {
+        int64_t eligible = 0;
+        for (int d = 0; d < nbins; ++d) eligible += row[d];
+        k = k < eligible ? k : eligible;
+      }
+      const epi::BinHit hit = epi::select_bin(row, nbins, 0, k);
+      for (int d = 0; d < nbins; ++d) row[d] = 0;
+      epi::radix_finish(level, hit, prefix + t, need + t, tau + t, repair + t);
+    }
+  }
+}
+
+}  // namespace
+
+void bind_host_harness(py::module_& m) {
+  m.def("fused_step", [](uintptr_t table, uintptr_t chunks, int programs, int param_dtype, int score_dtype,
+                         unsigned flags, const std::array<double, 9>& scalars, uintptr_t tau, uintptr_t origin,
+                         uintptr_t hist, uintptr_t over, uintptr_t counts) {
+    const epi::StepScalars sc = step_scalars(scalars);
+    auto run = [&](auto param) {
+      fused_step<decltype(param)>(score_dtype, table, chunks, programs, flags, sc, ptr<const int32_t>(tau),
+                                  ptr<const int32_t>(origin), ptr<int32_t>(hist), ptr<int32_t>(over), ptr<int32_t>(counts));
+    };
+    switch (param_dtype) {
+      case epi::DTYPE_F32: run(epi::F32{}); break;
+      case epi::DTYPE_BF16: run(epi::BF16{}); break;
+      case epi::DTYPE_F16: run(epi::F16{}); break;
+      default: throw std::invalid_argument("unknown param dtype code " + std::to_string(param_dtype));
+    }
+  }, "_C.fused_step on CPU tensors.", py::arg("table"), py::arg("chunks"), py::arg("programs"),
+        py::arg("param_dtype"), py::arg("score_dtype"), py::arg("flags"), py::arg("scalars"), py::arg("tau"),
+        py::arg("origin"), py::arg("hist"), py::arg("over"), py::arg("counts"));
+  m.def("window_histogram", [](uintptr_t table, uintptr_t chunks, int programs, int score_dtype, uintptr_t origin,
+                               uintptr_t hist, uintptr_t over) {
+    window_histogram(table, chunks, programs, score_dtype, ptr<const int32_t>(origin), ptr<int32_t>(hist), ptr<int32_t>(over));
+  }, "_C.window_histogram on CPU tensors.", py::arg("table"), py::arg("chunks"), py::arg("programs"),
+        py::arg("score_dtype"), py::arg("origin"), py::arg("hist"), py::arg("over"));
+  m.def("window_select", [](int tensors, uintptr_t hist, uintptr_t over, uintptr_t origin, uintptr_t k, uintptr_t tau,
+                            uintptr_t repair) {
+    window_select(tensors, ptr<const int32_t>(hist), ptr<const int32_t>(over), ptr<const int32_t>(origin),
+                  ptr<const int32_t>(k), ptr<int32_t>(tau), ptr<int32_t>(repair));
+  }, "_C.window_select on CPU tensors.", py::arg("tensors"), py::arg("hist"), py::arg("over"), py::arg("origin"),
+        py::arg("k"), py::arg("tau"), py::arg("repair"));
+  m.def("radix_repair", [](uintptr_t table, uintptr_t chunks, int programs, int tensors, int score_dtype,
+                           uintptr_t repair, uintptr_t prefix, uintptr_t need, uintptr_t scratch, uintptr_t tau) {
+    radix_repair(table, chunks, programs, tensors, score_dtype, ptr<int32_t>(repair), ptr<int32_t>(prefix),
+                 ptr<int32_t>(need), ptr<int32_t>(scratch), ptr<int32_t>(tau));
+  }, "_C.radix_repair on CPU tensors.", py::arg("table"), py::arg("chunks"), py::arg("programs"), py::arg("tensors"),
+        py::arg("score_dtype"), py::arg("repair"), py::arg("prefix"), py::arg("need"), py::arg("scratch"),
+        py::arg("tau"));
+  m.def("round_to", [](int dtype, uintptr_t src, uintptr_t dst, int64_t n) {
+    if (dtype != epi::DTYPE_BF16 && dtype != epi::DTYPE_F16) throw std::invalid_argument("round_to: dtype must be bf16 or f16");
+    const float* x = ptr<const float>(src);
+    for (int64_t i = 0; i < n; ++i)
+      ptr<uint16_t>(dst)[i] = dtype == epi::DTYPE_BF16 ? epi::BF16::store(x[i]) : epi::F16::store(x[i]);
+  }, "fp32 -> bf16/fp16 bits with the kernels' rounding.", py::arg("dtype"), py::arg("src"), py::arg("dst"), py::arg("n"));
+  m.def("widen", [](int dtype, uintptr_t src, uintptr_t dst, int64_t n) {
+    if (dtype != epi::DTYPE_BF16 && dtype != epi::DTYPE_F16) throw std::invalid_argument("widen: dtype must be bf16 or f16");
+    const uint16_t* x = ptr<const uint16_t>(src);
+    for (int64_t i = 0; i < n; ++i)
+      ptr<float>(dst)[i] = dtype == epi::DTYPE_BF16 ? epi::BF16::load(x[i]) : epi::F16::load(x[i]);
+  }, "bf16/fp16 bits -> fp32 with the kernels' conversion.", py::arg("dtype"), py::arg("src"), py::arg("dst"), py::arg("n"));
+}

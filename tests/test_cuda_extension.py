@@ -1,0 +1,74 @@
+"""The compiled extension epi_kernels._C on any machine: its constants are the threshold engine's,
+a missing GPU or driver is a clear RuntimeError (never a silent no-op), and its fp32 <-> bf16/fp16
+conversions (csrc/element.h, run through the host harness) are torch's to the bit.
+
+The kernels' arithmetic against the pure-PyTorch reference is tested in test_fused_backends.py
+(the "cuda-host-harness" cases without a GPU, "cuda" with one)."""
+import pytest
+import torch
+
+from epi_kernels import fused_driver
+from epi_kernels import threshold as th
+from kernel_devices import HAS_CUDA, HAS_EXTENSION, NO_EXTENSION
+
+pytestmark = pytest.mark.skipif(not HAS_EXTENSION, reason=NO_EXTENSION)
+
+
+@pytest.fixture(scope="module")
+def C():
+    from epi_kernels import _C
+
+    return _C
+
+
+def test_constants_are_the_reference_engines(C):
+    k = C.constants()
+    for name in ("KEY_NONE", "MANTISSA_BITS", "WINDOW_OCTAVES", "BIN_SHIFT", "BIN_WIDTH", "WINDOW_BINS"):
+        assert k[name] == getattr(th, name), name
+    assert (k["CHUNK"], k["TABLE_WIDTH"]) == (fused_driver.CHUNK, len(fused_driver.COLUMNS))
+    # the repair digits tile the 31-bit key from the top, and fit the scratch row
+    levels = k["RADIX_LEVELS"]
+    assert levels[0][0] + levels[0][1] == 31 and levels[-1][0] == 0
+    assert all(a[0] == b[0] + b[1] for a, b in zip(levels, levels[1:]))
+    assert max(bits for _, bits in levels) <= k["RADIX_BINS"].bit_length() - 1
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="checks the error without a GPU")
+def test_no_gpu_is_a_clear_runtime_error(C):
+    with pytest.raises(RuntimeError, match=r"epi_kernels\._C\.device_count: cuda\w+: "):
+        C.device_count()
+    # a launch, too: the kernel never runs, and the wrapper says so instead of returning
+    with pytest.raises(RuntimeError, match=r"epi_kernels\._C\.window_select: cuda\w+: "):
+        C.window_select(1, 0, 0, 0, 0, 0, 0, 0)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")
+def test_device_count_on_a_gpu(C):
+    assert C.device_count() == torch.cuda.device_count() >= 1
+
+
+def _special_floats():
+    g = torch.Generator().manual_seed(0)
+    bits = torch.randint(0, 2**31, (200_000,), generator=g, dtype=torch.int64)
+    bits = torch.cat([bits, bits | (1 << 31)]).to(torch.int64)
+    random = (bits - (bits >= 2**31).long() * 2**32).to(torch.int32).view(torch.float32)  # every exponent
+    halfway = torch.arange(-4096, 4096, dtype=torch.float32) * 2**-10 + 2**-11  # ties of fp16/bf16 steps
+    edges = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), float("nan"), 65504.0, 65519.99, 65520.0,
+                          2**-14, 2**-24, 2**-25, 1.5 * 2**-25, 2**-26, 6.1e-5, 3.4e38, 1e-40, -1e-45])
+    return torch.cat([random, halfway, edges, halfway * 2**-14, halfway * 2**-20])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_storage_rounding_and_widening_match_torch(C, dtype):
+    code = C.constants()["DTYPE_BF16" if dtype == torch.bfloat16 else "DTYPE_F16"]
+    x = _special_floats()
+    got = torch.empty(x.shape, dtype=torch.int16)
+    C.host.round_to(code, x.data_ptr(), got.data_ptr(), x.numel())
+    want = x.to(dtype).view(torch.int16)
+    nan = x.isnan()
+    assert torch.equal(got[~nan], want[~nan])
+    assert got[nan].view(dtype).isnan().all()
+    back = torch.empty(x.shape, dtype=torch.float32)
+    C.host.widen(code, want.data_ptr(), back.data_ptr(), x.numel())
+    assert torch.equal(back[~nan].view(torch.int32), want[~nan].view(dtype).float().view(torch.int32))
+    assert back[nan].isnan().all()
