@@ -10,6 +10,7 @@ score. fp32 everywhere: AdamW 28 B, EPI 36.125 B (ideal EPI/AdamW time ratio 1.2
 """
 from __future__ import annotations
 
+import importlib
 import math
 import os
 import platform
@@ -23,7 +24,7 @@ import torch
 
 from epi_kernels import EPIAdamW, available_backends
 from epi_kernels import threshold as th
-from epi_kernels.backends import check_device
+from epi_kernels.backends import FUSED_BACKENDS, check_device
 from epi_kernels.functional import refresh_ops
 from epi_kernels.refresh import refresh_masks
 from epi_kernels.state import init_epi_state
@@ -70,6 +71,11 @@ def runnable_backends(device: str) -> list[str]:
             continue
         out.append(b)
     return out
+
+
+def kernel_backends() -> list[str]:
+    """The fused kernel backends installed here ("triton" if Triton is, "cuda" if the extension is)."""
+    return [b for b in available_backends() if b in FUSED_BACKENDS]
 
 
 def dry_cases() -> list[Case]:
@@ -186,11 +192,10 @@ def threshold_contenders(n: int, device: str, backends) -> dict[str, Callable[[]
         refresh_masks([state], isolation_ratio=0.01, scope="tensor", threshold="approx", step=1,
                       ops=refresh_ops(backend))
 
-    fns = {f"refresh ({b})": (lambda b=b: refresh(b)) for b in backends if b != "triton"}
-    if "triton" in backends:  # its refresh runs inside the step: here its threshold kernels alone
-        from epi_kernels.triton_backend import window_thresholds  # noqa: PLC0415 - imports Triton
-
-        fns["threshold kernels (triton)"] = lambda: window_thresholds([scores], [k], [anchor])
+    fns = {f"refresh ({b})": (lambda b=b: refresh(b)) for b in backends if b not in FUSED_BACKENDS}
+    for b in (b for b in backends if b in FUSED_BACKENDS):  # refresh inside the step: the threshold kernels alone
+        kernels = importlib.import_module(f"epi_kernels.{b}_backend")  # imports Triton / the extension
+        fns[f"threshold kernels ({b})"] = lambda kernels=kernels: kernels.window_thresholds([scores], [k], [anchor])
     fns = {**fns,
            "window threshold": lambda: th.approx_threshold([keys], k, anchor),
            "radix threshold (repair)": lambda: th.radix_threshold([keys], k),

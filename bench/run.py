@@ -3,8 +3,9 @@
     python bench/run.py            # full suite on this machine (CUDA if present, else CPU)
     python bench/run.py --quick    # under a minute on 2 CPU cores
     python -m bench --quick        # the same
-    python bench/run.py --dry      # the GPU code paths (Triton kernels) on CPU, in Triton's
-                                   # interpreter, at toy sizes: checks the code runs; no timings worth reading
+    python bench/run.py --dry      # the GPU code paths on CPU (Triton's interpreter, the CUDA
+                                   # extension's host harness) at toy sizes: checks the code runs;
+                                   # no timings worth reading
 
 Prints a table and writes JSON (machine, versions, git revision, every figure with median and
 spread) to bench/results/. Contenders of one row are built on identical tensors and timed
@@ -25,6 +26,7 @@ import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from bench import common  # noqa: E402
+from epi_kernels.backends import FUSED_BACKENDS  # noqa: E402
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 BASELINES = ("adamw-fused", "adamw-foreach")
@@ -65,24 +67,23 @@ def bench_steps(device, cases, dtypes, backends, reps, threads) -> list[dict]:
     return rows
 
 
-def bench_triton_variants(device, cases, dtypes, reps) -> list[dict]:
-    """The Triton step with and without histogram / refresh work (bench/triton_steps.py)."""
-    from bench.triton_steps import triton_step_variants  # noqa: PLC0415 - imports Triton
+def bench_kernel_variants(device, cases, dtypes, reps, backends) -> list[dict]:
+    """The fused kernel steps with and without histogram / refresh work (bench/kernel_steps.py)."""
+    from bench.kernel_steps import step_variants  # noqa: PLC0415 - imports Triton / the extension
 
     rows = []
-    for case in cases:
-        for dtype in dtypes:
-            fns = triton_step_variants(common.make_params(case, dtype, device))
-            for f in fns.values():  # compile every variant
-                f()
-            times = {name: [] for name in fns}
-            for _ in range(reps):
-                for name, f in fns.items():
-                    times[name].append(common.timed(f, device))
-            for name in fns:
-                rows.append({"case": case.name, "numel": case.numel, "tensors": len(case.shapes),
-                             "dtype": str(dtype).removeprefix("torch."), "variant": name, **common.summary(times[name]),
-                             "vs_plain": ratio_summary(times[name], times["plain"])})
+    for case, dtype, backend in ((c, d, b) for c in cases for d in dtypes for b in backends):
+        fns = step_variants(common.make_params(case, dtype, device), backend)
+        for f in fns.values():  # compile every variant
+            f()
+        times = {name: [] for name in fns}
+        for _ in range(reps):
+            for name, f in fns.items():
+                times[name].append(common.timed(f, device))
+        for name in fns:
+            rows.append({"case": case.name, "numel": case.numel, "tensors": len(case.shapes),
+                         "dtype": str(dtype).removeprefix("torch."), "backend": backend, "variant": name,
+                         **common.summary(times[name]), "vs_plain": ratio_summary(times[name], times["plain"])})
     return rows
 
 
@@ -159,10 +160,10 @@ def print_tables(res) -> None:
         sp = next(v for k, v in r.items() if k.startswith("speedup_vs_"))
         print(f"{r['numel']:>10} {r['threads'] or '-':>3} {r['what']:>26} {r['median_ms']:>10.2f} "
               f"{r['min_ms']:>9.2f}..{r['max_ms']:<9.2f} {sp['median']:>16.2f}")
-    if res.get("triton_variants"):
-        print(f"\n{'case':>8} {'dtype':>8} {'triton step':>10} {'median ms':>10} {'q1..q3 ms':>17} {'x plain':>8}")
-        for r in res["triton_variants"]:
-            print(f"{r['case']:>8} {r['dtype']:>8} {r['variant']:>10} {r['median_ms']:>10.3f} "
+    if res.get("kernel_variants"):
+        print(f"\n{'case':>8} {'dtype':>8} {'backend':>7} {'step':>10} {'median ms':>10} {'q1..q3 ms':>17} {'x plain':>8}")
+        for r in res["kernel_variants"]:
+            print(f"{r['case']:>8} {r['dtype']:>8} {r['backend']:>7} {r['variant']:>10} {r['median_ms']:>10.3f} "
                   f"{r['q1_ms']:>8.3f}..{r['q3_ms']:<8.3f} {r['vs_plain']['median']:>8.3f}")
     print(f"\n{'param dtype':>11} {'optimizer':>22} {'state B/param':>14} {'over AdamW':>11} {'index cache B/param':>20}")
     for r in res["memory"]:
@@ -198,30 +199,38 @@ def targets(res) -> list[dict]:
 
 
 def gpu_targets(res) -> list[dict]:
-    """The GPU targets (DESIGN.md section 5) for the Triton backend, from this run's medians."""
+    """The GPU targets (DESIGN.md section 5) for each fused kernel backend, from this run's medians,
+    and the CUDA backend at least as fast as the Triton one on every benchmarked size."""
     out = []
     copy = res.get("copy_gb_per_s")
-    for r in res["steps"]:
-        if r["contender"] != "epi-triton" or r["dtype"] != "float32" or r["step"] != "normal":
+    normal = {(r["contender"], r["case"], r["dtype"]): r for r in res["steps"] if r["step"] == "normal"}
+    for (contender, case, dtype), r in normal.items():
+        backend = contender.removeprefix("epi-")
+        if backend not in FUSED_BACKENDS:
+            continue
+        if backend == "cuda" and ("epi-triton", case, dtype) in normal:
+            ratio = r["median_ms"] / normal["epi-triton", case, dtype]["median_ms"]
+            out.append({"target": f"epi-cuda / epi-triton, {case} {dtype}", "limit": "<= 1.00",
+                        "measured": ratio, "met": ratio <= 1.0})
+        if dtype != "float32":
             continue
         pct = 100 * r["gb_per_s"] / copy
         fused = r["vs_adamw-fused"]["median"]
-        out.append({"target": f"epi-triton GB/s as % of device copy, {r['case']} fp32", "limit": ">= 85",
+        out.append({"target": f"{contender} GB/s as % of device copy, {case} fp32", "limit": ">= 85",
                     "measured": pct, "met": pct >= 85})
-        out.append({"target": f"epi-triton / adamw-fused, {r['case']} fp32", "limit": "<= 1.35",
+        out.append({"target": f"{contender} / adamw-fused, {case} fp32", "limit": "<= 1.35",
                     "measured": fused, "met": fused <= 1.35})
-        unfused = next(u for u in res["steps"] if u["contender"] == "unfused" and u["case"] == r["case"]
-                       and u["dtype"] == r["dtype"] and u["step"] == "normal")
-        speedup = unfused["median_ms"] / r["median_ms"]
-        out.append({"target": f"epi-triton speedup over unfused EPI ops, {r['case']} fp32", "limit": ">= 5",
+        speedup = normal["unfused", case, dtype]["median_ms"] / r["median_ms"]
+        out.append({"target": f"{contender} speedup over unfused EPI ops, {case} fp32", "limit": ">= 5",
                     "measured": speedup, "met": speedup >= 5})
-    for case in sorted({r["case"] for r in res["triton_variants"]}):
-        rows = {r["variant"]: r for r in res["triton_variants"] if r["case"] == case and r["dtype"] == "float32"}
+    for case, backend in sorted({(r["case"], r["backend"]) for r in res["kernel_variants"]}):
+        rows = {r["variant"]: r for r in res["kernel_variants"]
+                if r["case"] == case and r["backend"] == backend and r["dtype"] == "float32"}
         if {"plain", "histogram", "refresh"} <= rows.keys():
             extra = 100 * ((rows["histogram"]["median_ms"] + rows["refresh"]["median_ms"])
                            / (2 * rows["plain"]["median_ms"]) - 1)
-            out.append({"target": f"histogram + select overhead (mean of the two steps vs plain), {case} fp32",
-                        "limit": "<= 5 %", "measured": extra, "met": extra <= 5})
+            out.append({"target": f"{backend} histogram + select overhead (mean of the two steps vs plain), "
+                                  f"{case} fp32", "limit": "<= 5 %", "measured": extra, "met": extra <= 5})
     return out
 
 
@@ -245,10 +254,10 @@ def markdown(res) -> str:
     for r in res["threshold"]:
         sp = next(v for k, v in r.items() if k.startswith("speedup_vs_"))
         lines.append(f"| {r['numel']} | {r['threads'] or '-'} | {r['what']} | {r['median_ms']:.1f} | {sp['median']:.2f} |")
-    if res.get("triton_variants"):
-        lines += ["", "| case | dtype | triton step | median ms | x plain |", "|---|---|---|---|---|"]
-        lines += [f"| {r['case']} | {r['dtype']} | {r['variant']} | {r['median_ms']:.3f} | {r['vs_plain']['median']:.3f} |"
-                  for r in res["triton_variants"]]
+    if res.get("kernel_variants"):
+        lines += ["", "| case | dtype | backend | step | median ms | x plain |", "|---|---|---|---|---|---|"]
+        lines += [f"| {r['case']} | {r['dtype']} | {r['backend']} | {r['variant']} | {r['median_ms']:.3f} | "
+                  f"{r['vs_plain']['median']:.3f} |" for r in res["kernel_variants"]]
     lines += ["", "| param dtype | optimizer | state B/param | over AdamW |", "|---|---|---|---|"]
     lines += [f"| {r['param_dtype']} | {r['optimizer']} | {r['state_bytes_per_param']:.3f} | {r['over_adamw']:.3f} |"
               for r in res["memory"]]
@@ -281,9 +290,10 @@ def main(argv=None) -> dict:
 
     if args.dry:
         os.environ["TRITON_INTERPRET"] = "1"  # before the kernels are first imported
+        os.environ["EPI_CUDA_HOST"] = "1"  # the CUDA backend's host harness on CPU tensors
         args.device, args.quick = "cpu", True
     cuda = args.device.startswith("cuda")
-    default_backends = ["triton", "torch"] if args.dry else ["torch"] if args.quick else common.runnable_backends(args.device)
+    default_backends = [*common.kernel_backends(), "torch"] if args.dry else ["torch"] if args.quick else common.runnable_backends(args.device)
     backends = args.backends.split(",") if args.backends else default_backends
     reps = args.reps or (1 if args.dry else 3 if args.quick else 9)
     dtypes = [torch.float32] if args.quick else [torch.float32, torch.bfloat16]
@@ -313,8 +323,8 @@ def main(argv=None) -> dict:
             torch.set_num_threads(threads[0])
         res["steps"] += bench_steps(args.device, cases, dtypes, backends, reps, threads[0])
         res["threshold"] += bench_threshold(args.device, sizes, reps, threads[0], backends)
-    res["triton_variants"] = (bench_triton_variants(args.device, cases, dtypes, reps)
-                              if "triton" in backends and (cuda or args.dry) else [])
+    fused = [b for b in backends if b in FUSED_BACKENDS]
+    res["kernel_variants"] = bench_kernel_variants(args.device, cases, dtypes, reps, fused) if cuda or args.dry else []
     res["memory"] = bench_memory(args.device)
     res["targets"] = gpu_targets(res) if cuda else [] if args.dry else targets(res)
     if not args.quiet:

@@ -32,3 +32,7 @@ KERNEL_BACKENDS = [
     pytest.param(("cuda", "cuda"), id="cuda", marks=pytest.mark.skipif(
         not (HAS_EXTENSION and HAS_CUDA), reason="no CUDA device" if HAS_EXTENSION else NO_EXTENSION)),
 ]
+
+# the fused kernel backends that step CPU tensors here (by name; for tests written for CPU tensors)
+CPU_KERNEL_BACKENDS = [pytest.param(p.values[0][0], id=p.values[0][0], marks=p.marks)
+                       for p in KERNEL_BACKENDS if p.values[0][1] == "cpu"]

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from epi_kernels import EPIAdamW
-from kernel_devices import TRITON_DEVICES
+from kernel_devices import CPU_KERNEL_BACKENDS
 
 EPI = dict(lr=0.05, isolation_ratio=0.25, refresh_interval=2, importance_beta=0.5)
-BACKENDS = ["torch", pytest.param("triton", marks=TRITON_DEVICES[0].marks)]
+BACKENDS = ["torch", *CPU_KERNEL_BACKENDS]
 
 
 def _snapshot(params, opt):

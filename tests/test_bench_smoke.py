@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from kernel_devices import HAS_TRITON
+from kernel_devices import HAS_EXTENSION, HAS_TRITON
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -41,7 +41,9 @@ def test_dry_run_exercises_the_gpu_code_paths_on_cpu(tmp_path):
     (path,) = tmp_path.glob("*-dry.json")
     res = json.loads(path.read_text())
     assert res["config"]["dry"] is True
-    assert {r["contender"] for r in res["steps"]} >= {"epi-triton", "epi-torch", "unfused", "adamw-fused"}
-    assert {r["variant"] for r in res["triton_variants"]} == {"plain", "histogram", "refresh", "repair"}
-    assert "threshold kernels (triton)" in {r["what"] for r in res["threshold"]}
-    assert all(r["median_ms"] > 0 for r in res["steps"] + res["triton_variants"])
+    kernels = {"triton"} | ({"cuda"} if HAS_EXTENSION else set())
+    assert {r["contender"] for r in res["steps"]} >= {"epi-torch", "unfused", "adamw-fused"} | {f"epi-{b}" for b in kernels}
+    assert {(r["backend"], r["variant"]) for r in res["kernel_variants"]} == {
+        (b, v) for b in kernels for v in ("plain", "histogram", "refresh", "repair")}
+    assert {f"threshold kernels ({b})" for b in kernels} <= {r["what"] for r in res["threshold"]}
+    assert all(r["median_ms"] > 0 for r in res["steps"] + res["kernel_variants"])

@@ -12,15 +12,16 @@ import torch
 import epi_kernels
 from epi_kernels.refresh import is_refresh_step
 from epi_kernels.threshold import score_keys
-from kernel_devices import TRITON_DEVICES
+from kernel_devices import CPU_KERNEL_BACKENDS
 
 EPIAdamW = epi_kernels.EPIAdamW
 
 
-@pytest.fixture(autouse=True, params=["torch", TRITON_DEVICES[0]], ids=lambda b: f"backend={b}")
+@pytest.fixture(autouse=True, params=["torch", *CPU_KERNEL_BACKENDS], ids=lambda b: f"backend={b}")
 def backend(request, monkeypatch):
-    """Every case runs on the reference backend and on the Triton kernels (interpreter, CPU)."""
-    name = "triton" if request.param == "cpu" else request.param
+    """Every case runs on the reference backend and on the kernel backends (CPU tensors: Triton's
+    interpreter, the CUDA extension's host harness)."""
+    name = request.param
     monkeypatch.setattr(sys.modules[__name__], "EPIAdamW", functools.partial(epi_kernels.EPIAdamW, backend=name))
     return name
 

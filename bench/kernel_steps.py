@@ -1,5 +1,6 @@
-"""The Triton step's variants side by side: what the histogram and the refresh cost on top of the
-plain fused step (DESIGN.md target: histogram + threshold selection <= 5 % of the step).
+"""A fused kernel backend's step variants side by side ("triton" or "cuda"): what the histogram and
+the refresh cost on top of the plain fused step (DESIGN.md target: histogram + threshold selection
+<= 5 % of the step).
 
     plain     the fused step alone (mask read, no histogram): a normal step
     histogram the step before a refresh: the same pass also counts the new scores
@@ -9,6 +10,7 @@ plain fused step (DESIGN.md target: histogram + threshold selection <= 5 % of th
 """
 from __future__ import annotations
 
+import importlib
 from typing import Callable
 
 import torch
@@ -20,11 +22,11 @@ from epi_kernels.threshold import KEY_NONE
 RATIO = 0.01
 
 
-def triton_step_variants(params: list[torch.nn.Parameter]) -> dict[str, Callable[[], None]]:
+def step_variants(params: list[torch.nn.Parameter], backend: str) -> dict[str, Callable[[], None]]:
     """Callables for each variant over `params` (with gradients), sharing one optimizer state."""
-    from epi_kernels.triton_backend import triton_epi_adamw  # noqa: PLC0415 - imports Triton
-
-    opt = EPIAdamW(params, backend="triton", isolation_ratio=RATIO, refresh_interval=1, warmup_steps=1)
+    # imports Triton or the extension, only when used
+    fused_step = getattr(importlib.import_module(f"epi_kernels.{backend}_backend"), f"{backend}_epi_adamw")
+    opt = EPIAdamW(params, backend=backend, isolation_ratio=RATIO, refresh_interval=1, warmup_steps=1)
     for _ in range(3):  # state, then real scores, then a threshold from real scores
         opt.step()
     group = opt.param_groups[0]
@@ -43,7 +45,7 @@ def triton_step_variants(params: list[torch.nn.Parameter]) -> dict[str, Callable
         # the collected histograms, re-dated to the previous step so that this refresh uses them
         fr = FusedRefresh(states, RATIO, step[0], refresh, collect,
                           {key: (step[0] - 1, *value[1:]) for key, value in (pending or {}).items()})
-        triton_epi_adamw(params, *lists, **hyper, fused_refresh=fr)
+        fused_step(params, *lists, **hyper, fused_refresh=fr)
         if collect and not collected:
             collected.update(fr.pending)
 
