@@ -36,13 +36,15 @@ __device__ __forceinline__ T* column(const int64_t* row, int col) {
 }
 
 // Elements [i, i + 8) of `base`: two or one 16-byte loads when the group is whole and `vec`
-// (every column 16-byte aligned), else scalar loads of the lanes that exist (zeros beyond).
+// (every column 16-byte aligned), else scalar loads of the lanes that exist (zeros beyond). Plain
+// loads, not __ldg: the step writes p, m, v and s in the same kernel, and the read-only path is
+// only promised for data no thread writes.
 template <class T>
 __device__ __forceinline__ void load8(T* out, const T* base, int64_t i, int valid, bool vec) {
   if (vec && valid == 8) {
 #pragma unroll
     for (int j = 0; j < 8; j += 16 / sizeof(T))
-      *reinterpret_cast<uint4*>(out + j) = __ldg(reinterpret_cast<const uint4*>(base + i + j));
+      *reinterpret_cast<uint4*>(out + j) = *reinterpret_cast<const uint4*>(base + i + j);
   } else {
 #pragma unroll
     for (int j = 0; j < 8; ++j) out[j] = j < valid ? base[i + j] : T(0);

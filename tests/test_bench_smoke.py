@@ -1,5 +1,6 @@
 """The benchmark runner's quick mode works from a clean checkout (no timing assertions)."""
 import json
+import os
 import math
 import pathlib
 import subprocess
@@ -47,3 +48,16 @@ def test_dry_run_exercises_the_gpu_code_paths_on_cpu(tmp_path):
         (b, v) for b in kernels for v in ("plain", "histogram", "refresh", "repair")}
     assert {f"threshold kernels ({b})" for b in kernels} <= {r["what"] for r in res["threshold"]}
     assert all(r["median_ms"] > 0 for r in res["steps"] + res["kernel_variants"])
+
+
+@pytest.mark.skipif(not HAS_EXTENSION, reason="the CUDA extension epi_kernels._C is not built")
+def test_sanitizer_run_passes_in_the_host_harness():
+    # the program device_check.sh runs under compute-sanitizer, here on CPU tensors
+    proc = subprocess.run([sys.executable, "bench/cuda_sanitize.py", "cpu"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "EPI_CUDA_HOST": "1"})
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 3 and all(" 0 mismatches" in line for line in lines)
+    repaired = [int(line.split("(")[1].split()[0]) for line in lines]
+    windows = [int(line.split(": ")[1].split()[0]) - r for line, r in zip(lines, repaired)]
+    assert min(repaired) > 0 and min(windows) > 0  # both threshold paths ran

@@ -29,7 +29,9 @@ def _params(dtype, device, seed=0):
     g = torch.Generator().manual_seed(seed)
     shapes = [(1,), (7,), (1023,), (4097,), (33, 31), (), (0,), (130, 70)]
     tensors = [torch.randn(s, generator=g) for s in shapes] + [torch.randn(24, 10, generator=g).t()]
-    return [torch.nn.Parameter(t.to(device=device, dtype=dtype)) for t in tensors]  # last: non-contiguous
+    params = [torch.nn.Parameter(t.to(device=device, dtype=dtype)) for t in tensors]  # last: non-contiguous
+    # contiguous but 2 or 4 bytes off a 16-byte boundary: the kernels' scalar (unvectorised) path
+    return params + [torch.nn.Parameter(torch.randn(4099, generator=g).to(device=device, dtype=dtype)[1:])]
 
 
 def _grads(params, step):
