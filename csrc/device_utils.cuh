@@ -7,8 +7,6 @@
 
 namespace epi {
 
-constexpr int THREADS = 256;
-constexpr int GROUPS_PER_PASS = THREADS;  // a thread owns 8 consecutive elements (one mask byte) per pass
 constexpr unsigned FULL = 0xFFFFFFFFu;
 
 // The chunk a block works on: tensor index, table row, first element and the tensor's numel.

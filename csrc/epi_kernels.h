@@ -17,6 +17,7 @@ namespace epi {
 
 constexpr int TABLE_WIDTH = 8;
 enum Column { COL_PARAM, COL_GRAD, COL_EXP_AVG, COL_EXP_AVG_SQ, COL_MAX_EXP_AVG_SQ, COL_IMPORTANCE, COL_MASK, COL_NUMEL };
+constexpr int THREADS = 256;  // threads per block (the host harness emulates the block scans with it)
 constexpr int64_t CHUNK = 8192;  // elements per block: a multiple of 8, so no two blocks share a mask byte
 
 enum DType : int { DTYPE_F32 = 0, DTYPE_BF16 = 1, DTYPE_F16 = 2 };

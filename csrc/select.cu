@@ -5,9 +5,10 @@
 namespace epi {
 namespace {
 
-// select_bin (threshold_math.h) over counts[0, nbins) by a whole block: each thread sums a slice,
-// a suffix scan gives the keys beyond each slice, and the one thread whose slice holds the k-th
-// largest key runs select_bin on its slice. The result is returned to every thread.
+// select_bin (threshold_math.h) by a whole block: each thread sums its slice, a suffix scan gives
+// the keys beyond each slice, and the one thread whose slice holds the k-th largest key
+// (slice_holds_kth) runs select_bin on it. The result is returned to every thread. The host
+// harness emulates this decomposition (python/host_harness.cpp, sliced_select_bin).
 __device__ BinHit block_select(const int32_t* counts, int nbins, int64_t above, int64_t k) {
   __shared__ long long suffix[THREADS];
   __shared__ BinHit result;
@@ -24,7 +25,7 @@ __device__ BinHit block_select(const int32_t* counts, int nbins, int64_t above, 
     __syncthreads();
   }
   const long long beyond = above + suffix[threadIdx.x] - sum;  // keys above this slice
-  if (k >= 1 && above < k && beyond < k && beyond + sum >= k) {
+  if (slice_holds_kth(beyond, sum, above, k)) {
     BinHit hit = select_bin(counts + lo, per, beyond, k);
     hit.bin += lo;
     result = hit;

@@ -91,6 +91,13 @@ EPI_HD BinHit select_bin(const int32_t* counts, int n, int64_t above, int64_t k)
   return {-1, 0, 0};
 }
 
+// A block scans counts[0, nbins) in slices, one per thread (select.cu): the slice holding the k-th
+// largest key is the one with fewer than k keys beyond it (`beyond`, including `above`) and at
+// least k counting its own `sum`.
+EPI_HD bool slice_holds_kth(int64_t beyond, int64_t sum, int64_t above, int64_t k) {
+  return k >= 1 && above < k && beyond < k && beyond + sum >= k;
+}
+
 // threshold.tolerance: the largest count error accepted from interpolation.
 EPI_HD int64_t tolerance(int64_t k) { return k / 200 > 4 ? k / 200 : 4; }
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import warnings
 from functools import lru_cache
 
 import torch
@@ -28,8 +29,19 @@ def _has_triton() -> bool:
 
 @lru_cache(maxsize=None)
 def _has_extension() -> bool:
-    """Whether the CUDA extension was built into this installation (not whether a GPU exists)."""
-    return importlib.util.find_spec("epi_kernels._C") is not None
+    """Whether the CUDA extension was built into this installation and loads (not whether a GPU
+    exists: the module links cudart statically and loads without a driver). Loaded only when a
+    backend is resolved, never at package import. One that is present but does not load (built for
+    another Python, a newer glibc, a stale build) is reported once and treated as absent."""
+    if importlib.util.find_spec("epi_kernels._C") is None:
+        return False
+    try:
+        importlib.import_module("epi_kernels.cuda_backend")
+    except ImportError as e:
+        warnings.warn(f"epi_kernels._C is installed but does not load ({e}); backend='cuda' is unavailable",
+                      RuntimeWarning, stacklevel=2)
+        return False
+    return True
 
 
 def triton_interpreted() -> bool:

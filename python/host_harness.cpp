@@ -104,11 +104,32 @@ void window_histogram(uintptr_t table, uintptr_t chunks, int programs, int score
   }
 }
 
+// select_bin as a block of THREADS threads computes it (select.cu): equal slices, each thread
+// asking slice_holds_kth of its own; exactly one may answer (more would race on the result).
+epi::BinHit sliced_select_bin(const int32_t* counts, int nbins, int64_t above, int64_t k) {
+  const int per = nbins / epi::THREADS;
+  int64_t beyond = above;
+  epi::BinHit out{-1, 0, 0};
+  int holders = 0;
+  for (int t = epi::THREADS - 1; t >= 0; --t) {
+    int64_t sum = 0;
+    for (int j = 0; j < per; ++j) sum += counts[t * per + j];
+    if (epi::slice_holds_kth(beyond, sum, above, k)) {
+      out = epi::select_bin(counts + t * per, per, beyond, k);
+      out.bin += t * per;
+      ++holders;
+    }
+    beyond += sum;
+  }
+  if (holders > 1) throw std::logic_error("sliced_select_bin: " + std::to_string(holders) + " slices claim the k-th key");
+  return out;
+}
+
 void window_select(int tensors, const int32_t* hist, const int32_t* over, const int32_t* origin, const int32_t* k,
                    int32_t* tau, int32_t* repair) {
   for (int t = 0; t < tensors; ++t)
-    epi::window_finish(origin[t], epi::select_bin(hist + static_cast<int64_t>(t) * epi::WINDOW_BINS, epi::WINDOW_BINS,
-                                                  over[t], k[t]),
+    epi::window_finish(origin[t], sliced_select_bin(hist + static_cast<int64_t>(t) * epi::WINDOW_BINS, epi::WINDOW_BINS,
+                                         over[t], k[t]),
                        k[t], tau + t, repair + t);
 }
 
@@ -133,7 +154,7 @@ void radix_repair(uintptr_t table, uintptr_t chunks, int programs, int tensors, 
         for (int d = 0; d < nbins; ++d) eligible += row[d];
         k = k < eligible ? k : eligible;
       }
-      const epi::BinHit hit = epi::select_bin(row, nbins, 0, k);
+      const epi::BinHit hit = sliced_select_bin(row, nbins, 0, k);
       for (int d = 0; d < nbins; ++d) row[d] = 0;
       epi::radix_finish(level, hit, prefix + t, need + t, tau + t, repair + t);
     }

@@ -4,6 +4,8 @@ conversions (csrc/element.h, run through the host harness) are torch's to the bi
 
 The kernels' arithmetic against the pure-PyTorch reference is tested in test_fused_backends.py
 (the "cuda-host-harness" cases without a GPU, "cuda" with one)."""
+import sys
+
 import pytest
 import torch
 
@@ -72,3 +74,16 @@ def test_storage_rounding_and_widening_match_torch(C, dtype):
     C.host.widen(code, want.data_ptr(), back.data_ptr(), x.numel())
     assert torch.equal(back[~nan].view(torch.int32), want[~nan].view(dtype).float().view(torch.int32))
     assert back[nan].isnan().all()
+
+
+def test_extension_that_does_not_load_is_reported_and_not_used(monkeypatch):
+    from epi_kernels import backends
+
+    monkeypatch.setitem(sys.modules, "epi_kernels.cuda_backend", None)  # import now fails
+    backends._has_extension.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="epi_kernels._C is installed but does not load"):
+            assert "cuda" not in backends.available_backends()
+        assert backends.resolve_backend("auto", torch.device("cuda")) in ("triton", "torch")
+    finally:
+        backends._has_extension.cache_clear()
