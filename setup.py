@@ -82,9 +82,11 @@ class CMakeBuild(build_ext):
         ]
         if shutil.which("ninja") and not os.path.exists(os.path.join(build_dir, "CMakeCache.txt")):
             configure += ["-G", "Ninja"]  # the generator can only be chosen at the first configure
-        subprocess.run(configure, check=True)
         jobs = os.environ.get("CMAKE_BUILD_PARALLEL_LEVEL") or str(os.cpu_count() or 1)
-        subprocess.run(["cmake", "--build", build_dir, "--parallel", jobs], check=True)
+        for command in (configure, ["cmake", "--build", build_dir, "--parallel", jobs]):
+            if subprocess.run(command).returncode:  # CMake printed the cause above
+                sys.exit(f"building epi_kernels._C failed ({command[0]} {command[1]} ...); the CUDA backend "
+                         "needs it, the others do not: EPI_BUILD_CUDA=0 installs without it")
         # Hand the module to setuptools where it expects it (build_lib; an editable install then
         # copies it into epi_kernels/). Same file name: both take EXT_SUFFIX from this Python.
         target = self.get_ext_fullpath(ext.name)

@@ -2,7 +2,7 @@
 // No torch or Python headers: python/bindings.cpp wraps these for epi_kernels._C.
 //
 // A launch covers many tensors through two small device tables, built on the host
-// (epi_kernels/kernels/tensor_table.py documents them; the Triton kernels read the same tables):
+// (epi_kernels/fused_driver.py builds and documents them; the Triton kernels read the same tables):
 //   tensor table int64 [T, TABLE_WIDTH]: addresses of param, grad, exp_avg, exp_avg_sq,
 //     max_exp_avg_sq (0 without amsgrad), importance, packed mask, then numel;
 //   chunk table int32 [programs, 2]: (tensor index, chunk index); a chunk is CHUNK elements.
