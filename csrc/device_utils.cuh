@@ -28,9 +28,15 @@ __device__ __forceinline__ Chunk load_chunk(const int64_t* table, const int32_t*
 // Elements of a group of 8 that exist when `left` elements of the tensor remain from its start.
 __device__ __forceinline__ int group_size(int64_t left) { return left <= 0 ? 0 : left >= 8 ? 8 : static_cast<int>(left); }
 
+// The tensor in column `col` of a table row. The address comes from memory, so without the
+// assumption the compiler would access it through generic loads and stores (LD/ST, which check the
+// address space at run time) instead of global ones (LDG/STG). Only for columns that are in use:
+// an unused column holds 0, which is not a global address.
 template <class T>
 __device__ __forceinline__ T* column(const int64_t* row, int col) {
-  return reinterpret_cast<T*>(row[col]);
+  T* ptr = reinterpret_cast<T*>(row[col]);
+  __builtin_assume(__isGlobal(ptr));
+  return ptr;
 }
 
 // Elements [i, i + 8) of `base`: two or one 16-byte loads when the group is whole and `vec`

@@ -23,10 +23,10 @@ fused_step_kernel(Tables t, unsigned flags, StepScalars c, const int32_t* tau_of
   const PR* g = column<const PR>(ch.row, COL_GRAD);
   PR* m = column<PR>(ch.row, COL_EXP_AVG);
   PR* v = column<PR>(ch.row, COL_EXP_AVG_SQ);
-  PR* vmax = column<PR>(ch.row, COL_MAX_EXP_AVG_SQ);
   SR* s = column<SR>(ch.row, COL_IMPORTANCE);
   uint8_t* mask = column<uint8_t>(ch.row, COL_MASK);
   const bool amsgrad = flags & STEP_AMSGRAD, refresh = flags & STEP_REFRESH;
+  PR* vmax = column<PR>(ch.row, amsgrad ? COL_MAX_EXP_AVG_SQ : COL_EXP_AVG_SQ);  // v: a global address, unused
   const bool vec = aligned16(p) && aligned16(g) && aligned16(m) && aligned16(v) && aligned16(s) &&
                    (!amsgrad || aligned16(vmax));
   const int32_t tau = refresh ? tau_of[ch.tensor] : KEY_NONE;
