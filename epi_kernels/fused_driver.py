@@ -165,11 +165,17 @@ def _launch_groups(params, steps, importances) -> dict[tuple, list[int]]:
     return groups
 
 
+@torch.compiler.disable  # see below
 def fused_epi_adamw(kernels: Kernels, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
                     importances, masks, *, importance_beta, importance, amsgrad, beta1, beta2, lr, weight_decay,
                     eps, maximize, fused_refresh: FusedRefresh | None = None) -> None:
     """The EPI-AdamW step with `kernels`; with `fused_refresh`, also the refresh of the masks (or
-    the histograms for the next step's refresh)."""
+    the histograms for the next step's refresh).
+
+    Never traced by torch.compile: the kernels reach tensors through raw addresses and the
+    histograms kept for the next step outlive the call, both invisible to dynamo. Traced, the kept
+    histograms were freed while their addresses were still used (seen with valgrind in the host
+    harness: reads of freed 16 KiB blocks); run as is, a compiled training step is safe."""
     torch._foreach_add_(state_steps, 1)
     steps = [s.item() for s in state_steps]  # CPU tensors unless fused/capturable
     columns = [[p, grads[i], exp_avgs[i], exp_avg_sqs[i], max_exp_avg_sqs[i] if amsgrad else None,

@@ -16,6 +16,7 @@ from epi_kernels import EPIAdamW  # noqa: E402
 from epi_kernels.experiments.data import CharTokenizer  # noqa: E402
 from epi_kernels.experiments.model import tiny_llama  # noqa: E402
 from epi_kernels.integrations import EPICallback  # noqa: E402
+from kernel_devices import CPU_KERNEL_BACKENDS  # noqa: E402
 
 TOK = CharTokenizer()
 EPI = dict(lr=3e-3, isolation_ratio=0.1, refresh_interval=3, warmup_steps=2)
@@ -137,11 +138,13 @@ def test_lightning_fit_runs_the_closure_and_matches_a_plain_loop(tmp_path):
         assert torch.equal(a, b)
 
 
-def test_torch_compiled_training_step_with_the_optimizer_inside():
+@pytest.mark.parametrize("backend", ["torch", *CPU_KERNEL_BACKENDS])
+def test_torch_compiled_training_step_with_the_optimizer_inside(backend):
+    # the kernel backends' host side (raw addresses in tables) runs outside dynamo's graphs
     def run(compile_it):
         torch.manual_seed(0)
         model = torch.nn.Linear(8, 6)
-        opt = EPIAdamW(model.parameters(), **EPI)
+        opt = EPIAdamW(model.parameters(), backend=backend, **EPI)
 
         def step(x):
             opt.zero_grad()
