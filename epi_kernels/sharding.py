@@ -1,4 +1,4 @@
-"""FSDP2 (``fully_shard``) parameters are DTensors sharded over a process group. EPIAdamW steps each
+"""FSDP2 (``fully_shard``, also HSDP) parameters are DTensors sharded over a process group. EPIAdamW steps each
 rank's local shard (the step is elementwise) and computes each tensor's top-k threshold for the
 whole tensor: the integer histograms of the shards are summed over the group (all_reduce), so
 every rank reaches the same threshold the unsharded tensor would have. Local shards keep their
@@ -49,10 +49,18 @@ def _reducer(group):
 
 
 def shard_of(p: Tensor) -> Shard | None:
-    """How to reduce `p`'s counts over its shard group; None for an ordinary tensor."""
+    """How to reduce `p`'s counts over its shard group; None for an ordinary tensor or one whose
+    local tensor is whole (replicated on every mesh dimension).
+
+    FSDP2 shards over a 1-D mesh; HSDP (a 2-D mesh, replicate x shard) shards over one dimension and
+    keeps identical replicas over the other, so the counts are summed over the shard dimension's
+    group only (the replicas reach the same thresholds from the same gradients)."""
     if not is_sharded(p):
         return None
-    mesh = p.device_mesh
-    if mesh.ndim != 1:
-        raise NotImplementedError("EPIAdamW supports DTensor parameters on a 1-D device mesh (fully_shard) only")
-    return Shard(p.numel(), _reducer(mesh.get_group()))
+    dims = [i for i, placement in enumerate(p.placements) if placement.is_shard()]
+    if not dims:
+        return None
+    if len(dims) > 1:
+        raise NotImplementedError("EPIAdamW supports DTensor parameters sharded over one mesh dimension "
+                                  f"(fully_shard, HSDP), not {p.placements}")
+    return Shard(p.numel(), _reducer(p.device_mesh.get_group(dims[0])))
