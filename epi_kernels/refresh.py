@@ -65,9 +65,6 @@ def _global_values(scores: Tensor, prepare: Callable[[Tensor], Tensor]) -> Tenso
     return prepare(s / mean.to(torch.float32))
 
 
-SHARD_BATCH = 32  # sharded tensors per collective (a repair's radix counts are 512 KiB per tensor)
-
-
 def _threshold(values: Sequence[Tensor], k: int, anchor: int, mode: str, ops: RefreshOps) -> tuple[int, bool]:
     if mode == "exact":
         return exact_threshold([ops.keys(v) for v in values], k), True
@@ -105,8 +102,9 @@ def refresh_masks(states: Sequence[dict], *, isolation_ratio: float, scope: str,
     per tensor; scope="global": one top-k over all tensors' mean-normalised scores, sharing one
     threshold. `shards[i]` describes state i's tensor when it is a shard of a larger one (FSDP2):
     its counts are summed over the shard group, so k and the threshold are the whole tensor's;
-    the shards of a group go through each phase together (one collective per phase per
-    SHARD_BATCH tensors).
+    the shards of a group go through each phase together: one collective for all their window
+    histograms, one for all their mask counts (and, for tensors the window cannot answer, one per
+    radix level per threshold.RADIX_BATCH tensors).
     """
     shards = list(shards) if shards is not None else [None] * len(states)
     if any(shards) and (scope != "tensor" or threshold != "approx"):
@@ -116,8 +114,7 @@ def refresh_masks(states: Sequence[dict], *, isolation_ratio: float, scope: str,
         for i, shard in enumerate(shards):
             by_group.setdefault(shard.reduce if shard else None, []).append(i)
         for reduce, idx in by_group.items():
-            batches = [[i] for i in idx] if reduce is None else \
-                [idx[j:j + SHARD_BATCH] for j in range(0, len(idx), SHARD_BATCH)]
+            batches = [[i] for i in idx] if reduce is None else [idx]
             for batch in batches:
                 sts = [states[i] for i in batch]
                 values = [ops.prepare(st["importance"].reshape(-1)) for st in sts]

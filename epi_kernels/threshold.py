@@ -48,7 +48,7 @@ from torch import Tensor
 
 __all__ = [
     "KEY_NONE", "MANTISSA_BITS", "WINDOW_OCTAVES", "BIN_SHIFT", "BIN_WIDTH", "WINDOW_BINS",
-    "RADIX_SHIFT", "UNDER_SLOTS", "identity", "score_keys", "isolation_k", "tolerance", "window_origin", "window_bins", "window_histogram",
+    "RADIX_SHIFT", "RADIX_BATCH", "UNDER_SLOTS", "identity", "score_keys", "isolation_k", "tolerance", "window_origin", "window_bins", "window_histogram",
     "select_bin", "window_threshold", "radix_threshold", "radix_thresholds", "approx_threshold",
     "approx_thresholds", "exact_threshold",
 ]
@@ -60,6 +60,7 @@ BIN_SHIFT = 23 - MANTISSA_BITS
 BIN_WIDTH = 1 << BIN_SHIFT  # keys per window bin
 WINDOW_BINS = WINDOW_OCTAVES << MANTISSA_BITS
 RADIX_SHIFT = 15  # repair: level 1 = key >> 15 (2**16 buckets), level 2 = low 15 bits
+RADIX_BATCH = 32  # tensors whose repairs share one reduce per level (approx_thresholds)
 
 
 def score_keys(scores: Tensor) -> Tensor:
@@ -209,8 +210,9 @@ def approx_thresholds(values: Sequence[Sequence[Tensor]], ks: Sequence[int], anc
                       keys: Callable[[Tensor], Tensor] = identity,
                       reduce: Callable[[Tensor], Tensor] = identity) -> list[tuple[int, bool]]:
     """:func:`approx_threshold` of several tensors at once (`values[i]`, `ks[i]`, `anchors[i]`):
-    the window histograms of all of them go through one `reduce`, then the repairs through one per
-    radix level, so sharded tensors cost one collective per phase, not per tensor."""
+    the window histograms of all of them go through one `reduce` (33 KiB per tensor), then the
+    repairs through one per radix level per RADIX_BATCH tensors, so sharded tensors cost one
+    collective per refresh when every window answers, not one per tensor."""
     out = [(KEY_NONE, False)] * len(values)
     window = [i for i, (k, anchor) in enumerate(zip(ks, anchors)) if k >= 1 and anchor < KEY_NONE]
     counts = reduce(torch.stack([_window_slots(values[i], window_origin(anchors[i]), bins) for i in window])) \
@@ -222,9 +224,11 @@ def approx_thresholds(values: Sequence[Sequence[Tensor]], ks: Sequence[int], anc
             out[i] = (tau, False)
             answered.add(i)
     repair = [i for i, k in enumerate(ks) if k >= 1 and i not in answered]
-    taus = radix_thresholds([[keys(v) for v in values[i]] for i in repair], [ks[i] for i in repair], reduce)
-    for i, tau in zip(repair, taus):
-        out[i] = (tau, True)
+    for j in range(0, len(repair), RADIX_BATCH):  # bounded memory: 512 KiB of level-1 counts per tensor
+        part = repair[j:j + RADIX_BATCH]
+        for i, tau in zip(part, radix_thresholds([[keys(v) for v in values[i]] for i in part], [ks[i] for i in part],
+                                                 reduce)):
+            out[i] = (tau, True)
     return out
 
 

@@ -231,3 +231,37 @@ def test_batched_thresholds_equal_single_ones_with_one_reduce_per_phase():
         batched = th.approx_thresholds([[v] for v in values], ks, anchor, reduce=reduce)
         assert batched == [th.approx_threshold([v], k, a) for v, k, a in zip(values, ks, anchor)]
         assert len(calls) == phases and calls[0][0] == 3  # the k = 0 tensor needs no counts
+
+
+def test_a_refresh_of_many_shards_costs_two_collectives_when_the_windows_answer():
+    from epi_kernels.refresh import Shard, refresh_masks
+    from epi_kernels.state import init_epi_state
+
+    calls = []
+
+    def reduce(counts):  # one shard per group here: the all_reduce is the identity, counted
+        calls.append(tuple(counts.shape))
+        return counts
+
+    g = torch.Generator().manual_seed(9)
+    n = th.RADIX_BATCH + 8  # more tensors than one repair batch
+    states = []
+    for _ in range(n):
+        st = {}
+        init_epi_state(st, torch.empty(500), torch.float32)
+        st["importance"].copy_(gen("halfnormal", 500, g))
+        states.append(st)
+    shards = [Shard(500, reduce)] * n
+
+    def refresh():
+        calls.clear()
+        refresh_masks(states, isolation_ratio=0.05, scope="tensor", threshold="approx", step=1, shards=shards)
+        return list(calls)
+
+    first = refresh()  # no previous threshold: every tensor takes the repair path, in batches
+    batches = math.ceil(n / th.RADIX_BATCH)
+    assert len(first) == 2 * batches + 1 and first[-1] == (n, 2)  # two radix levels per batch, then the counts
+    for st in states:
+        st["importance"].mul_(1.01)  # the next refresh's scores: its window answers
+    assert refresh() == [(n, th.WINDOW_BINS + 2 + th.UNDER_SLOTS), (n, 2)]  # one for the histograms, one for the counts
+    assert all(not bool(st["threshold_exact"]) for st in states)
