@@ -31,8 +31,6 @@ def _address(t: Tensor | None) -> int:
     return 0 if t is None else t.data_ptr()
 
 
-
-
 def step_flags(flags: StepFlags) -> int:
     """The extension's bit set for `flags`."""
     names = ("STEP_SQ", "STEP_MAXIMIZE", "STEP_AMSGRAD", "STEP_REFRESH", "STEP_HIST")
