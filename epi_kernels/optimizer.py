@@ -227,6 +227,11 @@ class EPIAdamW(Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None):
         """Perform one optimization step; `closure` is evaluated first, with grad enabled."""
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            # the refresh schedule and the step counts live on the host: a replayed graph would
+            # repeat one step's decisions (no refresh, ever), so refuse instead of going wrong quietly
+            raise RuntimeError("EPIAdamW.step cannot be captured in a CUDA graph yet (capturable=True covers the "
+                               "AdamW part only; the EPI refresh schedule runs on the host)")
         check = getattr(self, "_accelerator_graph_capture_health_check", None)
         if check is not None:
             check()

@@ -96,3 +96,14 @@ def test_tensor_lr_works():
         epi.step()
         ref.step()
     assert torch.equal(p, q)
+
+
+def test_cuda_graph_capture_is_refused_before_anything_changes(monkeypatch):
+    p = torch.nn.Parameter(torch.ones(4))
+    p.grad = torch.ones(4)
+    opt = EPIAdamW([p])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # as if inside a capture on a GPU
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    with pytest.raises(RuntimeError, match="cannot be captured in a CUDA graph"):
+        opt.step()
+    assert torch.equal(p, torch.ones(4)) and not opt.state and opt.param_groups[0]["epi_step"] == 0
