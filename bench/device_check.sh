@@ -46,6 +46,6 @@ else
 fi
 
 echo "== GPU benchmarks"
-if [ "${DRY:-0}" = 1 ]; then bench=(--dry); else bench=(--backends cuda,triton,torch); fi
+if [ "${DRY:-0}" = 1 ]; then bench=(--dry); else bench=(--backends cuda,triton,torch --reps 5); fi
 timeout 300 $PY bench/run.py "${bench[@]}" --out "$OUT" 2>&1 | tee "$OUT/bench.log" || status=1
 exit $status

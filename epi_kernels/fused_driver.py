@@ -68,17 +68,41 @@ def chunk_rows(numels: list[int], chunk: int) -> list[tuple[int, int]]:
 
 def to_device(rows, dtype: torch.dtype, device: torch.device) -> Tensor:
     """A small host-built table on `device` without a host sync: pinned memory, asynchronous copy
-    (the caching host allocator keeps the buffer alive until the copy has run)."""
+    on the current stream (the caching host allocator keeps the buffer alive until it has run)."""
     t = torch.tensor(rows, dtype=dtype)
     if device.type != "cuda":
         return t.to(device)
     return t.pin_memory().to(device, non_blocking=True)
 
 
+class _Cached:
+    """A table kept across steps, with the stream its copy was queued on: a later step on another
+    stream waits for that stream first (on the device, no host sync)."""
+
+    def __init__(self, table: Tensor) -> None:
+        self.table = table
+        self.stream = torch.cuda.current_stream(table.device) if table.is_cuda else None
+
+    def get(self) -> Tensor:
+        if self.stream is not None:
+            current = torch.cuda.current_stream(self.table.device)
+            if current != self.stream:
+                current.wait_stream(self.stream)
+        return self.table
+
+
+@lru_cache(maxsize=64)
+def _address_table(device: torch.device, addresses: tuple[tuple[int, ...], ...], numels: tuple[int, ...]) -> _Cached:
+    """The tensor table on `device`. Its content is a function of the addresses and sizes alone,
+    so it is cached by them: steps over the same tensors (params and state do not move; the caching
+    allocator mostly hands gradients the same blocks) skip building and copying it."""
+    return _Cached(to_device([list(a) + [n] for a, n in zip(addresses, numels)], torch.int64, device))
+
+
 @lru_cache(maxsize=256)
-def _chunk_table(device: torch.device, numels: tuple[int, ...]) -> tuple[Tensor, int]:
+def _chunk_table(device: torch.device, numels: tuple[int, ...]) -> tuple[_Cached, int]:
     rows = chunk_rows(list(numels), CHUNK)
-    return to_device(rows or [(0, 0)], torch.int32, device), len(rows)
+    return _Cached(to_device(rows or [(0, 0)], torch.int32, device)), len(rows)
 
 
 class Launch:
@@ -88,22 +112,27 @@ class Launch:
     def __init__(self, idx: list[int], columns: list[list[Tensor | None]]) -> None:
         self.idx = idx
         self.copies: list[tuple[Tensor, Tensor]] = []
-        rows = []
-        for i in idx:
-            row = list(columns[i])
-            for j, t in enumerate(row):
-                if t is not None and not t.is_contiguous():
-                    row[j] = t.contiguous()
-                    if j != 1:  # the gradient is only read
-                        self.copies.append((t, row[j]))
-            rows.append(row)
+        rows = [columns[i] for i in idx]
+        if not all(t is None or t.is_contiguous() for row in rows for t in row):
+            rows = [self._contiguous(row) for row in rows]
         p = rows[0][0]
         self.device, self.param_dtype, self.score_dtype = p.device, p.dtype, rows[0][5].dtype
-        self.numels = [row[0].numel() for row in rows]
-        self.table = to_device([[0 if t is None else t.data_ptr() for t in row] + [n]
-                                for row, n in zip(rows, self.numels)], torch.int64, self.device)
-        self.chunks, self.programs = _chunk_table(self.device, tuple(self.numels))
+        self.numels = tuple(row[0].numel() for row in rows)
+        addresses = tuple(tuple(0 if t is None else t.data_ptr() for t in row) for row in rows)
+        self.table = _address_table(self.device, addresses, self.numels).get()
+        chunks, self.programs = _chunk_table(self.device, self.numels)
+        self.chunks = chunks.get()
         self.rows = rows  # keeps the copies alive until the kernels are queued
+
+    def _contiguous(self, row: list[Tensor | None]) -> list[Tensor | None]:
+        """Contiguous copies of a row's non-contiguous tensors, written back by :meth:`finish`."""
+        row = list(row)
+        for j, t in enumerate(row):
+            if t is not None and not t.is_contiguous():
+                row[j] = t.contiguous()
+                if j != 1:  # the gradient is only read
+                    self.copies.append((t, row[j]))
+        return row
 
     def zeros(self, *shape: int, dtype=torch.int32) -> Tensor:
         return torch.zeros(len(self.idx), *shape, dtype=dtype, device=self.device)
@@ -177,7 +206,7 @@ def fused_epi_adamw(kernels: Kernels, params, grads, exp_avgs, exp_avg_sqs, max_
     histograms were freed while their addresses were still used (seen with valgrind in the host
     harness: reads of freed 16 KiB blocks); run as is, a compiled training step is safe."""
     torch._foreach_add_(state_steps, 1)
-    steps = [s.item() for s in state_steps]  # CPU tensors unless fused/capturable
+    steps = torch.stack(state_steps).tolist() if state_steps else []  # CPU tensors unless fused/capturable
     columns = [[p, grads[i], exp_avgs[i], exp_avg_sqs[i], max_exp_avg_sqs[i] if amsgrad else None,
                 importances[i], masks[i]] for i, p in enumerate(params)]
     fr = fused_refresh

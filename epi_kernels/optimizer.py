@@ -209,9 +209,11 @@ class EPIAdamW(Optimizer):
             if group["fused"] and not (p.is_floating_point() and p.device.type in ("cpu", "cuda", "mps", "xpu")):
                 raise RuntimeError("`fused=True` requires all the params to be floating point Tensors "
                                    f"of supported devices, got {p.dtype} on {p.device.type}")
-            if group["capturable"] and p.device.type == "cpu":
-                raise RuntimeError("capturable=True requires parameters on an accelerator, got cpu")
-            check_device(resolve_backend(group["backend"], params[0].device), p.device)
+        devices = {p.device for p in params}
+        if group["capturable"] and any(d.type == "cpu" for d in devices):
+            raise RuntimeError("capturable=True requires parameters on an accelerator, got cpu")
+        for device in devices:
+            check_device(resolve_backend(group["backend"], params[0].device), device)
         if params and group["foreach"] and torch.is_tensor(group["lr"]) and not group["capturable"]:
             raise RuntimeError("lr as a Tensor is not supported for capturable=False and foreach=True")
         return params
@@ -285,10 +287,11 @@ class EPIAdamW(Optimizer):
                 self._isolated.pop(p, None)
         beta1, beta2 = group["betas"]
         isolated = [self._isolated_index(p, st) for p, st in zip(params, states)] if backend == "torch" else None
-        epi_adamw(  # FSDP2 DTensors: each rank steps its local shard (local() is a no-op otherwise)
-            [local(p) for p in params], [local(p.grad) for p in params], [local(st["exp_avg"]) for st in states],
-            [local(st["exp_avg_sq"]) for st in states],
-            [local(st["max_exp_avg_sq"]) for st in states] if group["amsgrad"] else [],
+        shard = local if sharded else (lambda t: t)  # FSDP2 DTensors: each rank steps its local shard
+        epi_adamw(
+            [shard(p) for p in params], [shard(p.grad) for p in params], [shard(st["exp_avg"]) for st in states],
+            [shard(st["exp_avg_sq"]) for st in states],
+            [shard(st["max_exp_avg_sq"]) for st in states] if group["amsgrad"] else [],
             [st["step"] for st in states], [st["importance"] for st in states],
             [st["isolation_mask"] for st in states], isolated,
             backend=backend, importance_beta=group["importance_beta"],

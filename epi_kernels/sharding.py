@@ -5,6 +5,8 @@ every rank reaches the same threshold the unsharded tensor would have. Local sha
 own scores and packed masks (over their local elements)."""
 from __future__ import annotations
 
+from functools import lru_cache
+
 from torch import Tensor
 
 from .refresh import Shard
@@ -12,6 +14,7 @@ from .refresh import Shard
 __all__ = ["is_sharded", "local", "shard_of"]
 
 
+@lru_cache(maxsize=None)  # called for every tensor of every step: import once
 def _dtensor():
     try:
         from torch.distributed.tensor import DTensor  # noqa: PLC0415 - absent on some builds
