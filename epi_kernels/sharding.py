@@ -1,8 +1,8 @@
-"""FSDP2 (``fully_shard``, also HSDP) parameters are DTensors sharded over a process group. EPIAdamW steps each
-rank's local shard (the step is elementwise) and computes each tensor's top-k threshold for the
-whole tensor: the integer histograms of the shards are summed over the group (all_reduce), so
-every rank reaches the same threshold the unsharded tensor would have. Local shards keep their
-own scores and packed masks (over their local elements)."""
+"""FSDP2 (``fully_shard``, also HSDP) parameters are DTensors sharded over a process group.
+EPIAdamW steps each rank's local shard (the step is elementwise) and computes each tensor's top-k
+threshold for the whole tensor: the integer histograms of the shards are summed over the group
+(all_reduce), so every rank reaches the same threshold the unsharded tensor would have. Local
+shards keep their own scores and packed masks (over their local elements)."""
 from __future__ import annotations
 
 from functools import lru_cache
