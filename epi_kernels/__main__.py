@@ -1,0 +1,45 @@
+"""`python -m epi_kernels`: what this installation can run (for bug reports and setup checks):
+versions, the backends available, whether the CUDA extension is built and loads, the GPUs seen,
+and which backend `backend="auto"` picks on them."""
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import platform
+
+import torch
+
+from . import __version__
+from .backends import available_backends, resolve_backend
+
+
+def report() -> list[str]:
+    lines = [f"epi_kernels {__version__}, torch {torch.__version__}, python {platform.python_version()}"]
+    triton = importlib.util.find_spec("triton")
+    lines.append(f"triton: {importlib.metadata.version('triton') if triton else 'not installed'}")
+    if importlib.util.find_spec("epi_kernels._C") is None:
+        lines.append("CUDA extension epi_kernels._C: not built (no nvcc at install time, or EPI_BUILD_CUDA=0)")
+    else:
+        try:
+            from . import _C  # noqa: PLC0415 - optional
+        except ImportError as e:
+            lines.append(f"CUDA extension epi_kernels._C: present but does not load: {e}")
+        else:
+            try:
+                devices = f"{_C.device_count()} CUDA device(s)"
+            except RuntimeError as e:
+                devices = str(e)
+            lines.append(f"CUDA extension epi_kernels._C: {_C.__file__}; {devices}")
+    lines.append(f"backends available: {', '.join(available_backends())}")
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            lines.append(f"cuda:{i} {torch.cuda.get_device_name(i)}, capability "
+                         f"{'.'.join(map(str, torch.cuda.get_device_capability(i)))}")
+        lines.append(f'backend="auto" on CUDA tensors: {resolve_backend("auto", torch.device("cuda"))}')
+    else:
+        lines.append('no CUDA device visible to torch: backend="auto" is "torch"')
+    return lines
+
+
+if __name__ == "__main__":
+    print("\n".join(report()))
