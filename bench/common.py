@@ -191,7 +191,7 @@ def threshold_contenders(n: int, device: str, backends) -> dict[str, Callable[[]
 
     def refresh(backend):
         state["threshold_bits"].fill_(anchor)
-        refresh_masks([state], isolation_ratio=0.01, scope="tensor", threshold="approx", step=1,
+        refresh_masks([state], isolation_ratio=0.01, scope="tensor", threshold="approx",
                       ops=refresh_ops(backend))
 
     fns = {f"refresh ({b})": (lambda b=b: refresh(b)) for b in backends if b not in FUSED_BACKENDS}

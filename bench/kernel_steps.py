@@ -38,13 +38,10 @@ def step_variants(params: list[torch.nn.Parameter], backend: str) -> dict[str, C
                  beta1=group["betas"][0], beta2=group["betas"][1], lr=group["lr"],
                  weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
     collected: dict = {}
-    step = [100]
 
     def run(refresh: bool, collect: bool, pending: dict | None = None) -> None:
-        step[0] += 1
-        # the collected histograms, re-dated to the previous step so that this refresh uses them
-        fr = FusedRefresh(states, RATIO, step[0], refresh, collect,
-                          {key: (step[0] - 1, *value[1:]) for key, value in (pending or {}).items()})
+        # handed the collected histograms (of the same score tensors), this refresh uses them
+        fr = FusedRefresh(states, RATIO, refresh, collect, dict(pending or {}))
         fused_step(params, *lists, **hyper, fused_refresh=fr)
         if collect and not collected:
             collected.update(fr.pending)

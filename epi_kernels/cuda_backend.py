@@ -1,5 +1,6 @@
 """backend="cuda": the CUDA C++ kernel set (the extension ``epi_kernels._C``, built from csrc/ and
-python/) of the fused flow in :mod:`epi_kernels.fused_driver`.
+python/) of the fused flow in :mod:`epi_kernels.fused_driver`, reached through the custom ops of
+:mod:`epi_kernels.ops`.
 
 The extension takes raw device addresses and the current CUDA stream, so it needs no torch headers;
 every call raises RuntimeError with the CUDA error when a launch fails. Its submodule ``_C.host`` is
@@ -16,10 +17,12 @@ import torch
 from torch import Tensor
 
 from . import _C, fused_driver
-from .fused_driver import CHUNK, COLUMNS, Launch, StepFlags
+from .launch import CHUNK, COLUMNS, Launch, StepFlags
+from .launch import window_thresholds as launch_window_thresholds
 from .threshold import WINDOW_BINS
 
-__all__ = ["CudaKernels", "cuda_epi_adamw", "window_thresholds", "DTYPE_CODES", "KERNELS", "HOST_KERNELS"]
+__all__ = ["CudaKernels", "cuda_epi_adamw", "kernels_on", "window_thresholds", "DTYPE_CODES", "KERNELS",
+           "HOST_KERNELS"]
 
 _K = _C.constants()
 DTYPE_CODES = {torch.float32: _K["DTYPE_F32"], torch.bfloat16: _K["DTYPE_BF16"], torch.float16: _K["DTYPE_F16"]}
@@ -38,7 +41,7 @@ def step_flags(flags: StepFlags) -> int:
 
 
 class CudaKernels:
-    """:class:`epi_kernels.fused_driver.Kernels` with the launch functions of `ops`: ``_C`` (CUDA
+    """:class:`epi_kernels.launch.Kernels` with the launch functions of `ops`: ``_C`` (CUDA
     tensors, on the current stream) or ``_C.host`` (CPU tensors, the host harness)."""
 
     def __init__(self, ops, on_gpu: bool) -> None:
@@ -75,7 +78,7 @@ KERNELS = CudaKernels(_C, on_gpu=True)
 HOST_KERNELS = CudaKernels(_C.host, on_gpu=False)
 
 
-def _on(device: torch.device):
+def kernels_on(device: torch.device):
     """The kernel set for tensors on `device` and the context to launch in."""
     if device.type == "cuda":
         return KERNELS, torch.cuda.device(device)
@@ -84,13 +87,11 @@ def _on(device: torch.device):
 
 def cuda_epi_adamw(*args, **kwargs) -> None:
     """The EPI-AdamW step of epi_adamw(backend="cuda")."""
-    kernels, context = _on(args[0][0].device)
-    with context:
-        fused_driver.fused_epi_adamw(kernels, *args, **kwargs)
+    fused_driver.fused_epi_adamw("cuda", *args, **kwargs)
 
 
 def window_thresholds(scores: list[Tensor], ks: list[int], anchors: list[int]) -> tuple[Tensor, Tensor]:
-    """fused_driver.window_thresholds with the CUDA kernels (tests and benchmarks)."""
-    kernels, context = _on(scores[0].device)
+    """launch.window_thresholds with the CUDA kernels (tests and benchmarks)."""
+    kernels, context = kernels_on(scores[0].device)
     with context:
-        return fused_driver.window_thresholds(kernels, scores, ks, anchors)
+        return launch_window_thresholds(kernels, scores, ks, anchors)

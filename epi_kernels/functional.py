@@ -30,6 +30,7 @@ def refresh_ops(backend: str) -> RefreshOps:
     return COMPILED_REFRESH_OPS if backend == "compiled" else EAGER_OPS
 
 
+@torch.compiler.disable  # a data-dependent size: traced, it breaks the graph and recompiles as counts change
 def isolated_indices(packed_mask: Tensor, numel: int) -> Tensor:
     """Flat (logical-order) int64 indices of the isolated elements of a packed mask."""
     return unpack_mask(packed_mask, numel).nonzero().squeeze(1)

@@ -10,12 +10,13 @@ __all__ = ["FusedRefresh"]
 class FusedRefresh:
     """What the fused step needs to refresh masks itself (scope="tensor", threshold="approx").
 
-    `states` are the optimizer states of the stepped params; `refresh`: step `step` recomputes the
+    `states` are the optimizer states of the stepped params; `refresh`: this step recomputes the
     masks; `collect`: the next step will, so this one counts its new scores into histograms, kept
-    in `pending` (owned by the optimizer, one dict per param group) until then."""
+    in `pending` (owned by the optimizer, one dict per param group) until then. No step number:
+    the optimizer records refresh steps itself, and a traced step must read no counter that changes
+    every step (torch.compile would recompile for each value)."""
     states: list[dict]
     isolation_ratio: float
-    step: int
     refresh: bool
     collect: bool
     pending: dict = field(default_factory=dict)

@@ -210,7 +210,7 @@ class EPIAdamW(Optimizer):
                 raise RuntimeError("`fused=True` requires all the params to be floating point Tensors "
                                    f"of supported devices, got {p.dtype} on {p.device.type}")
         devices = {p.device for p in params}
-        if group["capturable"] and any(d.type == "cpu" for d in devices):
+        if group["capturable"] and not torch.compiler.is_compiling() and any(d.type == "cpu" for d in devices):
             raise RuntimeError("capturable=True requires parameters on an accelerator, got cpu")
         for device in devices:
             check_device(resolve_backend(group["backend"], params[0].device), device)
@@ -266,22 +266,37 @@ class EPIAdamW(Optimizer):
                 torch._foreach_mul_(grads, inv.to(device))
         return False
 
-    def _step_group(self, group: dict, params: list[Tensor]) -> None:
-        states = [self._init_state(p, group) for p in params]
-        backend = resolve_backend(group["backend"], params[0].device)
+    @staticmethod
+    @torch.compiler.disable  # changes every step: traced, it would recompile the step for each value
+    def _advance(group: dict, states: list[dict]) -> tuple[bool, bool]:
+        """Count the step; (whether it refreshes the masks, whether the next one will)."""
         group["epi_step"] += 1
         t = group["epi_step"]
         when = (group["refresh_interval"], group["warmup_steps"], group["static"])
         refresh = is_refresh_step(t, *when) or bool(group.pop("refresh_requested", False))
+        if refresh:
+            for st in states:
+                st["refresh_step"].fill_(t)
+        return refresh, is_refresh_step(t + 1, *when)
+
+    @staticmethod
+    @torch.compiler.disable  # integer threshold engine with host reads: one graph break, not dozens
+    def _refresh_masks(group: dict, states: list[dict], params: list[Tensor], backend: str, sharded: bool) -> None:
+        refresh_masks(states, isolation_ratio=group["isolation_ratio"], scope=group["scope"],
+                      threshold=group["threshold"], ops=refresh_ops(backend),
+                      shards=[shard_of(p) for p in params] if sharded else None)
+
+    def _step_group(self, group: dict, params: list[Tensor]) -> None:
+        states = [self._init_state(p, group) for p in params]
+        backend = resolve_backend(group["backend"], params[0].device)
+        refresh, collect = self._advance(group, states)
         fused_refresh = None
         sharded = any(is_sharded(p) for p in params)
         if backend in FUSED_BACKENDS and group["scope"] == "tensor" and group["threshold"] == "approx" and not sharded:
-            fused_refresh = FusedRefresh(states, group["isolation_ratio"], t, refresh, is_refresh_step(t + 1, *when),
+            fused_refresh = FusedRefresh(states, group["isolation_ratio"], refresh, collect,
                                          self._histograms.setdefault(id(group), {}))
         elif refresh:
-            refresh_masks(states, isolation_ratio=group["isolation_ratio"], scope=group["scope"],
-                          threshold=group["threshold"], step=t, ops=refresh_ops(backend),
-                          shards=[shard_of(p) for p in params] if sharded else None)
+            self._refresh_masks(group, states, params, backend, sharded)
         if refresh:
             for p in params:
                 self._isolated.pop(p, None)

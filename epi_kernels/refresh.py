@@ -71,8 +71,7 @@ def _threshold(values: Sequence[Tensor], k: int, anchor: int, mode: str, ops: Re
     return approx_threshold(values, k, anchor, ops.bins, ops.keys)
 
 
-def _store(state: dict, packed: Tensor, kept: Tensor, count: Tensor, tau: int, k: int, exact: bool,
-           step: int) -> None:
+def _store(state: dict, packed: Tensor, kept: Tensor, count: Tensor, tau: int, k: int, exact: bool) -> None:
     """Put a new packed mask in force; `kept` = |old & new|, `count` = |new| (whole-tensor counts)."""
     state["isolation_overlap"].copy_(jaccard_counts(kept, state["isolated_count"], count))
     state["isolation_mask"].copy_(packed)
@@ -80,25 +79,25 @@ def _store(state: dict, packed: Tensor, kept: Tensor, count: Tensor, tau: int, k
     state["isolation_k"].fill_(k)
     state["isolated_count"].copy_(count)
     state["threshold_exact"].fill_(exact)
-    state["refresh_step"].fill_(step)
 
 
 def _apply(states: Sequence[dict], values: Sequence[Tensor], taus: Sequence[tuple[int, bool]], ks: Sequence[int],
-           step: int, ops: RefreshOps, reduce: Callable[[Tensor], Tensor] = identity) -> None:
+           ops: RefreshOps, reduce: Callable[[Tensor], Tensor] = identity) -> None:
     """Masks from thresholds, their counts (summed over shards through one `reduce`), the states."""
     packed = [ops.mask(v, torch.tensor(tau, dtype=torch.int32, device=v.device)) for v, (tau, _) in zip(values, taus)]
     counts = [(popcount(st["isolation_mask"] & pk), popcount(pk)) for st, pk in zip(states, packed)]
     if reduce is not identity:  # shards: the whole tensors' counts
         counts = [tuple(row.unbind(0)) for row in reduce(torch.stack([torch.stack(c) for c in counts]))]
     for st, pk, (kept, count), (tau, exact), k in zip(states, packed, counts, taus, ks):
-        _store(st, pk, kept, count, tau, k, exact, step)
+        _store(st, pk, kept, count, tau, k, exact)
 
 
 def refresh_masks(states: Sequence[dict], *, isolation_ratio: float, scope: str, threshold: str,
-                  step: int, ops: RefreshOps = EAGER_OPS, shards: Sequence[Shard | None] | None = None) -> None:
+                  ops: RefreshOps = EAGER_OPS, shards: Sequence[Shard | None] | None = None) -> None:
     """Recompute the isolation masks of one param group's stepped tensors from their scores.
 
-    Writes each state's packed mask, threshold and refresh statistics. scope="tensor": one top-k
+    Writes each state's packed mask, threshold and refresh statistics (the caller records the
+    refresh step). scope="tensor": one top-k
     per tensor; scope="global": one top-k over all tensors' mean-normalised scores, sharing one
     threshold. `shards[i]` describes state i's tensor when it is a shard of a larger one (FSDP2):
     its counts are summed over the shard group, so k and the threshold are the whole tensor's;
@@ -125,10 +124,10 @@ def refresh_masks(states: Sequence[dict], *, isolation_ratio: float, scope: str,
                     taus = [_threshold([v], k, a, threshold, ops) for v, k, a in zip(values, ks, anchors)]
                 else:
                     taus = approx_thresholds([[v] for v in values], ks, anchors, ops.bins, ops.keys, reduce)
-                _apply(sts, values, taus, ks, step, ops, reduce or identity)
+                _apply(sts, values, taus, ks, ops, reduce or identity)
         return
     values = [_global_values(state["importance"].reshape(-1), ops.prepare) for state in states]
     k = isolation_k(isolation_ratio, sum(v.numel() for v in values))
     anchor = int(states[0]["threshold_bits"]) if states else KEY_NONE
     tau = _threshold(values, k, anchor, threshold, ops)
-    _apply(states, values, [tau] * len(states), [k] * len(states), step, ops)
+    _apply(states, values, [tau] * len(states), [k] * len(states), ops)

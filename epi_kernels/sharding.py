@@ -5,8 +5,6 @@ threshold for the whole tensor: the integer histograms of the shards are summed 
 shards keep their own scores and packed masks (over their local elements)."""
 from __future__ import annotations
 
-from functools import lru_cache
-
 from torch import Tensor
 
 from .refresh import Shard
@@ -14,13 +12,19 @@ from .refresh import Shard
 __all__ = ["is_sharded", "local", "shard_of"]
 
 
-@lru_cache(maxsize=None)  # called for every tensor of every step: import once
+_DTENSOR: list = []  # the DTensor class (None without torch.distributed), looked up on first use
+
+
 def _dtensor():
-    try:
-        from torch.distributed.tensor import DTensor  # noqa: PLC0415 - absent on some builds
-    except ImportError:
-        return None
-    return DTensor
+    # called for every tensor of every step, also inside torch.compile (which traces through
+    # functools.lru_cache wrappers with a warning), so memoised by hand; imported lazily (~1 s)
+    if not _DTENSOR:
+        try:
+            from torch.distributed.tensor import DTensor  # noqa: PLC0415 - absent on some builds
+        except ImportError:
+            DTensor = None
+        _DTENSOR.append(DTensor)
+    return _DTENSOR[0]
 
 
 def is_sharded(t) -> bool:

@@ -1,4 +1,5 @@
-"""backend="triton": the Triton kernel set of the fused flow in :mod:`epi_kernels.fused_driver`.
+"""backend="triton": the Triton kernel set of the fused flow in :mod:`epi_kernels.fused_driver`,
+reached through the custom ops of :mod:`epi_kernels.ops`.
 
 Kernels in :mod:`epi_kernels.kernels`: the fused step, the window histogram of stored scores, the
 window select (one program per tensor) and the repair path (radix count + select per digit).
@@ -10,7 +11,8 @@ import torch
 from torch import Tensor
 
 from . import fused_driver
-from .fused_driver import CHUNK, Launch, StepFlags
+from .launch import CHUNK, Launch, StepFlags
+from .launch import window_thresholds as launch_window_thresholds
 from .kernels.fused_step import fused_step_kernel
 from .kernels.histogram import histogram_kernel
 from .kernels.repair import LEVELS, SCRATCH, radix_count_kernel, radix_select_kernel
@@ -25,7 +27,7 @@ _TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl
 
 
 class TritonKernels:
-    """:class:`epi_kernels.fused_driver.Kernels` with Triton kernels (CUDA tensors, or CPU tensors
+    """:class:`epi_kernels.launch.Kernels` with Triton kernels (CUDA tensors, or CPU tensors
     in Triton's interpreter)."""
 
     def window_histogram(self, launch: Launch, origin: Tensor, hist: Tensor, over: Tensor) -> None:
@@ -62,9 +64,9 @@ KERNELS = TritonKernels()
 
 def triton_epi_adamw(*args, **kwargs) -> None:
     """The EPI-AdamW step of epi_adamw(backend="triton")."""
-    fused_driver.fused_epi_adamw(KERNELS, *args, **kwargs)
+    fused_driver.fused_epi_adamw("triton", *args, **kwargs)
 
 
 def window_thresholds(scores: list[Tensor], ks: list[int], anchors: list[int]) -> tuple[Tensor, Tensor]:
-    """fused_driver.window_thresholds with the Triton kernels (tests and benchmarks)."""
-    return fused_driver.window_thresholds(KERNELS, scores, ks, anchors)
+    """launch.window_thresholds with the Triton kernels (tests and benchmarks)."""
+    return launch_window_thresholds(KERNELS, scores, ks, anchors)

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from epi_kernels import fused_driver
+from epi_kernels import launch
 from epi_kernels import threshold as th
 from kernel_devices import HAS_CUDA, HAS_EXTENSION, NO_EXTENSION
 
@@ -27,7 +27,7 @@ def test_constants_are_the_reference_engines(C):
     k = C.constants()
     for name in ("KEY_NONE", "MANTISSA_BITS", "WINDOW_OCTAVES", "BIN_SHIFT", "BIN_WIDTH", "WINDOW_BINS"):
         assert k[name] == getattr(th, name), name
-    assert (k["CHUNK"], k["TABLE_WIDTH"]) == (fused_driver.CHUNK, len(fused_driver.COLUMNS))
+    assert (k["CHUNK"], k["TABLE_WIDTH"]) == (launch.CHUNK, len(launch.COLUMNS))
     # the repair digits tile the 31-bit key from the top, and fit the scratch row
     levels = k["RADIX_LEVELS"]
     assert levels[0][0] + levels[0][1] == 31 and levels[-1][0] == 0

@@ -140,9 +140,14 @@ def test_lightning_fit_runs_the_closure_and_matches_a_plain_loop(tmp_path):
 
 @pytest.mark.parametrize("backend", ["torch", *CPU_KERNEL_BACKENDS])
 def test_torch_compiled_training_step_with_the_optimizer_inside(backend):
-    # the kernel backends' host side (raw addresses in tables) runs outside dynamo's graphs
+    # the step counter and schedule run outside dynamo's graphs (else every step would recompile),
+    # the kernels are traced as custom ops: after the first refresh cycles no new graph is compiled
+    from torch._dynamo.utils import counters
+
     def run(compile_it):
         torch.manual_seed(0)
+        torch._dynamo.reset()
+        counters.clear()
         model = torch.nn.Linear(8, 6)
         opt = EPIAdamW(model.parameters(), backend=backend, **EPI)
 
@@ -154,12 +159,15 @@ def test_torch_compiled_training_step_with_the_optimizer_inside(backend):
             return loss
 
         fn = torch.compile(step) if compile_it else step
-        for i in range(6):
+        graphs = []
+        for i in range(12):
             fn(torch.randn(4, 8, generator=torch.Generator().manual_seed(i)))
-        return model, opt
+            graphs.append(counters["stats"]["unique_graphs"])
+        return model, opt, graphs
 
-    (a, oa), (b, ob) = run(False), run(True)
-    assert ob.param_groups[0]["epi_step"] == 6 and ob.isolation_mask(b.weight).any()
+    (a, oa, _), (b, ob, graphs) = run(False), run(True)
+    assert ob.param_groups[0]["epi_step"] == 12 and ob.isolation_mask(b.weight).any()
+    assert 0 < graphs[5] == graphs[-1], graphs  # steps 7-12 (refreshes at 8 and 11) compile nothing
     for p, q in zip(a.parameters(), b.parameters()):
         assert torch.equal(oa.isolation_mask(p), ob.isolation_mask(q))
         torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-5)  # compiled forward/backward round differently

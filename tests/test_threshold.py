@@ -255,7 +255,7 @@ def test_a_refresh_of_many_shards_costs_two_collectives_when_the_windows_answer(
 
     def refresh():
         calls.clear()
-        refresh_masks(states, isolation_ratio=0.05, scope="tensor", threshold="approx", step=1, shards=shards)
+        refresh_masks(states, isolation_ratio=0.05, scope="tensor", threshold="approx", shards=shards)
         return list(calls)
 
     first = refresh()  # no previous threshold: every tensor takes the repair path, in batches

@@ -1,9 +1,9 @@
 """How one launch reaches many tensors: the address and chunk tables that
-:mod:`epi_kernels.fused_driver` builds (and documents), read from Triton."""
+:mod:`epi_kernels.launch` builds (and documents), read from Triton."""
 import triton
 import triton.language as tl
 
-from ..fused_driver import COLUMNS
+from ..launch import COLUMNS
 
 PARAM, GRAD, EXP_AVG, EXP_AVG_SQ, MAX_EXP_AVG_SQ, IMPORTANCE, MASK, NUMEL = (
     tl.constexpr(i) for i in range(len(COLUMNS)))

@@ -1,0 +1,167 @@
+"""What the fused kernel backends launch over: address and chunk tables, launch groups, and the
+kernel-level threshold steps (window histogram, select + repair) shared by both kernel sets.
+
+Tables (read by both kernel sets):
+  tensor table int64 [T, 8]: per tensor the addresses of param, grad, exp_avg, exp_avg_sq,
+  max_exp_avg_sq (0 without amsgrad), importance and packed mask, then its numel;
+  chunk table int32 [P, 2]: per program the tensor index and the chunk index within that tensor;
+  a chunk is CHUNK consecutive elements (logical order), so no two programs share a mask byte.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import NamedTuple, Protocol
+
+import torch
+from torch import Tensor
+
+from .threshold import KEY_NONE, WINDOW_BINS, window_origin
+
+__all__ = ["COLUMNS", "CHUNK", "StepFlags", "Kernels", "Launch", "kernel_window_histograms", "kernel_select",
+           "score_launch", "origins", "window_thresholds"]
+
+COLUMNS = ("param", "grad", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "importance", "mask", "numel")
+CHUNK = 8192  # elements per program (the CUDA kernels check theirs against it: _C.constants())
+
+
+class StepFlags(NamedTuple):
+    sq: bool  # score signal g*g (else |g|)
+    maximize: bool
+    amsgrad: bool
+    refresh: bool  # set the masks from `tau`, count (isolated, kept) into `counts`
+    hist: bool  # count the new scores into window histograms
+
+
+class Kernels(Protocol):
+    """What a kernel backend implements; tensors are int32 on the launch's device, None if unused."""
+
+    def window_histogram(self, launch: Launch, origin: Tensor, hist: Tensor, over: Tensor) -> None:
+        """Add the window histograms of the stored scores into hist [T, WINDOW_BINS] / over [T]."""
+
+    def select(self, launch: Launch, hist: Tensor, over: Tensor, origin: Tensor, k: Tensor,
+               tau: Tensor, repair: Tensor) -> None:
+        """tau [T] from the window histograms, then the repair path for the tensors it flags
+        (repair [T] is left holding the window's flags: 1 where the repair path answered)."""
+
+    def fused_step(self, launch: Launch, scalars: tuple[float, ...], flags: StepFlags, tau: Tensor | None,
+                   origin: Tensor | None, hist: Tensor | None, over: Tensor | None, counts: Tensor | None) -> None:
+        """The fused step of every element of the launch."""
+
+
+def chunk_rows(numels: list[int], chunk: int) -> list[tuple[int, int]]:
+    """(tensor index, chunk index) for every chunk of every tensor; empty tensors get none."""
+    return [(t, c) for t, n in enumerate(numels) for c in range((n + chunk - 1) // chunk)]
+
+
+def to_device(rows, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A small host-built table on `device` without a host sync: pinned memory, asynchronous copy
+    on the current stream (the caching host allocator keeps the buffer alive until it has run)."""
+    t = torch.tensor(rows, dtype=dtype)
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+class _Cached:
+    """A table kept across steps, with the stream its copy was queued on: a later step on another
+    stream waits for that stream first (on the device, no host sync)."""
+
+    def __init__(self, table: Tensor) -> None:
+        self.table = table
+        self.stream = torch.cuda.current_stream(table.device) if table.is_cuda else None
+
+    def get(self) -> Tensor:
+        if self.stream is not None:
+            current = torch.cuda.current_stream(self.table.device)
+            if current != self.stream:
+                current.wait_stream(self.stream)
+        return self.table
+
+
+@lru_cache(maxsize=64)
+def _address_table(device: torch.device, addresses: tuple[tuple[int, ...], ...], numels: tuple[int, ...]) -> _Cached:
+    """The tensor table on `device`. Its content is a function of the addresses and sizes alone,
+    so it is cached by them: steps over the same tensors (params and state do not move; the caching
+    allocator mostly hands gradients the same blocks) skip building and copying it."""
+    return _Cached(to_device([list(a) + [n] for a, n in zip(addresses, numels)], torch.int64, device))
+
+
+@lru_cache(maxsize=256)
+def _chunk_table(device: torch.device, numels: tuple[int, ...]) -> tuple[_Cached, int]:
+    rows = chunk_rows(list(numels), CHUNK)
+    return _Cached(to_device(rows or [(0, 0)], torch.int32, device)), len(rows)
+
+
+class Launch:
+    """The tensors of one launch group as the kernels see them: contiguous (non-contiguous ones are
+    stepped in contiguous copies, written back by :meth:`finish`) and listed in address tables."""
+
+    def __init__(self, idx: list[int], columns: list[list[Tensor | None]]) -> None:
+        self.idx = idx
+        self.copies: list[tuple[Tensor, Tensor]] = []
+        rows = [columns[i] for i in idx]
+        if not all(t is None or t.is_contiguous() for row in rows for t in row):
+            rows = [self._contiguous(row) for row in rows]
+        p = rows[0][0]
+        self.device, self.param_dtype, self.score_dtype = p.device, p.dtype, rows[0][5].dtype
+        self.numels = tuple(row[0].numel() for row in rows)
+        addresses = tuple(tuple(0 if t is None else t.data_ptr() for t in row) for row in rows)
+        self.table = _address_table(self.device, addresses, self.numels).get()
+        chunks, self.programs = _chunk_table(self.device, self.numels)
+        self.chunks = chunks.get()
+        self.rows = rows  # keeps the copies alive until the kernels are queued
+
+    def _contiguous(self, row: list[Tensor | None]) -> list[Tensor | None]:
+        """Contiguous copies of a row's non-contiguous tensors, written back by :meth:`finish`."""
+        row = list(row)
+        for j, t in enumerate(row):
+            if t is not None and not t.is_contiguous():
+                row[j] = t.contiguous()
+                if j != 1:  # the gradient is only read
+                    self.copies.append((t, row[j]))
+        return row
+
+    def zeros(self, *shape: int, dtype=torch.int32) -> Tensor:
+        return torch.zeros(len(self.idx), *shape, dtype=dtype, device=self.device)
+
+    def finish(self) -> None:
+        for t, c in self.copies:
+            t.copy_(c)
+
+
+def kernel_window_histograms(kernels: Kernels, launch: Launch, origin: Tensor) -> tuple[Tensor, Tensor]:
+    """Window histograms of the stored scores (when the previous step did not collect them)."""
+    hist, over = launch.zeros(WINDOW_BINS), launch.zeros()
+    if launch.programs:
+        kernels.window_histogram(launch, origin, hist, over)
+    return hist, over
+
+
+def kernel_select(kernels: Kernels, launch: Launch, hist: Tensor, over: Tensor, origin: Tensor,
+                  k: Tensor) -> tuple[Tensor, Tensor]:
+    """(tau int32 [T], repaired bool [T]): window select, then the repair path for flagged tensors."""
+    tau, repair = launch.zeros(), launch.zeros()
+    kernels.select(launch, hist, over, origin, k, tau, repair)
+    return tau, repair != 0
+
+
+def score_launch(scores: list[Tensor]) -> Launch:
+    """A launch over score tensors alone, for the kernels that only read scores (the param column,
+    which only gives the launch its device and dtype, holds the scores too)."""
+    return Launch(list(range(len(scores))), [[s, None, None, None, None, s, None] for s in scores])
+
+
+def origins(anchor: Tensor) -> Tensor:
+    """Window origin per tensor from its previous threshold; 0 where there is none."""
+    return torch.where(anchor < KEY_NONE, window_origin(anchor), 0).to(torch.int32)
+
+
+def window_thresholds(kernels: Kernels, scores: list[Tensor], ks: list[int],
+                      anchors: list[int]) -> tuple[Tensor, Tensor]:
+    """Thresholds of score tensors (one launch group) by the kernels alone: window histograms of the
+    scores, select, repair. Returns (tau int32 [T], repaired bool [T]). For tests and benchmarks."""
+    launch = score_launch(scores)
+    origin = origins(torch.tensor(anchors, dtype=torch.int32, device=launch.device))
+    hist, over = kernel_window_histograms(kernels, launch, origin)
+    k = torch.tensor(ks, dtype=torch.int32, device=launch.device)
+    return kernel_select(kernels, launch, hist, over, origin, k)

@@ -1,0 +1,116 @@
+"""The torch.library custom ops of epi_kernels.ops: registration checked by torch.library.opcheck
+(schema and mutation annotations against what the kernels really write, fake implementations,
+tracing), and the fused host flow traced whole by torch.compile (fullgraph) giving the eager result."""
+import pytest
+import torch
+
+from epi_kernels import fused_driver, ops
+from epi_kernels.fused_refresh import FusedRefresh
+from epi_kernels.launch import origins
+from epi_kernels.mask import packed_numel
+from epi_kernels.state import init_epi_state
+from epi_kernels.threshold import WINDOW_BINS, score_keys
+from kernel_devices import CPU_KERNEL_BACKENDS
+
+SIZES = (300, 17, 1)  # sizes the interpreter and the host harness step quickly; one odd mask byte
+
+
+def _lists(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    params = [torch.randn(n, generator=g) for n in SIZES]
+    grads = [torch.randn(n, generator=g) for n in SIZES]
+    exp_avgs = [torch.randn(n, generator=g) * 0.1 for n in SIZES]
+    exp_avg_sqs = [torch.rand(n, generator=g) * 0.1 for n in SIZES]
+    steps = [torch.tensor(3.0) for _ in SIZES]
+    scores = [torch.rand(n, generator=g) for n in SIZES]
+    masks = [torch.randint(0, 256, (packed_numel(n),), dtype=torch.uint8, generator=g) for n in SIZES]
+    return params, grads, exp_avgs, exp_avg_sqs, [], steps, scores, masks
+
+
+HYPER = dict(lr=1e-2, beta1=0.9, beta2=0.999, weight_decay=0.01, eps=1e-8, importance_beta=0.99, sq=True,
+             maximize=False, amsgrad=False)
+
+
+def _opcheck(op, args, kwargs=None):
+    # test_schema runs the op under a mode that reports writes to arguments not declared mutated
+    torch.library.opcheck(op, args, kwargs or {},
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor",
+                                      "test_aot_dispatch_dynamic"))
+
+
+def _median_keys(scores):
+    return torch.stack([score_keys(s).median() for s in scores]).to(torch.int32)
+
+
+@pytest.mark.parametrize("kernels", CPU_KERNEL_BACKENDS)
+@pytest.mark.parametrize("mode", ["plain", "refresh", "collect"])
+def test_opcheck_fused_step(kernels, mode):
+    lists = _lists()
+    t = len(SIZES)
+    tau = origin = hist = over = counts = None
+    median = _median_keys(lists[6])
+    if mode == "refresh":
+        tau, counts = median, torch.zeros(t, 2, dtype=torch.int32)
+    if mode == "collect":
+        origin = origins(median)  # a window the new scores fall in: the histograms get counts
+        hist, over = torch.zeros(t, WINDOW_BINS, dtype=torch.int32), torch.zeros(t, dtype=torch.int32)
+    _opcheck(torch.ops.epi_kernels.fused_step_.default, (*lists, tau, origin, hist, over, counts, kernels),
+             HYPER)
+
+
+@pytest.mark.parametrize("kernels", CPU_KERNEL_BACKENDS)
+def test_opcheck_threshold_ops(kernels):
+    scores = _lists()[6]
+    origin = origins(_median_keys(scores))
+    _opcheck(torch.ops.epi_kernels.window_histogram.default, (scores, origin, kernels))
+    hist, over = ops.window_histogram(scores, origin, kernels)
+    assert int(hist.sum() + over.sum()) <= sum(SIZES) and int(hist.sum()) > 0
+    _opcheck(torch.ops.epi_kernels.select_thresholds.default, (scores, hist, over, origin, 0.1, kernels))
+
+
+def test_unknown_kernel_set_is_named():
+    scores = _lists()[6]
+    with pytest.raises(ValueError, match="unknown kernel set 'cutlass'"):
+        ops.window_histogram(scores, torch.zeros(len(scores), dtype=torch.int32), "cutlass")
+
+
+def _state(lists):
+    states = []
+    for p, s in zip(lists[0], lists[6]):
+        st = {}
+        init_epi_state(st, p, torch.float32)
+        st["importance"] = s
+        states.append(st)
+    return states
+
+
+@pytest.mark.parametrize("kernels", CPU_KERNEL_BACKENDS)
+def test_fused_flow_traces_whole_and_matches_eager(kernels):
+    # a step that collects histograms, then the refresh step that uses them: traced with
+    # fullgraph=True (any graph break fails), results bit-identical to the eager flow
+    def run(compiled: bool):
+        lists = _lists(1)
+        lists = lists[:6] + ([s for s in lists[6]], [torch.zeros_like(m) for m in lists[7]])
+        states = _state(lists)
+        pending: dict = {}
+
+        def step(refresh: bool, collect: bool):
+            fused_driver.fused_epi_adamw(
+                kernels, *lists, importance_beta=0.99, importance="sq", amsgrad=False, beta1=0.9, beta2=0.999,
+                lr=1e-2, weight_decay=0.01, eps=1e-8, maximize=False,
+                fused_refresh=FusedRefresh(states, 0.1, refresh, collect, pending))
+
+        fn = torch.compile(step, fullgraph=True, backend="aot_eager") if compiled else step
+        fn(False, True)
+        fn(True, False)
+        return lists, states
+
+    (la, sa), (lb, sb) = run(False), run(True)
+    for xs, ys in zip(la, lb):
+        for x, y in zip(xs, ys):
+            assert torch.equal(x, y)
+    for a, b in zip(sa, sb):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.equal(a[key], b[key]) or (a[key].isnan().all() and b[key].isnan().all()), key
+    assert all(int(st["isolated_count"]) > 0 for st in sa[:2])  # the refresh did isolate something
