@@ -116,10 +116,16 @@ struct F16 {
   }
 };
 
-// Per-step scalars, computed once on the host (epi_kernels.step_scalars) and rounded to fp32 once.
+// Per-step scalars, computed once on the host (epi_kernels.step_scalars) and rounded to fp32 once;
+// with STEP_DEVICE read per tensor from device memory instead (SCALAR_COUNT floats, same order).
 struct StepScalars {
   float decay, step_size, one_minus_beta1, beta2, one_minus_beta2, bc2_sqrt, eps, ibeta, one_minus_ibeta;
 };
+constexpr int SCALAR_COUNT = 9;
+
+EPI_HD StepScalars scalars_row(const float* r) {
+  return {r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8]};
+}
 
 enum StepFlags : unsigned {
   STEP_SQ = 1,        // score signal g*g (else |g|)
@@ -127,7 +133,20 @@ enum StepFlags : unsigned {
   STEP_AMSGRAD = 4,
   STEP_REFRESH = 8,   // set the mask from the start-of-step score against `tau`
   STEP_HIST = 16,     // count the new scores into the window histogram
+  STEP_DEVICE = 32,   // capturable: scalars and control words from device memory, REFRESH/HIST only "may"
 };
+
+// The control words of a STEP_DEVICE launch (int32, on the device, set by the step's own kernels):
+// whether this step refreshes, collects histograms, or is skipped whole (GradScaler found inf/NaN).
+enum Control : int { CTRL_REFRESH = 0, CTRL_HIST = 1, CTRL_SKIP = 2, CONTROL_WORDS = 3 };
+
+// The flags in force: STEP_DEVICE turns REFRESH and HIST from "compiled in" into what `control` says.
+EPI_HD unsigned flags_in_force(unsigned flags, const int32_t* control) {
+  if (!(flags & STEP_DEVICE)) return flags;
+  if (!control[CTRL_REFRESH]) flags &= ~static_cast<unsigned>(STEP_REFRESH);
+  if (!control[CTRL_HIST]) flags &= ~static_cast<unsigned>(STEP_HIST);
+  return flags;
+}
 
 // Eight consecutive elements (one mask byte): `valid` of them exist. Updates the storage values in
 // place, returns the mask byte in force for this step (the new one on a refresh, bits >= valid

@@ -30,12 +30,23 @@ struct Tables {
 
 cudaError_t device_count(int* count);
 
-// The fused step (element math in element.h): REFRESH sets the masks from `tau` [T] and adds
-// (isolated, kept) counts to `counts` [T, 2]; HIST counts the new scores into `hist` [T, WINDOW_BINS]
-// and `over` [T] for windows starting at `origin` [T] (0: no window).
-cudaError_t fused_step(Tables t, DType param, DType score, unsigned flags, StepScalars scalars,
-                       const int32_t* tau, const int32_t* origin, int32_t* hist, int32_t* over, int32_t* counts,
-                       cudaStream_t stream);
+// What a fused step reads besides the tables (unused pointers may be null).
+struct StepInputs {
+  StepScalars scalars;          // the step's scalars (without STEP_DEVICE)
+  const float* device_scalars;  // STEP_DEVICE: float [T, SCALAR_COUNT], per tensor
+  const int32_t* control;       // STEP_DEVICE: int32 [CONTROL_WORDS]
+  const int32_t* tau;           // REFRESH: int32 [T]
+  const int32_t* origin;        // HIST: int32 [T]
+  int32_t* hist;                // HIST: int32 [T, WINDOW_BINS]
+  int32_t* over;                // HIST: int32 [T]
+  int32_t* counts;              // REFRESH: int32 [T, 2]
+};
+
+// The fused step (element math in element.h): REFRESH sets the masks from `tau` and adds
+// (isolated, kept) counts to `counts`; HIST counts the new scores into `hist` and `over` for windows
+// starting at `origin` (0: no window). STEP_DEVICE: scalars per tensor from `device_scalars`, and
+// `control` decides whether REFRESH and HIST apply this time and whether the step runs at all.
+cudaError_t fused_step(Tables t, DType param, DType score, unsigned flags, const StepInputs& in, cudaStream_t stream);
 
 // Window histograms of the stored scores (when the previous step did not collect them).
 cudaError_t window_histogram(Tables t, DType score, const int32_t* origin, int32_t* hist, int32_t* over,

@@ -5,7 +5,8 @@
 // column is aligned. Per group: step_group (element.h) does the score EMA, the moments and the
 // masked parameter update in fp32; on a refresh step the new mask byte is written and counted;
 // on the step before a refresh the new scores go into a shared-memory window histogram, flushed
-// once per block with integer atomics.
+// once per block with integer atomics. Capturable launches (STEP_DEVICE) read the scalars and the
+// refresh/histogram/skip decisions from device memory, so one captured launch serves every step.
 #include "device_utils.cuh"
 
 namespace epi {
@@ -13,12 +14,17 @@ namespace {
 
 template <class P, class S, bool HIST>
 __global__ void __launch_bounds__(THREADS)
-fused_step_kernel(Tables t, unsigned flags, StepScalars c, const int32_t* tau_of, const int32_t* origin_of,
-                  int32_t* hist_out, int32_t* over_out, int32_t* counts) {
+fused_step_kernel(Tables t, unsigned flags, StepScalars host_scalars, const float* device_scalars,
+                  const int32_t* control, const int32_t* tau_of, const int32_t* origin_of, int32_t* hist_out,
+                  int32_t* over_out, int32_t* counts) {
   using PR = typename P::raw;
   using SR = typename S::raw;
   __shared__ int hist[HIST ? WINDOW_BINS : 1];
+  if ((flags & STEP_DEVICE) && control[CTRL_SKIP]) return;  // the whole launch: a uniform exit
+  flags = flags_in_force(flags, control);
+  const bool hist_on = HIST && (flags & STEP_HIST);  // uniform over the launch
   const Chunk ch = load_chunk(t.table, t.chunks);
+  const StepScalars c = (flags & STEP_DEVICE) ? scalars_row(device_scalars + ch.tensor * SCALAR_COUNT) : host_scalars;
   PR* p = column<PR>(ch.row, COL_PARAM);
   const PR* g = column<const PR>(ch.row, COL_GRAD);
   PR* m = column<PR>(ch.row, COL_EXP_AVG);
@@ -30,8 +36,8 @@ fused_step_kernel(Tables t, unsigned flags, StepScalars c, const int32_t* tau_of
   const bool vec = aligned16(p) && aligned16(g) && aligned16(m) && aligned16(v) && aligned16(s) &&
                    (!amsgrad || aligned16(vmax));
   const int32_t tau = refresh ? tau_of[ch.tensor] : KEY_NONE;
-  const int32_t origin = HIST ? origin_of[ch.tensor] : 0;
-  if (HIST) zero_shared(hist, WINDOW_BINS);
+  const int32_t origin = hist_on ? origin_of[ch.tensor] : 0;
+  if (hist_on) zero_shared(hist, WINDOW_BINS);
 
   int isolated = 0, kept = 0, over = 0;
   const int64_t end = ch.first + CHUNK < ch.numel ? ch.first + CHUNK : ch.numel;
@@ -61,7 +67,7 @@ fused_step_kernel(Tables t, unsigned flags, StepScalars c, const int32_t* tau_of
         kept += __popc(bits & old);
       }
     }
-    if (HIST) {
+    if (hist_on) {
 #pragma unroll
       for (int j = 0; j < 8; ++j) count_in_window(hist, over, keys[j], origin);
     }
@@ -74,7 +80,7 @@ fused_step_kernel(Tables t, unsigned flags, StepScalars c, const int32_t* tau_of
       atomicAdd(counts + 2 * ch.tensor + 1, kept);
     }
   }
-  if (HIST) {
+  if (hist_on) {
     flush_histogram(hist_out + static_cast<int64_t>(ch.tensor) * WINDOW_BINS, hist, WINDOW_BINS);
     over = block_sum(over);
     if (threadIdx.x == 0 && over) atomicAdd(over_out + ch.tensor, over);
@@ -82,32 +88,31 @@ fused_step_kernel(Tables t, unsigned flags, StepScalars c, const int32_t* tau_of
 }
 
 template <class P, class S>
-void launch(Tables t, unsigned flags, StepScalars c, const int32_t* tau, const int32_t* origin, int32_t* hist,
-            int32_t* over, int32_t* counts, cudaStream_t stream) {
+void launch(Tables t, unsigned flags, const StepInputs& in, cudaStream_t stream) {
   if (flags & STEP_HIST)
-    fused_step_kernel<P, S, true><<<t.programs, THREADS, 0, stream>>>(t, flags, c, tau, origin, hist, over, counts);
+    fused_step_kernel<P, S, true><<<t.programs, THREADS, 0, stream>>>(
+        t, flags, in.scalars, in.device_scalars, in.control, in.tau, in.origin, in.hist, in.over, in.counts);
   else
-    fused_step_kernel<P, S, false><<<t.programs, THREADS, 0, stream>>>(t, flags, c, tau, origin, hist, over, counts);
+    fused_step_kernel<P, S, false><<<t.programs, THREADS, 0, stream>>>(
+        t, flags, in.scalars, in.device_scalars, in.control, in.tau, in.origin, in.hist, in.over, in.counts);
 }
 
 template <class P>
-void launch(DType score, Tables t, unsigned flags, StepScalars c, const int32_t* tau, const int32_t* origin,
-            int32_t* hist, int32_t* over, int32_t* counts, cudaStream_t stream) {
+void launch(DType score, Tables t, unsigned flags, const StepInputs& in, cudaStream_t stream) {
   if (score == DTYPE_BF16)
-    launch<P, BF16>(t, flags, c, tau, origin, hist, over, counts, stream);
+    launch<P, BF16>(t, flags, in, stream);
   else
-    launch<P, F32>(t, flags, c, tau, origin, hist, over, counts, stream);
+    launch<P, F32>(t, flags, in, stream);
 }
 
 }  // namespace
 
-cudaError_t fused_step(Tables t, DType param, DType score, unsigned flags, StepScalars c, const int32_t* tau,
-                       const int32_t* origin, int32_t* hist, int32_t* over, int32_t* counts, cudaStream_t stream) {
+cudaError_t fused_step(Tables t, DType param, DType score, unsigned flags, const StepInputs& in, cudaStream_t stream) {
   if (t.programs <= 0) return cudaGetLastError();
   switch (param) {
-    case DTYPE_BF16: launch<BF16>(score, t, flags, c, tau, origin, hist, over, counts, stream); break;
-    case DTYPE_F16: launch<F16>(score, t, flags, c, tau, origin, hist, over, counts, stream); break;
-    default: launch<F32>(score, t, flags, c, tau, origin, hist, over, counts, stream);
+    case DTYPE_BF16: launch<BF16>(score, t, flags, in, stream); break;
+    case DTYPE_F16: launch<F16>(score, t, flags, in, stream); break;
+    default: launch<F32>(score, t, flags, in, stream);
   }
   return cudaGetLastError();
 }

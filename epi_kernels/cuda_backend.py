@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from . import _C, fused_driver
-from .launch import CHUNK, COLUMNS, Launch, StepFlags
+from .launch import CHUNK, COLUMNS, CONTROL, SCALAR_COUNT, DeviceInputs, Launch, StepFlags
 from .launch import window_thresholds as launch_window_thresholds
 from .threshold import WINDOW_BINS
 
@@ -26,7 +26,9 @@ __all__ = ["CudaKernels", "cuda_epi_adamw", "kernels_on", "window_thresholds", "
 
 _K = _C.constants()
 DTYPE_CODES = {torch.float32: _K["DTYPE_F32"], torch.bfloat16: _K["DTYPE_BF16"], torch.float16: _K["DTYPE_F16"]}
-if (_K["CHUNK"], _K["TABLE_WIDTH"], _K["WINDOW_BINS"]) != (CHUNK, len(COLUMNS), WINDOW_BINS):
+if (_K["CHUNK"], _K["TABLE_WIDTH"], _K["WINDOW_BINS"], _K["SCALAR_COUNT"], _K["CONTROL_WORDS"]) != (
+        CHUNK, len(COLUMNS), WINDOW_BINS, SCALAR_COUNT, len(CONTROL)) or any(
+        _K[f"CTRL_{name.upper()}"] != i for i, name in enumerate(CONTROL)):
     raise ImportError(f"epi_kernels._C was built for other tables than this package: {_K} (a stale build?)")
 
 
@@ -36,7 +38,7 @@ def _address(t: Tensor | None) -> int:
 
 def step_flags(flags: StepFlags) -> int:
     """The extension's bit set for `flags`."""
-    names = ("STEP_SQ", "STEP_MAXIMIZE", "STEP_AMSGRAD", "STEP_REFRESH", "STEP_HIST")
+    names = ("STEP_SQ", "STEP_MAXIMIZE", "STEP_AMSGRAD", "STEP_REFRESH", "STEP_HIST", "STEP_DEVICE")
     return sum(_K[name] for name, on in zip(names, flags) if on)
 
 
@@ -56,22 +58,22 @@ class CudaKernels:
                                   over.data_ptr(), *self._stream(launch.device))
 
     def select(self, launch: Launch, hist: Tensor, over: Tensor, origin: Tensor, k: Tensor,
-               tau: Tensor, repair: Tensor) -> None:
+               tau: Tensor, repair: Tensor, gate: Tensor | None = None) -> None:
         stream = self._stream(launch.device)
         self.ops.window_select(len(launch.idx), hist.data_ptr(), over.data_ptr(), origin.data_ptr(), k.data_ptr(),
                                tau.data_ptr(), repair.data_ptr(), *stream)
-        flags = repair.clone()  # the repair kernels clear flags as tensors finish
+        flags = repair.clone() if gate is None else repair * gate  # the repair kernels clear flags as tensors finish
         prefix, need, scratch = launch.zeros(), k.clone(), launch.zeros(_K["RADIX_BINS"])
         self.ops.radix_repair(launch.table.data_ptr(), launch.chunks.data_ptr(), launch.programs, len(launch.idx),
                               DTYPE_CODES[launch.score_dtype], flags.data_ptr(), prefix.data_ptr(),
                               need.data_ptr(), scratch.data_ptr(), tau.data_ptr(), *stream)
 
     def fused_step(self, launch: Launch, scalars: tuple[float, ...], flags: StepFlags, tau, origin, hist, over,
-                   counts) -> None:
+                   counts, device: DeviceInputs | None = None) -> None:
         self.ops.fused_step(launch.table.data_ptr(), launch.chunks.data_ptr(), launch.programs,
                             DTYPE_CODES[launch.param_dtype], DTYPE_CODES[launch.score_dtype], step_flags(flags),
-                            scalars, *(_address(t) for t in (tau, origin, hist, over, counts)),
-                            *self._stream(launch.device))
+                            scalars, *(_address(t) for t in (device or (None, None))),
+                            *(_address(t) for t in (tau, origin, hist, over, counts)), *self._stream(launch.device))
 
 
 KERNELS = CudaKernels(_C, on_gpu=True)

@@ -13,7 +13,8 @@ The kernels are reached only through the custom ops of :mod:`epi_kernels.ops` (t
 addresses are built inside them), and this flow reads no tensor value, so torch.compile traces it
 without a graph break. Host-side work per step: group tensors, build small address and chunk
 tables (cached; copied to the device from pinned memory, asynchronously), compute the AdamW scalars
-from the CPU step counters (a host read when they live on the GPU: fused=True or capturable=True).
+from the CPU step counters (a host read when they live on the GPU: fused=True). Capturable steps
+(``FusedRefresh.control``) decide on the device: see :func:`_device_group_step`.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from . import ops
 from .fused_refresh import FusedRefresh
 from .launch import origins
 from .mask import jaccard_counts
-from .step_scalars import as_float
+from .step_scalars import as_float, device_step_scalars
 from .threshold import WINDOW_BINS
 
 __all__ = ["fused_epi_adamw"]
@@ -64,6 +65,11 @@ def fused_epi_adamw(kernels: str, params, grads, exp_avgs, exp_avg_sqs, max_exp_
     """The EPI-AdamW step with the kernel set `kernels` ("triton" or "cuda"); with `fused_refresh`,
     also the refresh of the masks (or the histograms for the next step's refresh)."""
     fr = fused_refresh
+    if fr is not None and fr.control is not None:
+        _device_step(kernels, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, importances,
+                     masks, fr, lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps,
+                     importance_beta=importance_beta, sq=importance == "sq", maximize=maximize, amsgrad=amsgrad)
+        return
     previous = {}
     if fr is not None:  # histograms are only ever used by the very next step
         previous = dict(fr.pending)
@@ -88,7 +94,7 @@ def fused_epi_adamw(kernels: str, params, grads, exp_avgs, exp_avg_sqs, max_exp_
             [params[i] for i in idx], [grads[i] for i in idx], [exp_avgs[i] for i in idx],
             [exp_avg_sqs[i] for i in idx], [max_exp_avg_sqs[i] for i in idx] if amsgrad else [],
             [state_steps[i] for i in idx], scores, [masks[i] for i in idx], tau, origin, hist, over, counts,
-            kernels, **hyper)
+            None, None, kernels, **hyper)
         if collect:
             fr.pending[tuple(idx)] = (scores, hist, over)
         if refresh:
@@ -96,3 +102,48 @@ def fused_epi_adamw(kernels: str, params, grads, exp_avgs, exp_avg_sqs, max_exp_
             _store(fr.states, idx, {
                 "isolation_overlap": jaccard_counts(counts[:, 1].to(torch.int64), old_count, count),
                 "threshold_bits": tau, "isolation_k": k, "isolated_count": count, "threshold_exact": repaired})
+
+
+def _device_step(kernels: str, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, importances,
+                 masks, fr: FusedRefresh, *, lr, beta1, beta2, weight_decay, eps, importance_beta, sq, maximize,
+                 amsgrad) -> None:
+    """A capturable step: the same launches every step, decided by fr.control on the device.
+
+    Per launch group, every step: select thresholds from the histogram buffers (the repair path
+    gated by the refresh word), clear the buffers if this step collects, the fused step, and the
+    refresh statistics stored where the refresh word is set. The histogram buffers live in
+    fr.pending; when they are new (the first step, or after a checkpoint load) they are filled
+    from the stored scores, once, so a refresh on that step sees the right histograms."""
+    control = fr.control
+    refresh, collect = control[0] != 0, control[1] != 0
+    live = (1 - control[2]).to(state_steps[0].dtype) if state_steps else None
+    if state_steps:
+        torch._foreach_add_(state_steps, live)
+    scalars = device_step_scalars(state_steps, lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps,
+                                  importance_beta=importance_beta)
+    for (device, _, _), idx in _launch_groups(params, importances).items():
+        scores = [importances[i] for i in idx]
+        anchor = _stack(fr.states, idx, "threshold_bits")
+        buffers = fr.pending.get(tuple(idx))
+        if buffers is None or not all(a is b for a, b in zip(buffers[0], scores)):
+            hist, over = ops.window_histogram(scores, origins(anchor), kernels)
+            buffers = fr.pending[tuple(idx)] = (scores, hist, over, ops.isolation_ks(scores, fr.isolation_ratio))
+        _, hist, over, k = buffers
+        tau, repaired, k = ops.select_thresholds(scores, hist, over, origins(anchor), fr.isolation_ratio, kernels,
+                                                 k, control[0])
+        old_count = _stack(fr.states, idx, "isolated_count")
+        origin = origins(torch.where(refresh, tau, anchor))
+        hist.masked_fill_(collect, 0)
+        over.masked_fill_(collect, 0)
+        counts = torch.zeros(len(idx), 2, dtype=torch.int32, device=device)
+        ops.fused_step_(
+            [params[i] for i in idx], [grads[i] for i in idx], [exp_avgs[i] for i in idx],
+            [exp_avg_sqs[i] for i in idx], [max_exp_avg_sqs[i] for i in idx] if amsgrad else [],
+            [state_steps[i] for i in idx], scores, [masks[i] for i in idx], tau, origin, hist, over, counts,
+            scalars[idx], control, kernels, lr=0.0, beta1=0.0, beta2=0.0, weight_decay=0.0, eps=0.0,
+            importance_beta=0.0, sq=sq, maximize=maximize, amsgrad=amsgrad)
+        count = counts[:, 0].to(torch.int64)
+        new = {"isolation_overlap": jaccard_counts(counts[:, 1].to(torch.int64), old_count, count),
+               "threshold_bits": tau, "isolation_k": k, "isolated_count": count, "threshold_exact": repaired}
+        _store(fr.states, idx, {key: torch.where(refresh, value.to(fr.states[idx[0]][key].dtype),
+                                                 _stack(fr.states, idx, key)) for key, value in new.items()})

@@ -17,11 +17,15 @@ from torch import Tensor
 
 from .threshold import KEY_NONE, WINDOW_BINS, window_origin
 
-__all__ = ["COLUMNS", "CHUNK", "StepFlags", "Kernels", "Launch", "kernel_window_histograms", "kernel_select",
+__all__ = ["COLUMNS", "CHUNK", "CONTROL", "SCALAR_COUNT", "StepFlags", "DeviceInputs", "Kernels", "Launch", "kernel_window_histograms", "kernel_select",
            "score_launch", "origins", "window_thresholds"]
 
 COLUMNS = ("param", "grad", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "importance", "mask", "numel")
 CHUNK = 8192  # elements per program (the CUDA kernels check theirs against it: _C.constants())
+
+
+CONTROL = ("refresh", "hist", "skip")  # the control words of a capturable step (int32 each), in order
+SCALAR_COUNT = 9  # per-step scalars (step_scalars.step_scalars), per tensor in a capturable step
 
 
 class StepFlags(NamedTuple):
@@ -30,6 +34,13 @@ class StepFlags(NamedTuple):
     amsgrad: bool
     refresh: bool  # set the masks from `tau`, count (isolated, kept) into `counts`
     hist: bool  # count the new scores into window histograms
+    device: bool = False  # capturable: scalars and control words from device memory; refresh/hist: "may"
+
+
+class DeviceInputs(NamedTuple):
+    """What a capturable step reads from device memory instead of host arguments."""
+    scalars: Tensor  # float32 [T, SCALAR_COUNT]: each tensor's step scalars
+    control: Tensor  # int32 [len(CONTROL)]: whether this step refreshes, collects, is skipped
 
 
 class Kernels(Protocol):
@@ -39,12 +50,14 @@ class Kernels(Protocol):
         """Add the window histograms of the stored scores into hist [T, WINDOW_BINS] / over [T]."""
 
     def select(self, launch: Launch, hist: Tensor, over: Tensor, origin: Tensor, k: Tensor,
-               tau: Tensor, repair: Tensor) -> None:
+               tau: Tensor, repair: Tensor, gate: Tensor | None = None) -> None:
         """tau [T] from the window histograms, then the repair path for the tensors it flags
-        (repair [T] is left holding the window's flags: 1 where the repair path answered)."""
+        (repair [T] is left holding the window's flags: 1 where the repair path answered). A 0-dim
+        int32 `gate` of 0 turns the repair path off (a capturable step that does not refresh)."""
 
     def fused_step(self, launch: Launch, scalars: tuple[float, ...], flags: StepFlags, tau: Tensor | None,
-                   origin: Tensor | None, hist: Tensor | None, over: Tensor | None, counts: Tensor | None) -> None:
+                   origin: Tensor | None, hist: Tensor | None, over: Tensor | None, counts: Tensor | None,
+                   device: DeviceInputs | None = None) -> None:
         """The fused step of every element of the launch."""
 
 
@@ -59,7 +72,13 @@ def to_device(rows, dtype: torch.dtype, device: torch.device) -> Tensor:
     t = torch.tensor(rows, dtype=dtype)
     if device.type != "cuda":
         return t.to(device)
-    return t.pin_memory().to(device, non_blocking=True)
+    t = t.pin_memory()
+    if torch.cuda.is_current_stream_capturing():
+        _CAPTURED_SOURCES.append(t)  # every replay of the captured copy reads this buffer again
+    return t.to(device, non_blocking=True)
+
+
+_CAPTURED_SOURCES: list[Tensor] = []  # host sides of tables copied inside a CUDA graph capture: never freed
 
 
 class _Cached:
@@ -138,10 +157,10 @@ def kernel_window_histograms(kernels: Kernels, launch: Launch, origin: Tensor) -
 
 
 def kernel_select(kernels: Kernels, launch: Launch, hist: Tensor, over: Tensor, origin: Tensor,
-                  k: Tensor) -> tuple[Tensor, Tensor]:
+                  k: Tensor, gate: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """(tau int32 [T], repaired bool [T]): window select, then the repair path for flagged tensors."""
     tau, repair = launch.zeros(), launch.zeros()
-    kernels.select(launch, hist, over, origin, k, tau, repair)
+    kernels.select(launch, hist, over, origin, k, tau, repair, gate)
     return tau, repair != 0
 
 

@@ -9,10 +9,13 @@ Every tensor a kernel writes is declared mutated, and nothing else is written (o
 * ``fused_step_``: one EPI-AdamW step of a launch group (same device, param and score dtypes):
   step counters += 1, then the fused kernel once per distinct step count. With ``tau`` it sets the
   masks from it and counts (isolated, kept-from-before) into ``counts``; with ``hist`` it counts the
-  new scores into window histograms around ``origin`` (for the next step's refresh).
+  new scores into window histograms around ``origin`` (for the next step's refresh). Capturable
+  (``control`` given): one launch, no host read; the caller has advanced the step counters and
+  computed ``device_scalars``, and the control words decide refresh, collection and skipping.
 * ``window_histogram``: window histograms of stored scores around ``origin``.
-* ``select_thresholds``: per tensor k from the isolation ratio, tau from the window histograms, and
-  the repair path for the tensors the window cannot answer.
+* ``select_thresholds``: per tensor k from the isolation ratio (or ``k`` given on the device), tau
+  from the window histograms, and the repair path for the tensors the window cannot answer (unless
+  ``gate`` is 0).
 """
 from __future__ import annotations
 
@@ -22,11 +25,12 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .launch import Launch, StepFlags, kernel_select, kernel_window_histograms, score_launch
+from .launch import (SCALAR_COUNT, DeviceInputs, Launch, StepFlags, kernel_select, kernel_window_histograms,
+                     score_launch, to_device)
 from .step_scalars import step_scalars
 from .threshold import WINDOW_BINS, isolation_k
 
-__all__ = ["fused_step_", "window_histogram", "select_thresholds", "kernel_set"]
+__all__ = ["fused_step_", "window_histogram", "select_thresholds", "isolation_ks", "kernel_set"]
 
 _MUTATED = ("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "state_steps", "importances", "masks",
             "hist", "over", "counts")
@@ -53,14 +57,23 @@ def _rows(t: Tensor | None, idx: list[int], whole: bool) -> Tensor | None:
 def fused_step_(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
                 max_exp_avg_sqs: list[Tensor], state_steps: list[Tensor], importances: list[Tensor],
                 masks: list[Tensor], tau: Optional[Tensor], origin: Optional[Tensor], hist: Optional[Tensor],
-                over: Optional[Tensor], counts: Optional[Tensor], kernels: str, lr: float, beta1: float,
-                beta2: float, weight_decay: float, eps: float, importance_beta: float, sq: bool,
-                maximize: bool, amsgrad: bool) -> None:
+                over: Optional[Tensor], counts: Optional[Tensor], device_scalars: Optional[Tensor],
+                control: Optional[Tensor], kernels: str, lr: float, beta1: float, beta2: float,
+                weight_decay: float, eps: float, importance_beta: float, sq: bool, maximize: bool,
+                amsgrad: bool) -> None:
     ks, context = kernel_set(kernels, params[0].device)
-    torch._foreach_add_(state_steps, 1)
-    steps = torch.stack(state_steps).tolist()  # CPU tensors unless fused/capturable: then a host sync
     columns = [[p, grads[i], exp_avgs[i], exp_avg_sqs[i], max_exp_avg_sqs[i] if amsgrad else None,
                 importances[i], masks[i]] for i, p in enumerate(params)]
+    if control is not None:  # capturable: every decision is on the device
+        launch = Launch(list(range(len(params))), columns)
+        with context:
+            if launch.programs:
+                ks.fused_step(launch, (0.0,) * SCALAR_COUNT, StepFlags(sq, maximize, amsgrad, True, True, True),
+                              tau, origin, hist, over, counts, DeviceInputs(device_scalars, control))
+        launch.finish()
+        return
+    torch._foreach_add_(state_steps, 1)
+    steps = torch.stack(state_steps).tolist()  # CPU tensors unless fused/capturable: then a host sync
     by_step: dict[float, list[int]] = {}
     for i, s in enumerate(steps):
         by_step.setdefault(s, []).append(i)
@@ -100,17 +113,24 @@ def _(scores, origin, kernels):
 
 @torch.library.custom_op("epi_kernels::select_thresholds", mutates_args=())
 def select_thresholds(scores: list[Tensor], hist: Tensor, over: Tensor, origin: Tensor, isolation_ratio: float,
-                      kernels: str) -> tuple[Tensor, Tensor, Tensor]:
+                      kernels: str, k: Optional[Tensor] = None,
+                      gate: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
     ks, context = kernel_set(kernels, scores[0].device)
-    k = torch.tensor([isolation_k(isolation_ratio, s.numel()) for s in scores], dtype=torch.int32)
     with context:
-        k = k.pin_memory().to(origin.device, non_blocking=True) if origin.is_cuda else k
-        tau, repaired = kernel_select(ks, score_launch(scores), hist, over,
-                                      origin, k)
+        if k is None:
+            k = isolation_ks(scores, isolation_ratio)
+        else:
+            k = k.clone()  # an output may not alias an input
+        tau, repaired = kernel_select(ks, score_launch(scores), hist, over, origin, k, gate)
     return tau, repaired, k
 
 
+def isolation_ks(scores: list[Tensor], isolation_ratio: float) -> Tensor:
+    """k of each score tensor, int32 on their device (pinned, asynchronous copy: no host sync)."""
+    return to_device([isolation_k(isolation_ratio, s.numel()) for s in scores], torch.int32, scores[0].device)
+
+
 @select_thresholds.register_fake
-def _(scores, hist, over, origin, isolation_ratio, kernels):
+def _(scores, hist, over, origin, isolation_ratio, kernels, k=None, gate=None):
     n = len(scores)
     return origin.new_empty(n), origin.new_empty(n, dtype=torch.bool), origin.new_empty(n)

@@ -17,7 +17,7 @@ from .backends import FUSED_BACKENDS, check_backend, check_device, resolve_backe
 from .functional import epi_adamw, isolated_indices, refresh_ops
 from .fused_refresh import FusedRefresh
 from .mask import pack_mask, unpack_mask
-from .refresh import is_refresh_step, refresh_masks
+from .refresh import is_refresh_step, refresh_due, refresh_masks
 from .sharding import is_sharded, local, shard_of
 from .state import IMPORTANCE_DTYPES, init_epi_state, protect_epi_entries, restore_epi_entries
 
@@ -157,7 +157,8 @@ class EPIAdamW(Optimizer):
         )
         _check_epi_args(defaults)
         self._isolated: dict[Tensor, Tensor] = {}  # cache: flat indices of each mask's isolated elements
-        self._histograms: dict[int, dict] = {}  # triton: per group (by id), histograms for the next step
+        self._histograms: dict[int, dict] = {}  # kernel backends: per group (by id), histograms for the next step
+        self._requests: dict[int, Tensor] = {}  # capturable kernel steps: per group, pending refresh requests
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -169,6 +170,7 @@ class EPIAdamW(Optimizer):
         super().__setstate__(state)
         self._isolated = {}
         self._histograms = {}
+        self._requests = {}
         for group in self.param_groups:
             for key, value in (("amsgrad", False), ("maximize", False), ("foreach", None),
                                ("capturable", False), ("differentiable", False), ("fused", None),
@@ -210,10 +212,12 @@ class EPIAdamW(Optimizer):
                 raise RuntimeError("`fused=True` requires all the params to be floating point Tensors "
                                    f"of supported devices, got {p.dtype} on {p.device.type}")
         devices = {p.device for p in params}
-        if group["capturable"] and not torch.compiler.is_compiling() and any(d.type == "cpu" for d in devices):
+        backend = resolve_backend(group["backend"], params[0].device) if params else None
+        if (group["capturable"] and backend not in FUSED_BACKENDS and not torch.compiler.is_compiling()
+                and any(d.type == "cpu" for d in devices)):  # the kernel backends' CPU emulations may
             raise RuntimeError("capturable=True requires parameters on an accelerator, got cpu")
         for device in devices:
-            check_device(resolve_backend(group["backend"], params[0].device), device)
+            check_device(backend, device)
         if params and group["foreach"] and torch.is_tensor(group["lr"]) and not group["capturable"]:
             raise RuntimeError("lr as a Tensor is not supported for capturable=False and foreach=True")
         return params
@@ -229,11 +233,6 @@ class EPIAdamW(Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None):
         """Perform one optimization step; `closure` is evaluated first, with grad enabled."""
-        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
-            # the refresh schedule and the step counts live on the host: a replayed graph would
-            # repeat one step's decisions (no refresh, ever), so refuse instead of going wrong quietly
-            raise RuntimeError("EPIAdamW.step cannot be captured in a CUDA graph yet (capturable=True covers the "
-                               "AdamW part only; the EPI refresh schedule runs on the host)")
         check = getattr(self, "_accelerator_graph_capture_health_check", None)
         if check is not None:
             check()
@@ -242,29 +241,51 @@ class EPIAdamW(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         stepped = [self._stepped_params(group) for group in self.param_groups]  # validate all first
-        if self._amp_overflow([p for params in stepped for p in params]):
+        on_device = [self._decides_on_device(g, ps) for g, ps in zip(self.param_groups, stepped) if ps]
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing() and not all(on_device):
+            # the refresh schedule and the step counts live on the host: a replayed graph would
+            # repeat one step's decisions (no refresh, ever), so refuse instead of going wrong quietly
+            raise RuntimeError("EPIAdamW.step can be captured in a CUDA graph only with capturable=True, "
+                               "backend='triton' or 'cuda', scope='tensor', threshold='approx' and unsharded "
+                               "params in every param group (the others decide refreshes on the host)")
+        device_skip = on_device and all(on_device)  # no host read of the GradScaler's flag either
+        skip = self._amp_overflow([p for params in stepped for p in params], device_skip)
+        if skip is True:
             return loss  # GradScaler found inf/NaN gradients: the whole step is skipped
         for group, params in zip(self.param_groups, stepped):
             if params:
-                self._step_group(group, params)
+                self._step_group(group, params, skip if device_skip else None)
         return loss
+
+    def _decides_on_device(self, group: dict, params: list[Tensor]) -> bool:
+        """Whether this group's step decides refreshes (and GradScaler skips) on the device: a
+        capturable step of a fused kernel backend that refreshes inside its kernels."""
+        return (group["capturable"] and resolve_backend(group["backend"], params[0].device) in FUSED_BACKENDS
+                and group["scope"] == "tensor" and group["threshold"] == "approx"
+                and not any(is_sharded(p) for p in params))
 
     # GradScaler hands this optimizer its scale and overflow flag (as it does torch's fused Adam)
     # instead of unscaling the gradients itself and skipping step() on overflow.
     _step_supports_amp_scaling = True
 
-    def _amp_overflow(self, params: list[Tensor]) -> bool:
+    def _amp_overflow(self, params: list[Tensor], on_device: bool = False) -> bool | Tensor | None:
         """With a GradScaler: True if this step must be skipped (inf/NaN gradients), else unscale
-        the gradients in place by the scaler's scale, exactly as GradScaler.unscale_ would."""
+        the gradients in place by the scaler's scale, exactly as GradScaler.unscale_ would.
+        `on_device`: return the skip flag as a 0-dim int32 tensor instead of reading it (None
+        without a GradScaler); the step's kernels then skip themselves."""
         found_inf = getattr(self, "found_inf", None)
         grad_scale = getattr(self, "grad_scale", None)
-        if found_inf is not None and bool(found_inf.sum() > 0):  # a host sync, as GradScaler's own path
-            return True
+        skip = None
+        if found_inf is not None:
+            if on_device:
+                skip = (found_inf.sum() > 0).to(torch.int32)
+            elif bool(found_inf.sum() > 0):  # a host sync, as GradScaler's own path
+                return True
         if grad_scale is not None and params:
             inv = torch.as_tensor(grad_scale).double().reciprocal().float()
             for device, grads in _by_device([p.grad for p in params]).items():
                 torch._foreach_mul_(grads, inv.to(device))
-        return False
+        return skip if on_device else False
 
     @staticmethod
     @torch.compiler.disable  # changes every step: traced, it would recompile the step for each value
@@ -286,17 +307,51 @@ class EPIAdamW(Optimizer):
                       threshold=group["threshold"], ops=refresh_ops(backend),
                       shards=[shard_of(p) for p in params] if sharded else None)
 
-    def _step_group(self, group: dict, params: list[Tensor]) -> None:
+    def _device_control(self, group: dict, states: list[dict], skip: Tensor | None) -> Tensor:
+        """The control words (refresh, collect, skip) of a capturable step, computed on the device
+        from the group's device step counter; records refresh steps. A requested refresh (stage
+        boundary) needs the histograms the step before it collects: the next step collects, the one
+        after refreshes."""
+        device = states[0]["importance"].device
+        t = group["epi_step"]
+        if not torch.is_tensor(t) or t.device != device:
+            t = group["epi_step"] = torch.as_tensor(t, dtype=torch.int64).to(device)
+        requests = self._requests.get(id(group))
+        if requests is None:
+            requests = self._requests[id(group)] = torch.zeros(2, dtype=torch.int32, device=device)
+        if group.pop("refresh_requested", False):
+            requests[0].fill_(1)
+        skip = torch.zeros((), dtype=torch.int32, device=device) if skip is None else skip.to(device)
+        live = skip == 0
+        t.add_(live.to(t.dtype))
+        when = (group["refresh_interval"], group["warmup_steps"], group["static"])
+        refresh = (refresh_due(t, *when) | (requests[1] != 0)) & live
+        collect = (refresh_due(t + 1, *when) | (requests[0] != 0)) & live
+        requests.copy_(torch.where(live, torch.stack([torch.zeros_like(requests[0]), requests[0]]), requests))
+        for st in states:
+            st["refresh_step"].copy_(torch.where(refresh, t, st["refresh_step"]))
+        return torch.stack([refresh, collect, ~live]).to(torch.int32)
+
+    def _step_group(self, group: dict, params: list[Tensor], skip: Tensor | None = None) -> None:
         states = [self._init_state(p, group) for p in params]
         backend = resolve_backend(group["backend"], params[0].device)
-        refresh, collect = self._advance(group, states)
-        fused_refresh = None
         sharded = any(is_sharded(p) for p in params)
-        if backend in FUSED_BACKENDS and group["scope"] == "tensor" and group["threshold"] == "approx" and not sharded:
-            fused_refresh = FusedRefresh(states, group["isolation_ratio"], refresh, collect,
-                                         self._histograms.setdefault(id(group), {}))
-        elif refresh:
-            self._refresh_masks(group, states, params, backend, sharded)
+        # histograms kept between steps: host-decided steps keep those the next step needs, device-
+        # decided ones reusable buffers; a step of one kind drops the other's (they would be stale)
+        pending = self._histograms.setdefault(id(group), {"host": {}, "device": {}})
+        refresh = False
+        if self._decides_on_device(group, params):  # capturable: the kernels refresh when the device says
+            pending["host"].clear()
+            fused_refresh = FusedRefresh(states, group["isolation_ratio"], True, True, pending["device"],
+                                         self._device_control(group, states, skip))
+        else:
+            pending["device"].clear()
+            refresh, collect = self._advance(group, states)
+            fused_refresh = None
+            if backend in FUSED_BACKENDS and group["scope"] == "tensor" and group["threshold"] == "approx" and not sharded:
+                fused_refresh = FusedRefresh(states, group["isolation_ratio"], refresh, collect, pending["host"])
+            elif refresh:
+                self._refresh_masks(group, states, params, backend, sharded)
         if refresh:
             for p in params:
                 self._isolated.pop(p, None)
@@ -332,6 +387,8 @@ class EPIAdamW(Optimizer):
         schedule continues unchanged; with `static=True` the schedule's one refresh still comes."""
         for group in self.param_groups:
             group["refresh_requested"] = True
+            if id(group) in self._requests:  # capturable steps (also replays of a captured one)
+                self._requests[id(group)][0].fill_(1)
 
     @torch.no_grad()
     def set_isolation_mask(self, p: Tensor, mask: Tensor) -> None:

@@ -15,7 +15,7 @@ from .mask import jaccard_counts, popcount, threshold_mask
 from .threshold import (KEY_NONE, approx_threshold, approx_thresholds, exact_threshold, identity, isolation_k,
                         score_keys, window_bins)
 
-__all__ = ["RefreshOps", "EAGER_OPS", "Shard", "is_refresh_step", "refresh_masks"]
+__all__ = ["RefreshOps", "EAGER_OPS", "Shard", "is_refresh_step", "refresh_due", "refresh_masks"]
 
 
 @dataclass(frozen=True)
@@ -51,6 +51,14 @@ def is_refresh_step(step: int, refresh_interval: int, warmup_steps: int | None, 
     if since < 0 or since % refresh_interval:
         return False
     return not static or since == 0
+
+
+def refresh_due(step: Tensor, refresh_interval: int, warmup_steps: int | None, static: bool) -> Tensor:
+    """is_refresh_step on a device step counter (a bool tensor, no host read): capturable steps."""
+    warmup = refresh_interval if warmup_steps is None else warmup_steps
+    since = step - warmup
+    due = (since >= 0) & (since % refresh_interval == 0)
+    return due & (since == 0) if static else due
 
 
 def _global_values(scores: Tensor, prepare: Callable[[Tensor], Tensor]) -> Tensor:

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from . import fused_driver
-from .launch import CHUNK, Launch, StepFlags
+from .launch import CHUNK, DeviceInputs, Launch, StepFlags
 from .launch import window_thresholds as launch_window_thresholds
 from .kernels.fused_step import fused_step_kernel
 from .kernels.histogram import histogram_kernel
@@ -35,11 +35,11 @@ class TritonKernels:
                                              S_TYPE=_TL[launch.score_dtype], BLOCK=BLOCK, TILES=TILES)
 
     def select(self, launch: Launch, hist: Tensor, over: Tensor, origin: Tensor, k: Tensor,
-               tau: Tensor, repair: Tensor) -> None:
+               tau: Tensor, repair: Tensor, gate: Tensor | None = None) -> None:
         select_kernel[(len(launch.idx),)](hist, over, origin, k, tau, repair, TILE=SELECT_TILE)
         if not launch.programs:
             return
-        flags = repair.clone()  # the repair kernels clear flags as tensors finish
+        flags = repair.clone() if gate is None else repair * gate  # the repair kernels clear flags as tensors finish
         prefix, need, scratch = launch.zeros(), k.clone(), launch.zeros(SCRATCH)
         for level, (shift, bits) in enumerate(LEVELS):
             radix_count_kernel[(launch.programs,)](launch.table, launch.chunks, flags, prefix, scratch,
@@ -50,13 +50,14 @@ class TritonKernels:
                                                     TILE=SELECT_TILE)
 
     def fused_step(self, launch: Launch, scalars: tuple[float, ...], flags: StepFlags, tau, origin, hist, over,
-                   counts) -> None:
+                   counts, device: DeviceInputs | None = None) -> None:
         dummy = launch.table  # never read: the flags turn the unused arguments off
+        buffers = (tau, origin, hist, over, counts) + ((None, None) if device is None else device)
         fused_step_kernel[(launch.programs,)](
-            launch.table, launch.chunks, *(dummy if t is None else t for t in (tau, origin, hist, over, counts)),
+            launch.table, launch.chunks, *(dummy if t is None else t for t in buffers),
             *scalars, P_TYPE=_TL[launch.param_dtype], S_TYPE=_TL[launch.score_dtype], SQ=flags.sq,
             MAXIMIZE=flags.maximize, AMSGRAD=flags.amsgrad, REFRESH=flags.refresh, HIST=flags.hist,
-            BLOCK=BLOCK, TILES=TILES)
+            DEVICE=flags.device, BLOCK=BLOCK, TILES=TILES)
 
 
 KERNELS = TritonKernels()

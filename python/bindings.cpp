@@ -39,10 +39,14 @@ epi::DType dtype(int code) {
 
 }  // namespace
 
-epi::StepScalars step_scalars(const std::array<double, 9>& s) {
-  return epi::StepScalars{static_cast<float>(s[0]), static_cast<float>(s[1]), static_cast<float>(s[2]),
-                          static_cast<float>(s[3]), static_cast<float>(s[4]), static_cast<float>(s[5]),
-                          static_cast<float>(s[6]), static_cast<float>(s[7]), static_cast<float>(s[8])};
+epi::StepInputs step_inputs(const std::array<double, epi::SCALAR_COUNT>& s, uintptr_t device_scalars,
+                            uintptr_t control, uintptr_t tau, uintptr_t origin, uintptr_t hist, uintptr_t over,
+                            uintptr_t counts) {
+  const epi::StepScalars sc{static_cast<float>(s[0]), static_cast<float>(s[1]), static_cast<float>(s[2]),
+                            static_cast<float>(s[3]), static_cast<float>(s[4]), static_cast<float>(s[5]),
+                            static_cast<float>(s[6]), static_cast<float>(s[7]), static_cast<float>(s[8])};
+  return {sc, ptr<const float>(device_scalars), ptr<const int32_t>(control), ptr<const int32_t>(tau),
+          ptr<const int32_t>(origin), ptr<int32_t>(hist), ptr<int32_t>(over), ptr<int32_t>(counts)};
 }
 
 PYBIND11_MODULE(_C, m) {
@@ -76,20 +80,27 @@ PYBIND11_MODULE(_C, m) {
     d["STEP_AMSGRAD"] = static_cast<int>(epi::STEP_AMSGRAD);
     d["STEP_REFRESH"] = static_cast<int>(epi::STEP_REFRESH);
     d["STEP_HIST"] = static_cast<int>(epi::STEP_HIST);
+    d["STEP_DEVICE"] = static_cast<int>(epi::STEP_DEVICE);
+    d["SCALAR_COUNT"] = epi::SCALAR_COUNT;
+    d["CTRL_REFRESH"] = static_cast<int>(epi::CTRL_REFRESH);
+    d["CTRL_HIST"] = static_cast<int>(epi::CTRL_HIST);
+    d["CTRL_SKIP"] = static_cast<int>(epi::CTRL_SKIP);
+    d["CONTROL_WORDS"] = static_cast<int>(epi::CONTROL_WORDS);
     return d;
   }, "The constants the kernels were compiled with (tests compare them with epi_kernels.threshold).");
 
   m.def("fused_step", [](uintptr_t table, uintptr_t chunks, int programs, int param_dtype, int score_dtype,
-                         unsigned flags, const std::array<double, 9>& scalars, uintptr_t tau, uintptr_t origin,
+                         unsigned flags, const std::array<double, epi::SCALAR_COUNT>& scalars,
+                         uintptr_t device_scalars, uintptr_t control, uintptr_t tau, uintptr_t origin,
                          uintptr_t hist, uintptr_t over, uintptr_t counts, uintptr_t stream) {
     check(epi::fused_step(tables(table, chunks, programs), dtype(param_dtype), dtype(score_dtype), flags,
-                          step_scalars(scalars), ptr<const int32_t>(tau), ptr<const int32_t>(origin),
-                          ptr<int32_t>(hist), ptr<int32_t>(over), ptr<int32_t>(counts), stream_of(stream)),
+                          step_inputs(scalars, device_scalars, control, tau, origin, hist, over, counts),
+                          stream_of(stream)),
           "fused_step");
   }, "The fused EPI-AdamW step over a launch group (see csrc/epi_kernels.h).",
         py::arg("table"), py::arg("chunks"), py::arg("programs"), py::arg("param_dtype"), py::arg("score_dtype"),
-        py::arg("flags"), py::arg("scalars"), py::arg("tau"), py::arg("origin"), py::arg("hist"), py::arg("over"),
-        py::arg("counts"), py::arg("stream"));
+        py::arg("flags"), py::arg("scalars"), py::arg("device_scalars"), py::arg("control"), py::arg("tau"),
+        py::arg("origin"), py::arg("hist"), py::arg("over"), py::arg("counts"), py::arg("stream"));
 
   m.def("window_histogram", [](uintptr_t table, uintptr_t chunks, int programs, int score_dtype, uintptr_t origin,
                                uintptr_t hist, uintptr_t over, uintptr_t stream) {

@@ -17,7 +17,9 @@
 
 namespace py = pybind11;
 
-epi::StepScalars step_scalars(const std::array<double, 9>& s);  // bindings.cpp
+epi::StepInputs step_inputs(const std::array<double, epi::SCALAR_COUNT>& s, uintptr_t device_scalars,
+                            uintptr_t control, uintptr_t tau, uintptr_t origin, uintptr_t hist, uintptr_t over,
+                            uintptr_t counts);  // bindings.cpp
 
 namespace {
 
@@ -48,12 +50,17 @@ void count_window(int32_t key, int32_t origin, int32_t* hist, int32_t* over) {
 }
 
 template <class P, class S>
-void fused_step(uintptr_t table, uintptr_t chunks, int programs, unsigned flags, const epi::StepScalars& sc,
-                const int32_t* tau, const int32_t* origin, int32_t* hist, int32_t* over, int32_t* counts) {
+void fused_step(uintptr_t table, uintptr_t chunks, int programs, unsigned flags, const epi::StepInputs& in) {
   using PR = typename P::raw;
   using SR = typename S::raw;
+  if ((flags & epi::STEP_DEVICE) && in.control[epi::CTRL_SKIP]) return;
+  flags = epi::flags_in_force(flags, in.control);
+  const int32_t *tau = in.tau, *origin = in.origin;
+  int32_t *hist = in.hist, *over = in.over, *counts = in.counts;
   for (int b = 0; b < programs; ++b) {
     const HostChunk c = chunk(table, chunks, b);
+    const epi::StepScalars sc = (flags & epi::STEP_DEVICE)
+        ? epi::scalars_row(in.device_scalars + c.tensor * epi::SCALAR_COUNT) : in.scalars;
     PR* vmax = (flags & epi::STEP_AMSGRAD) ? column<PR>(c, epi::COL_MAX_EXP_AVG_SQ) : nullptr;
     uint8_t* mask = column<uint8_t>(c, epi::COL_MASK);
     for (int64_t i = c.first; i < c.end; i += 8) {
@@ -80,10 +87,9 @@ void fused_step(uintptr_t table, uintptr_t chunks, int programs, unsigned flags,
 
 template <class P>
 void fused_step(int score_dtype, uintptr_t table, uintptr_t chunks, int programs, unsigned flags,
-                const epi::StepScalars& sc, const int32_t* tau, const int32_t* origin, int32_t* hist, int32_t* over,
-                int32_t* counts) {
-  if (score_dtype == epi::DTYPE_BF16) fused_step<P, epi::BF16>(table, chunks, programs, flags, sc, tau, origin, hist, over, counts);
-  else fused_step<P, epi::F32>(table, chunks, programs, flags, sc, tau, origin, hist, over, counts);
+                const epi::StepInputs& in) {
+  if (score_dtype == epi::DTYPE_BF16) fused_step<P, epi::BF16>(table, chunks, programs, flags, in);
+  else fused_step<P, epi::F32>(table, chunks, programs, flags, in);
 }
 
 template <class S>
@@ -165,13 +171,11 @@ void radix_repair(uintptr_t table, uintptr_t chunks, int programs, int tensors, 
 
 void bind_host_harness(py::module_& m) {
   m.def("fused_step", [](uintptr_t table, uintptr_t chunks, int programs, int param_dtype, int score_dtype,
-                         unsigned flags, const std::array<double, 9>& scalars, uintptr_t tau, uintptr_t origin,
+                         unsigned flags, const std::array<double, epi::SCALAR_COUNT>& scalars,
+                         uintptr_t device_scalars, uintptr_t control, uintptr_t tau, uintptr_t origin,
                          uintptr_t hist, uintptr_t over, uintptr_t counts) {
-    const epi::StepScalars sc = step_scalars(scalars);
-    auto run = [&](auto param) {
-      fused_step<decltype(param)>(score_dtype, table, chunks, programs, flags, sc, ptr<const int32_t>(tau),
-                                  ptr<const int32_t>(origin), ptr<int32_t>(hist), ptr<int32_t>(over), ptr<int32_t>(counts));
-    };
+    const epi::StepInputs in = step_inputs(scalars, device_scalars, control, tau, origin, hist, over, counts);
+    auto run = [&](auto param) { fused_step<decltype(param)>(score_dtype, table, chunks, programs, flags, in); };
     switch (param_dtype) {
       case epi::DTYPE_F32: run(epi::F32{}); break;
       case epi::DTYPE_BF16: run(epi::BF16{}); break;
@@ -179,8 +183,9 @@ void bind_host_harness(py::module_& m) {
       default: throw std::invalid_argument("unknown param dtype code " + std::to_string(param_dtype));
     }
   }, "_C.fused_step on CPU tensors.", py::arg("table"), py::arg("chunks"), py::arg("programs"),
-        py::arg("param_dtype"), py::arg("score_dtype"), py::arg("flags"), py::arg("scalars"), py::arg("tau"),
-        py::arg("origin"), py::arg("hist"), py::arg("over"), py::arg("counts"));
+        py::arg("param_dtype"), py::arg("score_dtype"), py::arg("flags"), py::arg("scalars"),
+        py::arg("device_scalars"), py::arg("control"), py::arg("tau"), py::arg("origin"), py::arg("hist"),
+        py::arg("over"), py::arg("counts"));
   m.def("window_histogram", [](uintptr_t table, uintptr_t chunks, int programs, int score_dtype, uintptr_t origin,
                                uintptr_t hist, uintptr_t over) {
     window_histogram(table, chunks, programs, score_dtype, ptr<const int32_t>(origin), ptr<int32_t>(hist), ptr<int32_t>(over));

@@ -104,6 +104,6 @@ def test_cuda_graph_capture_is_refused_before_anything_changes(monkeypatch):
     opt = EPIAdamW([p])
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # as if inside a capture on a GPU
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
-    with pytest.raises(RuntimeError, match="cannot be captured in a CUDA graph"):
+    with pytest.raises(RuntimeError, match="can be captured in a CUDA graph only with capturable=True"):
         opt.step()
     assert torch.equal(p, torch.ones(4)) and not opt.state and opt.param_groups[0]["epi_step"] == 0

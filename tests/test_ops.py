@@ -54,7 +54,7 @@ def test_opcheck_fused_step(kernels, mode):
     if mode == "collect":
         origin = origins(median)  # a window the new scores fall in: the histograms get counts
         hist, over = torch.zeros(t, WINDOW_BINS, dtype=torch.int32), torch.zeros(t, dtype=torch.int32)
-    _opcheck(torch.ops.epi_kernels.fused_step_.default, (*lists, tau, origin, hist, over, counts, kernels),
+    _opcheck(torch.ops.epi_kernels.fused_step_.default, (*lists, tau, origin, hist, over, counts, None, None, kernels),
              HYPER)
 
 

@@ -6,6 +6,9 @@ packed mask); update the score EMA, the Adam moments and, where the element is n
 parameter (isolated elements are not written at all); on a step before a refresh, count the new
 score into the tensor's window histogram. Math is fp32 whatever the storage dtypes, in the order of
 torch's for-loop AdamW (see :func:`epi_kernels.compiled._tensor_step`, the same math in torch ops).
+Capturable launches (DEVICE) read the scalars per tensor and the control words (refresh, collect,
+skip: launch.CONTROL) from device memory: REFRESH and HIST are then compiled in and applied when
+the control words say so, and a skipped step touches nothing.
 """
 import triton
 import triton.language as tl
@@ -22,12 +25,25 @@ def fused_step_kernel(
     tau_ptr,  # int32 [T]: REFRESH: the new threshold of each tensor
     origin_ptr, hist_ptr, over_ptr,  # HIST: window origins int32 [T] (0: none), outputs [T, NB], [T]
     count_ptr,  # REFRESH: int32 [T, 2] += (isolated count, |old mask & new mask|)
+    scalars_ptr, control_ptr,  # DEVICE: float32 [T, 9] (the arguments below, per tensor), int32 [3]
     decay, step_size, one_minus_beta1, beta2, one_minus_beta2, bc2_sqrt, eps, ibeta, one_minus_ibeta,
     P_TYPE: tl.constexpr, S_TYPE: tl.constexpr, SQ: tl.constexpr, MAXIMIZE: tl.constexpr,
-    AMSGRAD: tl.constexpr, REFRESH: tl.constexpr, HIST: tl.constexpr,
+    AMSGRAD: tl.constexpr, REFRESH: tl.constexpr, HIST: tl.constexpr, DEVICE: tl.constexpr,
     BLOCK: tl.constexpr, TILES: tl.constexpr,
 ):
     tid, row, first, n = load_chunk(table_ptr, chunk_ptr, BLOCK * TILES)
+    refresh_word = tl.full([], 1, tl.int32)
+    hist_word = tl.full([], 1, tl.int32)
+    if DEVICE:
+        n = tl.where(tl.load(control_ptr + 2) != 0, 0, n)  # a skipped step: no element is touched
+        refresh_word = tl.load(control_ptr)
+        hist_word = tl.load(control_ptr + 1)
+        sc = scalars_ptr + tid * 9
+        decay, step_size, one_minus_beta1 = tl.load(sc), tl.load(sc + 1), tl.load(sc + 2)
+        beta2, one_minus_beta2, bc2_sqrt = tl.load(sc + 3), tl.load(sc + 4), tl.load(sc + 5)
+        eps, ibeta, one_minus_ibeta = tl.load(sc + 6), tl.load(sc + 7), tl.load(sc + 8)
+    n_refresh = tl.where(refresh_word != 0, n, 0)  # elements whose mask bit is set this step
+    n_hist = tl.where(hist_word != 0, n, 0)  # elements whose new score is counted
     p_ptr = column(row, PARAM, P_TYPE)
     g_ptr = column(row, GRAD, P_TYPE)
     m_ptr = column(row, EXP_AVG, P_TYPE)
@@ -49,12 +65,13 @@ def fused_step_kernel(
         s = tl.load(s_ptr + offs, mask=inb, other=0.0).to(tl.float32)
         old_bit = (tl.load(mask_ptr + (offs >> 3), mask=inb, other=0).to(tl.int32) >> (offs & 7).to(tl.int32)) & 1
         if REFRESH:
-            bit = ((score_key(s) >= tau) & inb).to(tl.int32)
+            bit = ((score_key(s) >= tau) & (offs < n_refresh)).to(tl.int32)
             byte = tl.sum(tl.reshape(bit, (BLOCK // 8, 8)) << tl.arange(0, 8)[None, :], axis=1)
             byte_offs = (start >> 3) + tl.arange(0, BLOCK // 8)
-            tl.store(mask_ptr + byte_offs, byte.to(tl.uint8), mask=byte_offs * 8 < n)
+            tl.store(mask_ptr + byte_offs, byte.to(tl.uint8), mask=byte_offs * 8 < n_refresh)
             n_isolated += tl.sum(bit, 0)
             n_kept += tl.sum(bit & old_bit, 0)
+            bit = tl.where(refresh_word != 0, bit, old_bit)
         else:
             bit = old_bit
         g = tl.load(g_ptr + offs, mask=inb, other=0.0).to(tl.float32)
@@ -65,7 +82,7 @@ def fused_step_kernel(
         s = to_storage(s * ibeta + f, S_TYPE)
         tl.store(s_ptr + offs, s, mask=inb)
         if HIST:
-            hh, oo = window_counts(score_key(s.to(tl.float32)), origin, inb)
+            hh, oo = window_counts(score_key(s.to(tl.float32)), origin, offs < n_hist)
             h += hh
             n_over += oo
         if MAXIMIZE:
