@@ -7,6 +7,9 @@ the refresh cost on top of the plain fused step (DESIGN.md target: histogram + t
     refresh   a refresh step: window select (one program per tensor), the repair kernels launched
               with nothing flagged, and the fused step writing the new mask
     repair    a refresh whose window misses for every tensor: three radix passes over the scores
+    device    a plain step decided on the device (capturable=True): what deciding on the device
+              costs (scalars per tensor, select launched with the repair path gated off, gated stores)
+    graph     the same step captured once in a CUDA graph and replayed (CUDA only): no host work
 """
 from __future__ import annotations
 
@@ -51,6 +54,29 @@ def step_variants(params: list[torch.nn.Parameter], backend: str) -> dict[str, C
             st["threshold_bits"].fill_(KEY_NONE)  # no window: every tensor takes the repair path
         run(True, False)
 
+    control = torch.zeros(3, dtype=torch.int32, device=params[0].device)  # no refresh, no collect, no skip
+    buffers: dict = {}
+
+    def device() -> None:
+        fused_step(params, *lists, **hyper, fused_refresh=FusedRefresh(states, RATIO, True, True, buffers, control))
+
     run(False, True)  # fills `collected`
-    return {"plain": lambda: run(False, False), "histogram": lambda: run(False, True),
-            "refresh": lambda: run(True, False, collected), "repair": repair}
+    variants = {"plain": lambda: run(False, False), "histogram": lambda: run(False, True),
+                "refresh": lambda: run(True, False, collected), "repair": repair, "device": device}
+    if params[0].is_cuda:
+        variants["graph"] = _captured(device)
+    return variants
+
+
+def _captured(fn: Callable[[], None]) -> Callable[[], None]:
+    """`fn` captured in a CUDA graph (after warm-up calls on a side stream), as its replay."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay

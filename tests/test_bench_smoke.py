@@ -45,7 +45,7 @@ def test_dry_run_exercises_the_gpu_code_paths_on_cpu(tmp_path):
     kernels = {"triton"} | ({"cuda"} if HAS_EXTENSION else set())
     assert {r["contender"] for r in res["steps"]} >= {"epi-torch", "unfused", "adamw-fused"} | {f"epi-{b}" for b in kernels}
     assert {(r["backend"], r["variant"]) for r in res["kernel_variants"]} == {
-        (b, v) for b in kernels for v in ("plain", "histogram", "refresh", "repair")}
+        (b, v) for b in kernels for v in ("plain", "histogram", "refresh", "repair", "device")}  # "graph": CUDA only
     assert {f"threshold kernels ({b})" for b in kernels} <= {r["what"] for r in res["threshold"]}
     assert all(r["median_ms"] > 0 for r in res["steps"] + res["kernel_variants"])
 
