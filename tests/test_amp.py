@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from epi_kernels import EPIAdamW
-from kernel_devices import CPU_KERNEL_BACKENDS
+from kernel_devices import CPU_KERNEL_BACKENDS, KERNEL_BACKENDS
 
 EPI = dict(lr=0.05, isolation_ratio=0.25, refresh_interval=2, importance_beta=0.5)
 BACKENDS = ["torch", *CPU_KERNEL_BACKENDS]
@@ -47,15 +47,24 @@ def test_found_inf_skips_the_whole_step_and_grad_scale_unscales(backend):
     assert opt.param_groups[0]["epi_step"] == 5 and any(opt.isolation_mask(p).any() for p in params)
 
 
-def test_with_a_real_grad_scaler():
+# (backend, device, capturable): capturable kernel steps read found_inf on the device, never on the host
+SCALER_CASES = [pytest.param(("torch", "cpu", False), id="torch-cpu")] + [
+    pytest.param((*p.values[0], capturable), id=f"{p.id}{'-capturable' if capturable else ''}", marks=p.marks)
+    for p in KERNEL_BACKENDS for capturable in (False, True)]
+
+
+@pytest.mark.parametrize("case", SCALER_CASES)
+def test_with_a_real_grad_scaler(case):
+    backend, device, capturable = case
     torch.manual_seed(0)
-    model = torch.nn.Linear(8, 4)
+    model = torch.nn.Linear(8, 4).to(device)
     twin = copy.deepcopy(model)
-    opt, ref = EPIAdamW(model.parameters(), **EPI), EPIAdamW(twin.parameters(), **EPI)
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    kw = dict(EPI, backend=backend, capturable=capturable)
+    opt, ref = EPIAdamW(model.parameters(), **kw), EPIAdamW(twin.parameters(), **kw)
+    scaler = torch.amp.GradScaler(device, init_scale=2.0 ** 10)
     skipped = 0
     for step in range(6):
-        x = torch.randn(16, 8)
+        x = torch.randn(16, 8).to(device)
         if step == 3:
             x[0, 0] = float("inf")  # this step overflows: the scaler must skip it entirely
         loss = model(x).square().mean()
