@@ -119,9 +119,9 @@ def _device_step(kernels: str, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg
     live = (1 - control[2]).to(state_steps[0].dtype) if state_steps else None
     if state_steps:
         torch._foreach_add_(state_steps, live)
-    scalars = device_step_scalars(state_steps, lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps,
-                                  importance_beta=importance_beta)
     for (device, _, _), idx in _launch_groups(params, importances).items():
+        scalars = device_step_scalars([state_steps[i] for i in idx], lr=lr, beta1=beta1, beta2=beta2,
+                                      weight_decay=weight_decay, eps=eps, importance_beta=importance_beta)
         scores = [importances[i] for i in idx]
         anchor = _stack(fr.states, idx, "threshold_bits")
         buffers = fr.pending.get(tuple(idx))
@@ -140,7 +140,7 @@ def _device_step(kernels: str, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg
             [params[i] for i in idx], [grads[i] for i in idx], [exp_avgs[i] for i in idx],
             [exp_avg_sqs[i] for i in idx], [max_exp_avg_sqs[i] for i in idx] if amsgrad else [],
             [state_steps[i] for i in idx], scores, [masks[i] for i in idx], tau, origin, hist, over, counts,
-            scalars[idx], control, kernels, lr=0.0, beta1=0.0, beta2=0.0, weight_decay=0.0, eps=0.0,
+            scalars, control, kernels, lr=0.0, beta1=0.0, beta2=0.0, weight_decay=0.0, eps=0.0,
             importance_beta=0.0, sq=sq, maximize=maximize, amsgrad=amsgrad)
         count = counts[:, 0].to(torch.int64)
         new = {"isolation_overlap": jaccard_counts(counts[:, 1].to(torch.int64), old_count, count),

@@ -92,7 +92,9 @@ class _Cached:
     def get(self) -> Tensor:
         if self.stream is not None:
             current = torch.cuda.current_stream(self.table.device)
-            if current != self.stream:
+            # inside a graph capture the copy was made before it (a capture may not wait on work
+            # outside it), or in it, on this stream
+            if current != self.stream and not torch.cuda.is_current_stream_capturing():
                 current.wait_stream(self.stream)
         return self.table
 

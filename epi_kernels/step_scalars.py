@@ -39,5 +39,6 @@ def device_step_scalars(steps: list[Tensor], *, lr, beta1, beta2, weight_decay: 
         return x.to(device=step.device, dtype=torch.float64) if isinstance(x, Tensor) else x
 
     cols = _formulas(f64(lr), f64(beta1), f64(beta2), weight_decay, eps, importance_beta, step)
-    return torch.stack([torch.as_tensor(c, dtype=torch.float64, device=step.device).expand(step.shape)
+    # Python numbers become fills, not host-to-device copies (which a CUDA graph capture refuses)
+    return torch.stack([c.expand(step.shape) if isinstance(c, Tensor) else torch.full_like(step, c)
                         for c in cols], dim=1).to(torch.float32)

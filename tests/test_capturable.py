@@ -3,8 +3,6 @@ GradScaler overflow, the AdamW scalars) is made on the device, so the step reads
 the host and launches the same kernels every step (what a CUDA graph replay needs). On CPU the
 kernels run in Triton's interpreter and the CUDA host harness; the graph capture itself runs on a GPU.
 """
-import contextlib
-
 import pytest
 import torch
 
@@ -153,13 +151,10 @@ def test_cuda_graph_replays_match_eager_steps(backend):
         for p, g in zip(model.parameters(), grads[i]):
             p.grad = g.clone()
         opt.step()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
+    torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.stream(side), contextlib.nullcontext():
-        with torch.cuda.graph(graph):
-            opt.step()
-    torch.cuda.current_stream().wait_stream(side)
+    with torch.cuda.graph(graph):  # captures on a stream of its own
+        opt.step()
     for i in range(3, 12):
         for p, g in zip(model.parameters(), grads[i]):
             p.grad.copy_(g)
