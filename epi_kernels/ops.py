@@ -53,8 +53,7 @@ def _rows(t: Tensor | None, idx: list[int], whole: bool) -> Tensor | None:
     return t if t is None or whole else t[idx].contiguous()
 
 
-@torch.library.custom_op("epi_kernels::fused_step_", mutates_args=_MUTATED)
-def fused_step_(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
+def _fused_step(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
                 max_exp_avg_sqs: list[Tensor], state_steps: list[Tensor], importances: list[Tensor],
                 masks: list[Tensor], tau: Optional[Tensor], origin: Optional[Tensor], hist: Optional[Tensor],
                 over: Optional[Tensor], counts: Optional[Tensor], device_scalars: Optional[Tensor],
@@ -94,25 +93,29 @@ def fused_step_(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor
                         t[idx] = rows
 
 
-@fused_step_.register_fake
+_FUSED_STEP = torch.library.custom_op("epi_kernels::fused_step_", _fused_step, mutates_args=_MUTATED)
+
+
+@_FUSED_STEP.register_fake
 def _(*args, **kwargs) -> None:
     return None  # writes its arguments in place, returns nothing
 
 
-@torch.library.custom_op("epi_kernels::window_histogram", mutates_args=())
-def window_histogram(scores: list[Tensor], origin: Tensor, kernels: str) -> tuple[Tensor, Tensor]:
+def _window_histogram(scores: list[Tensor], origin: Tensor, kernels: str) -> tuple[Tensor, Tensor]:
     ks, context = kernel_set(kernels, scores[0].device)
     with context:
         return kernel_window_histograms(ks, score_launch(scores), origin)
 
 
-@window_histogram.register_fake
+_WINDOW_HISTOGRAM = torch.library.custom_op("epi_kernels::window_histogram", _window_histogram, mutates_args=())
+
+
+@_WINDOW_HISTOGRAM.register_fake
 def _(scores, origin, kernels):
     return origin.new_empty(len(scores), WINDOW_BINS), origin.new_empty(len(scores))
 
 
-@torch.library.custom_op("epi_kernels::select_thresholds", mutates_args=())
-def select_thresholds(scores: list[Tensor], hist: Tensor, over: Tensor, origin: Tensor, isolation_ratio: float,
+def _select_thresholds(scores: list[Tensor], hist: Tensor, over: Tensor, origin: Tensor, isolation_ratio: float,
                       kernels: str, k: Optional[Tensor] = None,
                       gate: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
     ks, context = kernel_set(kernels, scores[0].device)
@@ -130,7 +133,37 @@ def isolation_ks(scores: list[Tensor], isolation_ratio: float) -> Tensor:
     return to_device([isolation_k(isolation_ratio, s.numel()) for s in scores], torch.int32, scores[0].device)
 
 
-@select_thresholds.register_fake
+_SELECT_THRESHOLDS = torch.library.custom_op("epi_kernels::select_thresholds", _select_thresholds, mutates_args=())
+
+
+@_SELECT_THRESHOLDS.register_fake
 def _(scores, hist, over, origin, isolation_ratio, kernels, k=None, gate=None):
     n = len(scores)
     return origin.new_empty(n), origin.new_empty(n, dtype=torch.bool), origin.new_empty(n)
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def _call(op, impl, probe: Tensor, *args, **kwargs):
+    # Eager calls on plain tensors run the implementation directly: the dispatcher's autograd and
+    # version-counter wrappers cost about 40 % of the host time of a 300-tensor step (profiled on
+    # CPU). Traced calls (torch.compile) and tensor subclasses (fake tensors, ...) go through the op.
+    if torch.compiler.is_compiling() or type(probe) not in _PLAIN:
+        return op(*args, **kwargs)
+    return impl(*args, **kwargs)
+
+
+def fused_step_(*args, **kwargs) -> None:
+    """``epi_kernels::fused_step_`` (arguments as in the module docstring)."""
+    return _call(_FUSED_STEP, _fused_step, args[0][0], *args, **kwargs)
+
+
+def window_histogram(scores: list[Tensor], origin: Tensor, kernels: str) -> tuple[Tensor, Tensor]:
+    """``epi_kernels::window_histogram``: (hist int32 [T, WINDOW_BINS], over int32 [T])."""
+    return _call(_WINDOW_HISTOGRAM, _window_histogram, scores[0], scores, origin, kernels)
+
+
+def select_thresholds(*args, **kwargs) -> tuple[Tensor, Tensor, Tensor]:
+    """``epi_kernels::select_thresholds``: (tau int32 [T], repaired bool [T], k int32 [T])."""
+    return _call(_SELECT_THRESHOLDS, _select_thresholds, args[0][0], *args, **kwargs)

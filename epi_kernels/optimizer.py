@@ -328,8 +328,8 @@ class EPIAdamW(Optimizer):
         refresh = (refresh_due(t, *when) | (requests[1] != 0)) & live
         collect = (refresh_due(t + 1, *when) | (requests[0] != 0)) & live
         requests.copy_(torch.where(live, torch.stack([torch.zeros_like(requests[0]), requests[0]]), requests))
-        for st in states:
-            st["refresh_step"].copy_(torch.where(refresh, t, st["refresh_step"]))
+        marks = [st["refresh_step"] for st in states]
+        torch._foreach_copy_(marks, list(torch.where(refresh, t, torch.stack(marks)).unbind(0)))
         return torch.stack([refresh, collect, ~live]).to(torch.int32)
 
     def _step_group(self, group: dict, params: list[Tensor], skip: Tensor | None = None) -> None:

@@ -114,3 +114,17 @@ def test_fused_flow_traces_whole_and_matches_eager(kernels):
         for key in a:
             assert torch.equal(a[key], b[key]) or (a[key].isnan().all() and b[key].isnan().all()), key
     assert all(int(st["isolated_count"]) > 0 for st in sa[:2])  # the refresh did isolate something
+
+
+def test_fake_tensors_reach_the_fake_implementations():
+    # eager calls on plain tensors skip the dispatcher; tensor subclasses must not (a fake tensor
+    # has no memory for the kernels to read)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        scores = [torch.empty(n) for n in SIZES]
+        hist, over = ops.window_histogram(scores, torch.zeros(len(SIZES), dtype=torch.int32), "cuda")
+        tau, repaired, k = ops.select_thresholds(scores, hist, over, torch.zeros(len(SIZES), dtype=torch.int32),
+                                                 0.1, "triton")
+    assert hist.shape == (len(SIZES), WINDOW_BINS) and over.shape == tau.shape == k.shape == (len(SIZES),)
+    assert repaired.dtype == torch.bool
