@@ -16,7 +16,6 @@ from epi_kernels import EPIAdamW  # noqa: E402
 from epi_kernels.experiments.data import CharTokenizer  # noqa: E402
 from epi_kernels.experiments.model import tiny_llama  # noqa: E402
 from epi_kernels.integrations import EPICallback  # noqa: E402
-from kernel_devices import CPU_KERNEL_BACKENDS  # noqa: E402
 
 TOK = CharTokenizer()
 EPI = dict(lr=3e-3, isolation_ratio=0.1, refresh_interval=3, warmup_steps=2)
@@ -136,38 +135,3 @@ def test_lightning_fit_runs_the_closure_and_matches_a_plain_loop(tmp_path):
         ref.step()
     for a, b in zip(module.parameters(), plain.parameters()):
         assert torch.equal(a, b)
-
-
-@pytest.mark.parametrize("backend", ["torch", *CPU_KERNEL_BACKENDS])
-def test_torch_compiled_training_step_with_the_optimizer_inside(backend):
-    # the step counter and schedule run outside dynamo's graphs (else every step would recompile),
-    # the kernels are traced as custom ops: after the first refresh cycles no new graph is compiled
-    from torch._dynamo.utils import counters
-
-    def run(compile_it):
-        torch.manual_seed(0)
-        torch._dynamo.reset()
-        counters.clear()
-        model = torch.nn.Linear(8, 6)
-        opt = EPIAdamW(model.parameters(), backend=backend, **EPI)
-
-        def step(x):
-            opt.zero_grad()
-            loss = model(x).square().mean()
-            loss.backward()
-            opt.step()
-            return loss
-
-        fn = torch.compile(step) if compile_it else step
-        graphs = []
-        for i in range(12):
-            fn(torch.randn(4, 8, generator=torch.Generator().manual_seed(i)))
-            graphs.append(counters["stats"]["unique_graphs"])
-        return model, opt, graphs
-
-    (a, oa, _), (b, ob, graphs) = run(False), run(True)
-    assert ob.param_groups[0]["epi_step"] == 12 and ob.isolation_mask(b.weight).any()
-    assert 0 < graphs[5] == graphs[-1], graphs  # steps 7-12 (refreshes at 8 and 11) compile nothing
-    for p, q in zip(a.parameters(), b.parameters()):
-        assert torch.equal(oa.isolation_mask(p), ob.isolation_mask(q))
-        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-5)  # compiled forward/backward round differently
