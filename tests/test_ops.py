@@ -9,6 +9,7 @@ from epi_kernels.fused_refresh import FusedRefresh
 from epi_kernels.launch import origins
 from epi_kernels.mask import packed_numel
 from epi_kernels.state import init_epi_state
+from epi_kernels.step_scalars import device_step_scalars
 from epi_kernels.threshold import WINDOW_BINS, score_keys
 from kernel_devices import CPU_KERNEL_BACKENDS
 
@@ -43,19 +44,23 @@ def _median_keys(scores):
 
 
 @pytest.mark.parametrize("kernels", CPU_KERNEL_BACKENDS)
-@pytest.mark.parametrize("mode", ["plain", "refresh", "collect"])
+@pytest.mark.parametrize("mode", ["plain", "refresh", "collect", "device"])
 def test_opcheck_fused_step(kernels, mode):
     lists = _lists()
     t = len(SIZES)
-    tau = origin = hist = over = counts = None
+    tau = origin = hist = over = counts = scalars = control = None
     median = _median_keys(lists[6])
-    if mode == "refresh":
+    if mode in ("refresh", "device"):
         tau, counts = median, torch.zeros(t, 2, dtype=torch.int32)
-    if mode == "collect":
+    if mode in ("collect", "device"):
         origin = origins(median)  # a window the new scores fall in: the histograms get counts
         hist, over = torch.zeros(t, WINDOW_BINS, dtype=torch.int32), torch.zeros(t, dtype=torch.int32)
-    _opcheck(torch.ops.epi_kernels.fused_step_.default, (*lists, tau, origin, hist, over, counts, None, None, kernels),
-             HYPER)
+    if mode == "device":  # capturable: refresh and collect decided by the control words
+        scalars = device_step_scalars(lists[5], lr=1e-2, beta1=0.9, beta2=0.999, weight_decay=0.01, eps=1e-8,
+                                      importance_beta=0.99)
+        control = torch.tensor([1, 1, 0], dtype=torch.int32)
+    _opcheck(torch.ops.epi_kernels.fused_step_.default,
+             (*lists, tau, origin, hist, over, counts, scalars, control, kernels), HYPER)
 
 
 @pytest.mark.parametrize("kernels", CPU_KERNEL_BACKENDS)
