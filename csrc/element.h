@@ -54,15 +54,6 @@ EPI_HD float sqrt_rn(float a) {
   return std::sqrt(a);
 #endif
 }
-EPI_HD float from_bits(uint32_t u) {
-#ifdef __CUDA_ARCH__
-  return __uint_as_float(u);
-#else
-  float x;
-  std::memcpy(&x, &u, sizeof x);
-  return x;
-#endif
-}
 // torch.maximum: NaN wins.
 EPI_HD float max_nan(float a, float b) { return (a != a || a > b) ? a : b; }
 

@@ -40,6 +40,16 @@ EPI_HD uint32_t float_bits(float x) {
 #endif
 }
 
+EPI_HD float from_bits(uint32_t u) {
+#ifdef __CUDA_ARCH__
+  return __uint_as_float(u);
+#else
+  float x;
+  std::memcpy(&x, &u, sizeof x);
+  return x;
+#endif
+}
+
 // threshold.score_keys for one fp32 score.
 EPI_HD int32_t score_key(float s) {
   int32_t bits = static_cast<int32_t>(float_bits(s) & 0x7FFFFFFFu);

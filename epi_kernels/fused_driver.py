@@ -41,6 +41,19 @@ def _store(states: list[dict], idx: list[int], values: dict[str, Tensor]) -> Non
         torch._foreach_copy_([states[i][key] for i in idx], list(value.to(states[idx[0]][key].dtype).unbind(0)))
 
 
+def _take(lists: tuple, idx: list[int], amsgrad: bool) -> list[list[Tensor]]:
+    """A launch group's entries of the eight tensor lists of a step (max_exp_avg_sqs empty without
+    amsgrad), in fused_step_'s order."""
+    return [[xs[i] for i in idx] if j != 4 or amsgrad else [] for j, xs in enumerate(lists)]
+
+
+def _refresh_stats(counts: Tensor, old_count: Tensor, tau: Tensor, k: Tensor, repaired: Tensor) -> dict[str, Tensor]:
+    """The per-tensor state entries a refresh writes, from the fused step's (isolated, kept) counts."""
+    count = counts[:, 0].to(torch.int64)
+    return {"isolation_overlap": jaccard_counts(counts[:, 1].to(torch.int64), old_count, count),
+            "threshold_bits": tau, "isolation_k": k, "isolated_count": count, "threshold_exact": repaired}
+
+
 def _thresholds(kernels: str, scores: list[Tensor], fr: FusedRefresh, idx: list[int], pending: tuple | None):
     """New thresholds of a launch group: (tau, repaired, k). `pending`: the histograms the previous
     step collected for these indices, used if they are of these very score tensors."""
@@ -65,9 +78,9 @@ def fused_epi_adamw(kernels: str, params, grads, exp_avgs, exp_avg_sqs, max_exp_
     """The EPI-AdamW step with the kernel set `kernels` ("triton" or "cuda"); with `fused_refresh`,
     also the refresh of the masks (or the histograms for the next step's refresh)."""
     fr = fused_refresh
+    lists = (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, importances, masks)
     if fr is not None and fr.control is not None:
-        _device_step(kernels, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, importances,
-                     masks, fr, lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps,
+        _device_step(kernels, lists, fr, lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps,
                      importance_beta=importance_beta, sq=importance == "sq", maximize=maximize, amsgrad=amsgrad)
         return
     previous = {}
@@ -90,22 +103,14 @@ def fused_epi_adamw(kernels: str, params, grads, exp_avgs, exp_avg_sqs, max_exp_
             origin = origins(tau if refresh else _stack(fr.states, idx, "threshold_bits"))
             hist = torch.zeros(len(idx), WINDOW_BINS, dtype=torch.int32, device=device)
             over = torch.zeros(len(idx), dtype=torch.int32, device=device)
-        ops.fused_step_(
-            [params[i] for i in idx], [grads[i] for i in idx], [exp_avgs[i] for i in idx],
-            [exp_avg_sqs[i] for i in idx], [max_exp_avg_sqs[i] for i in idx] if amsgrad else [],
-            [state_steps[i] for i in idx], scores, [masks[i] for i in idx], tau, origin, hist, over, counts,
-            None, None, kernels, **hyper)
+        ops.fused_step_(*_take(lists, idx, amsgrad), tau, origin, hist, over, counts, None, None, kernels, **hyper)
         if collect:
             fr.pending[tuple(idx)] = (scores, hist, over)
         if refresh:
-            count = counts[:, 0].to(torch.int64)
-            _store(fr.states, idx, {
-                "isolation_overlap": jaccard_counts(counts[:, 1].to(torch.int64), old_count, count),
-                "threshold_bits": tau, "isolation_k": k, "isolated_count": count, "threshold_exact": repaired})
+            _store(fr.states, idx, _refresh_stats(counts, old_count, tau, k, repaired))
 
 
-def _device_step(kernels: str, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, importances,
-                 masks, fr: FusedRefresh, *, lr, beta1, beta2, weight_decay, eps, importance_beta, sq, maximize,
+def _device_step(kernels: str, lists: tuple, fr: FusedRefresh, *, lr, beta1, beta2, weight_decay, eps, importance_beta, sq, maximize,
                  amsgrad) -> None:
     """A capturable step: the same launches every step, decided by fr.control on the device.
 
@@ -114,6 +119,7 @@ def _device_step(kernels: str, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg
     refresh statistics stored where the refresh word is set. The histogram buffers live in
     fr.pending; when they are new (the first step, or after a checkpoint load) they are filled
     from the stored scores, once, so a refresh on that step sees the right histograms."""
+    params, state_steps, importances = lists[0], lists[5], lists[6]
     control = fr.control
     refresh, collect = control[0] != 0, control[1] != 0
     live = (1 - control[2]).to(state_steps[0].dtype) if state_steps else None
@@ -136,14 +142,11 @@ def _device_step(kernels: str, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg
         hist.masked_fill_(collect, 0)
         over.masked_fill_(collect, 0)
         counts = torch.zeros(len(idx), 2, dtype=torch.int32, device=device)
-        ops.fused_step_(
-            [params[i] for i in idx], [grads[i] for i in idx], [exp_avgs[i] for i in idx],
-            [exp_avg_sqs[i] for i in idx], [max_exp_avg_sqs[i] for i in idx] if amsgrad else [],
-            [state_steps[i] for i in idx], scores, [masks[i] for i in idx], tau, origin, hist, over, counts,
-            scalars, control, kernels, lr=0.0, beta1=0.0, beta2=0.0, weight_decay=0.0, eps=0.0,
-            importance_beta=0.0, sq=sq, maximize=maximize, amsgrad=amsgrad)
-        count = counts[:, 0].to(torch.int64)
-        new = {"isolation_overlap": jaccard_counts(counts[:, 1].to(torch.int64), old_count, count),
-               "threshold_bits": tau, "isolation_k": k, "isolated_count": count, "threshold_exact": repaired}
+        ops.fused_step_(*_take(lists, idx, amsgrad), tau, origin, hist, over, counts, scalars, control, kernels,
+                        lr=0.0, beta1=0.0, beta2=0.0, weight_decay=0.0, eps=0.0, importance_beta=0.0,  # unread
+                        sq=sq, maximize=maximize, amsgrad=amsgrad)
+        new = _refresh_stats(counts, old_count, tau, k, repaired)
+        old = {"threshold_bits": anchor, "isolated_count": old_count}  # stacked above already
         _store(fr.states, idx, {key: torch.where(refresh, value.to(fr.states[idx[0]][key].dtype),
-                                                 _stack(fr.states, idx, key)) for key, value in new.items()})
+                                                 old[key] if key in old else _stack(fr.states, idx, key))
+                                for key, value in new.items()})

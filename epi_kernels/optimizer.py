@@ -214,7 +214,7 @@ class EPIAdamW(Optimizer):
         devices = {p.device for p in params}
         backend = resolve_backend(group["backend"], params[0].device) if params else None
         if (group["capturable"] and backend not in FUSED_BACKENDS and not torch.compiler.is_compiling()
-                and any(d.type == "cpu" for d in devices)):  # the kernel backends' CPU emulations may
+                and any(d.type == "cpu" for d in devices)):  # (kernel backends: their CPU emulations)
             raise RuntimeError("capturable=True requires parameters on an accelerator, got cpu")
         for device in devices:
             check_device(backend, device)
@@ -241,7 +241,8 @@ class EPIAdamW(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         stepped = [self._stepped_params(group) for group in self.param_groups]  # validate all first
-        on_device = [self._decides_on_device(g, ps) for g, ps in zip(self.param_groups, stepped) if ps]
+        decides = [bool(ps) and self._decides_on_device(g, ps) for g, ps in zip(self.param_groups, stepped)]
+        on_device = [d for d, ps in zip(decides, stepped) if ps]
         if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing() and not all(on_device):
             # the refresh schedule and the step counts live on the host: a replayed graph would
             # repeat one step's decisions (no refresh, ever), so refuse instead of going wrong quietly
@@ -252,9 +253,9 @@ class EPIAdamW(Optimizer):
         skip = self._amp_overflow([p for params in stepped for p in params], device_skip)
         if skip is True:
             return loss  # GradScaler found inf/NaN gradients: the whole step is skipped
-        for group, params in zip(self.param_groups, stepped):
+        for group, params, on_dev in zip(self.param_groups, stepped, decides):
             if params:
-                self._step_group(group, params, skip if device_skip else None)
+                self._step_group(group, params, on_dev, skip if device_skip else None)
         return loss
 
     def _decides_on_device(self, group: dict, params: list[Tensor]) -> bool:
@@ -332,7 +333,7 @@ class EPIAdamW(Optimizer):
         torch._foreach_copy_(marks, list(torch.where(refresh, t, torch.stack(marks)).unbind(0)))
         return torch.stack([refresh, collect, ~live]).to(torch.int32)
 
-    def _step_group(self, group: dict, params: list[Tensor], skip: Tensor | None = None) -> None:
+    def _step_group(self, group: dict, params: list[Tensor], on_device: bool, skip: Tensor | None) -> None:
         states = [self._init_state(p, group) for p in params]
         backend = resolve_backend(group["backend"], params[0].device)
         sharded = any(is_sharded(p) for p in params)
@@ -340,7 +341,7 @@ class EPIAdamW(Optimizer):
         # decided ones reusable buffers; a step of one kind drops the other's (they would be stale)
         pending = self._histograms.setdefault(id(group), {"host": {}, "device": {}})
         refresh = False
-        if self._decides_on_device(group, params):  # capturable: the kernels refresh when the device says
+        if on_device:  # capturable: the kernels refresh when the device says
             pending["host"].clear()
             fused_refresh = FusedRefresh(states, group["isolation_ratio"], True, True, pending["device"],
                                          self._device_control(group, states, skip))
