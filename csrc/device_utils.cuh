@@ -87,9 +87,11 @@ __device__ __forceinline__ void for_each_score_key(const Chunk& ch, Visit&& visi
 
 __device__ __forceinline__ bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
 
-// Sum over the block; every thread must call it. The result is valid in thread 0.
-__device__ __forceinline__ int block_sum(int x) {
-  __shared__ int warp_sums[THREADS / 32];
+// Sum over the block; every thread must call it. The result is valid in thread 0. int for a block's
+// own counts (at most CHUNK), long long for sums of global int64 counts.
+template <class T>
+__device__ __forceinline__ T block_sum(T x) {
+  __shared__ T warp_sums[THREADS / 32];
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) x += __shfl_down_sync(FULL, x, o);
   if ((threadIdx.x & 31) == 0) warp_sums[threadIdx.x >> 5] = x;
@@ -123,12 +125,18 @@ __device__ __forceinline__ void zero_shared(int* hist, int n) {
   __syncthreads();
 }
 
-// Add a block's shared histogram into a global one: integer atomics give the same sums in any
-// order (deterministic); empty bins are skipped.
-__device__ __forceinline__ void flush_histogram(int32_t* dst, const int* hist, int n) {
+// *dst += x for a global int64 counter and a non-negative 32-bit block count: the 64-bit atomic on
+// unsigned long long gives the right two's-complement sum.
+__device__ __forceinline__ void add_count(int64_t* dst, int x) {
+  atomicAdd(reinterpret_cast<unsigned long long*>(dst), static_cast<unsigned long long>(static_cast<unsigned>(x)));
+}
+
+// Add a block's shared histogram (32-bit: a block counts at most CHUNK keys) into a global int64
+// one: integer atomics give the same sums in any order (deterministic); empty bins are skipped.
+__device__ __forceinline__ void flush_histogram(int64_t* dst, const int* hist, int n) {
   __syncthreads();
   for (int b = threadIdx.x; b < n; b += THREADS)
-    if (hist[b]) atomicAdd(dst + b, hist[b]);
+    if (hist[b]) add_count(dst + b, hist[b]);
 }
 
 }  // namespace epi

@@ -7,6 +7,13 @@
 //     max_exp_avg_sq (0 without amsgrad), importance, packed mask, then numel;
 //   chunk table int32 [programs, 2]: (tensor index, chunk index); a chunk is CHUNK elements.
 // Every function returns cudaGetLastError() after its launches (never a silent no-op).
+//
+// Counts that can reach a tensor's size (a tensor may exceed 2^31 elements) are int64 in global
+// memory: window histograms `hist` and `over`, the fused step's (isolated, kept) `counts`, `k`, and
+// the repair path's `need` and `scratch`. Thresholds (`tau`), window origins, repair flags, radix
+// prefixes, the chunk table and the control words are int32; the tensor table is int64. A block
+// counts its CHUNK elements in 32-bit shared-memory counters and adds them into the int64 arrays
+// with 64-bit atomics.
 #pragma once
 #include <cuda_runtime.h>
 #include <cstdint>
@@ -37,9 +44,9 @@ struct StepInputs {
   const int32_t* control;       // STEP_DEVICE: int32 [CONTROL_WORDS]
   const int32_t* tau;           // REFRESH: int32 [T]
   const int32_t* origin;        // HIST: int32 [T]
-  int32_t* hist;                // HIST: int32 [T, WINDOW_BINS]
-  int32_t* over;                // HIST: int32 [T]
-  int32_t* counts;              // REFRESH: int32 [T, 2]
+  int64_t* hist;                // HIST: int64 [T, WINDOW_BINS]
+  int64_t* over;                // HIST: int64 [T]
+  int64_t* counts;              // REFRESH: int64 [T, 2] (isolated, kept)
 };
 
 // The fused step (element math in element.h): REFRESH sets the masks from `tau` and adds
@@ -49,18 +56,18 @@ struct StepInputs {
 cudaError_t fused_step(Tables t, DType param, DType score, unsigned flags, const StepInputs& in, cudaStream_t stream);
 
 // Window histograms of the stored scores (when the previous step did not collect them).
-cudaError_t window_histogram(Tables t, DType score, const int32_t* origin, int32_t* hist, int32_t* over,
+cudaError_t window_histogram(Tables t, DType score, const int32_t* origin, int64_t* hist, int64_t* over,
                              cudaStream_t stream);
 
 // One block per tensor: tau from the window histogram, or repair[t] = 1 (then tau = KEY_NONE).
-cudaError_t window_select(int tensors, const int32_t* hist, const int32_t* over, const int32_t* origin,
-                          const int32_t* k, int32_t* tau, int32_t* repair, cudaStream_t stream);
+cudaError_t window_select(int tensors, const int64_t* hist, const int64_t* over, const int32_t* origin,
+                          const int64_t* k, int32_t* tau, int32_t* repair, cudaStream_t stream);
 
 // The repair path for the tensors flagged in `repair`: for each radix level, count that digit of
-// the matching keys into `scratch` [T, RADIX_BINS], then choose it. `prefix` [T] starts at 0 and
-// `need` [T] at k; flags are cleared and tau written as tensors finish. Launched whatever the
+// the matching keys into `scratch` int64 [T, RADIX_BINS] (zeros), then choose it. `prefix` int32 [T]
+// starts at 0 and `need` int64 [T] at k; flags are cleared and tau written as tensors finish. Launched whatever the
 // flags say, so the host never waits for them.
-cudaError_t radix_repair(Tables t, int tensors, DType score, int32_t* repair, int32_t* prefix, int32_t* need,
-                         int32_t* scratch, int32_t* tau, cudaStream_t stream);
+cudaError_t radix_repair(Tables t, int tensors, DType score, int32_t* repair, int32_t* prefix, int64_t* need,
+                         int64_t* scratch, int32_t* tau, cudaStream_t stream);
 
 }  // namespace epi

@@ -15,8 +15,8 @@ namespace {
 template <class P, class S, bool HIST>
 __global__ void __launch_bounds__(THREADS)
 fused_step_kernel(Tables t, unsigned flags, StepScalars host_scalars, const float* device_scalars,
-                  const int32_t* control, const int32_t* tau_of, const int32_t* origin_of, int32_t* hist_out,
-                  int32_t* over_out, int32_t* counts) {
+                  const int32_t* control, const int32_t* tau_of, const int32_t* origin_of, int64_t* hist_out,
+                  int64_t* over_out, int64_t* counts) {
   using PR = typename P::raw;
   using SR = typename S::raw;
   __shared__ int hist[HIST ? WINDOW_BINS : 1];
@@ -76,14 +76,14 @@ fused_step_kernel(Tables t, unsigned flags, StepScalars host_scalars, const floa
     isolated = block_sum(isolated);
     kept = block_sum(kept);
     if (threadIdx.x == 0 && (isolated || kept)) {
-      atomicAdd(counts + 2 * ch.tensor, isolated);
-      atomicAdd(counts + 2 * ch.tensor + 1, kept);
+      add_count(counts + 2 * static_cast<int64_t>(ch.tensor), isolated);
+      add_count(counts + 2 * static_cast<int64_t>(ch.tensor) + 1, kept);
     }
   }
   if (hist_on) {
     flush_histogram(hist_out + static_cast<int64_t>(ch.tensor) * WINDOW_BINS, hist, WINDOW_BINS);
     over = block_sum(over);
-    if (threadIdx.x == 0 && over) atomicAdd(over_out + ch.tensor, over);
+    if (threadIdx.x == 0 && over) add_count(over_out + ch.tensor, over);
   }
 }
 

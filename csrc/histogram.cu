@@ -7,7 +7,7 @@ namespace {
 
 template <class S>
 __global__ void __launch_bounds__(THREADS)
-window_histogram_kernel(Tables t, const int32_t* origin_of, int32_t* hist_out, int32_t* over_out) {
+window_histogram_kernel(Tables t, const int32_t* origin_of, int64_t* hist_out, int64_t* over_out) {
   __shared__ int hist[WINDOW_BINS];
   const Chunk ch = load_chunk(t.table, t.chunks);
   const int32_t origin = origin_of[ch.tensor];
@@ -17,12 +17,12 @@ window_histogram_kernel(Tables t, const int32_t* origin_of, int32_t* hist_out, i
   for_each_score_key<S>(ch, [&](int32_t key) { count_in_window(hist, over, key, origin); });
   flush_histogram(hist_out + static_cast<int64_t>(ch.tensor) * WINDOW_BINS, hist, WINDOW_BINS);
   over = block_sum(over);
-  if (threadIdx.x == 0 && over) atomicAdd(over_out + ch.tensor, over);
+  if (threadIdx.x == 0 && over) add_count(over_out + ch.tensor, over);
 }
 
 }  // namespace
 
-cudaError_t window_histogram(Tables t, DType score, const int32_t* origin, int32_t* hist, int32_t* over,
+cudaError_t window_histogram(Tables t, DType score, const int32_t* origin, int64_t* hist, int64_t* over,
                              cudaStream_t stream) {
   if (t.programs <= 0) return cudaGetLastError();
   if (score == DTYPE_BF16)

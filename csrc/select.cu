@@ -9,7 +9,7 @@ namespace {
 // the keys beyond each slice, and the one thread whose slice holds the k-th largest key
 // (slice_holds_kth) runs select_bin on it. The result is returned to every thread. The host
 // harness emulates this decomposition (python/host_harness.cpp, sliced_select_bin).
-__device__ BinHit block_select(const int32_t* counts, int nbins, int64_t above, int64_t k) {
+__device__ BinHit block_select(const int64_t* counts, int nbins, int64_t above, int64_t k) {
   __shared__ long long suffix[THREADS];
   __shared__ BinHit result;
   const int per = nbins / THREADS, lo = threadIdx.x * per;
@@ -35,7 +35,7 @@ __device__ BinHit block_select(const int32_t* counts, int nbins, int64_t above, 
 }
 
 __global__ void __launch_bounds__(THREADS)
-window_select_kernel(const int32_t* hist, const int32_t* over, const int32_t* origin, const int32_t* k,
+window_select_kernel(const int64_t* hist, const int64_t* over, const int32_t* origin, const int64_t* k,
                      int32_t* tau, int32_t* repair) {
   const int t = blockIdx.x;
   const BinHit hit = block_select(hist + static_cast<int64_t>(t) * WINDOW_BINS, WINDOW_BINS, over[t], k[t]);
@@ -45,7 +45,7 @@ window_select_kernel(const int32_t* hist, const int32_t* over, const int32_t* or
 // One radix digit: count it for the eligible keys whose higher digits equal the prefix so far.
 template <class S>
 __global__ void __launch_bounds__(THREADS)
-radix_count_kernel(Tables t, int level, const int32_t* repair, const int32_t* prefix_of, int32_t* scratch) {
+radix_count_kernel(Tables t, int level, const int32_t* repair, const int32_t* prefix_of, int64_t* scratch) {
   __shared__ int hist[RADIX_BINS];
   const Chunk ch = load_chunk(t.table, t.chunks);
   if (!repair[ch.tensor]) return;
@@ -59,16 +59,16 @@ radix_count_kernel(Tables t, int level, const int32_t* repair, const int32_t* pr
 // Choose this level's digit (k clipped to the eligible keys on the first level), append it to the
 // prefix and clear the scratch row; the last level writes tau and clears the flag.
 __global__ void __launch_bounds__(THREADS)
-radix_select_kernel(int level, int32_t* scratch, int32_t* repair, int32_t* prefix, int32_t* need, int32_t* tau) {
+radix_select_kernel(int level, int64_t* scratch, int32_t* repair, int32_t* prefix, int64_t* need, int32_t* tau) {
   const int t = blockIdx.x;
   if (!repair[t]) return;
-  int32_t* row = scratch + static_cast<int64_t>(t) * RADIX_BINS;
+  int64_t* row = scratch + static_cast<int64_t>(t) * RADIX_BINS;
   const int nbins = 1 << radix_bits(level);
   int64_t k = need[t];
   if (level == 0) {
-    int total = 0;
+    long long total = 0;
     for (int b = threadIdx.x; b < nbins; b += THREADS) total += row[b];
-    __shared__ int eligible;
+    __shared__ long long eligible;
     total = block_sum(total);
     if (threadIdx.x == 0) eligible = total;
     __syncthreads();
@@ -81,14 +81,14 @@ radix_select_kernel(int level, int32_t* scratch, int32_t* repair, int32_t* prefi
 
 }  // namespace
 
-cudaError_t window_select(int tensors, const int32_t* hist, const int32_t* over, const int32_t* origin,
-                          const int32_t* k, int32_t* tau, int32_t* repair, cudaStream_t stream) {
+cudaError_t window_select(int tensors, const int64_t* hist, const int64_t* over, const int32_t* origin,
+                          const int64_t* k, int32_t* tau, int32_t* repair, cudaStream_t stream) {
   if (tensors > 0) window_select_kernel<<<tensors, THREADS, 0, stream>>>(hist, over, origin, k, tau, repair);
   return cudaGetLastError();
 }
 
-cudaError_t radix_repair(Tables t, int tensors, DType score, int32_t* repair, int32_t* prefix, int32_t* need,
-                         int32_t* scratch, int32_t* tau, cudaStream_t stream) {
+cudaError_t radix_repair(Tables t, int tensors, DType score, int32_t* repair, int32_t* prefix, int64_t* need,
+                         int64_t* scratch, int32_t* tau, cudaStream_t stream) {
   for (int level = 0; level < RADIX_LEVELS && tensors > 0; ++level) {
     if (t.programs > 0) {
       if (score == DTYPE_BF16)

@@ -90,7 +90,7 @@ struct BinHit {
 // threshold.select_bin over counts[0, n) with `above` keys beyond the last bin: scan from the top
 // for the highest bin b with C(b) = above + sum(counts[b:]) >= k. The select kernel runs it on one
 // thread's slice of bins, with `above` the keys beyond that slice.
-EPI_HD BinHit select_bin(const int32_t* counts, int n, int64_t above, int64_t k) {
+EPI_HD BinHit select_bin(const int64_t* counts, int n, int64_t above, int64_t k) {
   if (k < 1 || above >= k) return {-1, 0, 0};
   int64_t run = above;
   for (int b = n - 1; b >= 0; --b) {
@@ -129,9 +129,9 @@ EPI_HD void window_finish(int32_t origin, BinHit hit, int64_t k, int32_t* tau, i
 
 // One repair level of one tensor, after select_bin on its digit counts: append the digit to the
 // prefix; with no eligible key isolate nothing; after the last digit the prefix is the threshold.
-EPI_HD void radix_finish(int level, BinHit hit, int32_t* prefix, int32_t* need, int32_t* tau, int32_t* repair) {
+EPI_HD void radix_finish(int level, BinHit hit, int32_t* prefix, int64_t* need, int32_t* tau, int32_t* repair) {
   *prefix |= hit.bin << radix_shift(level);
-  *need = static_cast<int32_t>(hit.need);
+  *need = hit.need;
   if (hit.bin < 0) {
     *tau = KEY_NONE;
     *repair = 0;

@@ -59,11 +59,14 @@ class CudaKernels:
 
     def select(self, launch: Launch, hist: Tensor, over: Tensor, origin: Tensor, k: Tensor,
                tau: Tensor, repair: Tensor, gate: Tensor | None = None) -> None:
+        if not hist.dtype == over.dtype == k.dtype == torch.int64:  # raw pointers: a wrong dtype would be misread
+            raise TypeError(f"select: hist, over and k must be int64, not {hist.dtype}, {over.dtype}, {k.dtype}")
         stream = self._stream(launch.device)
         self.ops.window_select(len(launch.idx), hist.data_ptr(), over.data_ptr(), origin.data_ptr(), k.data_ptr(),
                                tau.data_ptr(), repair.data_ptr(), *stream)
         flags = repair.clone() if gate is None else repair * gate  # the repair kernels clear flags as tensors finish
-        prefix, need, scratch = launch.zeros(), k.clone(), launch.zeros(_K["RADIX_BINS"])
+        # int64 counts (k, need, scratch; a tensor may exceed 2^31 elements), int32 prefix
+        prefix, need, scratch = launch.zeros(), k.clone(), launch.zeros(_K["RADIX_BINS"], dtype=torch.int64)
         self.ops.radix_repair(launch.table.data_ptr(), launch.chunks.data_ptr(), launch.programs, len(launch.idx),
                               DTYPE_CODES[launch.score_dtype], flags.data_ptr(), prefix.data_ptr(),
                               need.data_ptr(), scratch.data_ptr(), tau.data_ptr(), *stream)

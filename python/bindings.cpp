@@ -1,6 +1,7 @@
 // pybind11 module epi_kernels._C: thin wrappers of the launch functions in csrc/epi_kernels.h.
 // Tensors arrive as raw device addresses (int), the stream as its cudaStream_t address (int), so no
-// torch header is needed. Every wrapper raises RuntimeError with the CUDA error name and message
+// torch header is needed. Pointer types follow csrc/epi_kernels.h (int64 counts, int32 thresholds,
+// flags and origins). Every wrapper raises RuntimeError with the CUDA error name and message
 // when a launch fails (no driver, no device, bad configuration): never a silent no-op.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -46,7 +47,7 @@ epi::StepInputs step_inputs(const std::array<double, epi::SCALAR_COUNT>& s, uint
                             static_cast<float>(s[3]), static_cast<float>(s[4]), static_cast<float>(s[5]),
                             static_cast<float>(s[6]), static_cast<float>(s[7]), static_cast<float>(s[8])};
   return {sc, ptr<const float>(device_scalars), ptr<const int32_t>(control), ptr<const int32_t>(tau),
-          ptr<const int32_t>(origin), ptr<int32_t>(hist), ptr<int32_t>(over), ptr<int32_t>(counts)};
+          ptr<const int32_t>(origin), ptr<int64_t>(hist), ptr<int64_t>(over), ptr<int64_t>(counts)};
 }
 
 PYBIND11_MODULE(_C, m) {
@@ -105,15 +106,15 @@ PYBIND11_MODULE(_C, m) {
   m.def("window_histogram", [](uintptr_t table, uintptr_t chunks, int programs, int score_dtype, uintptr_t origin,
                                uintptr_t hist, uintptr_t over, uintptr_t stream) {
     check(epi::window_histogram(tables(table, chunks, programs), dtype(score_dtype), ptr<const int32_t>(origin),
-                                ptr<int32_t>(hist), ptr<int32_t>(over), stream_of(stream)),
+                                ptr<int64_t>(hist), ptr<int64_t>(over), stream_of(stream)),
           "window_histogram");
   }, "Window histograms of the stored scores.", py::arg("table"), py::arg("chunks"), py::arg("programs"),
         py::arg("score_dtype"), py::arg("origin"), py::arg("hist"), py::arg("over"), py::arg("stream"));
 
   m.def("window_select", [](int tensors, uintptr_t hist, uintptr_t over, uintptr_t origin, uintptr_t k, uintptr_t tau,
                             uintptr_t repair, uintptr_t stream) {
-    check(epi::window_select(tensors, ptr<const int32_t>(hist), ptr<const int32_t>(over), ptr<const int32_t>(origin),
-                             ptr<const int32_t>(k), ptr<int32_t>(tau), ptr<int32_t>(repair), stream_of(stream)),
+    check(epi::window_select(tensors, ptr<const int64_t>(hist), ptr<const int64_t>(over), ptr<const int32_t>(origin),
+                             ptr<const int64_t>(k), ptr<int32_t>(tau), ptr<int32_t>(repair), stream_of(stream)),
           "window_select");
   }, "Thresholds from window histograms, or repair flags.", py::arg("tensors"), py::arg("hist"), py::arg("over"),
         py::arg("origin"), py::arg("k"), py::arg("tau"), py::arg("repair"), py::arg("stream"));
@@ -122,7 +123,7 @@ PYBIND11_MODULE(_C, m) {
                            uintptr_t repair, uintptr_t prefix, uintptr_t need, uintptr_t scratch, uintptr_t tau,
                            uintptr_t stream) {
     check(epi::radix_repair(tables(table, chunks, programs), tensors, dtype(score_dtype), ptr<int32_t>(repair),
-                            ptr<int32_t>(prefix), ptr<int32_t>(need), ptr<int32_t>(scratch), ptr<int32_t>(tau),
+                            ptr<int32_t>(prefix), ptr<int64_t>(need), ptr<int64_t>(scratch), ptr<int32_t>(tau),
                             stream_of(stream)),
           "radix_repair");
   }, "Exact thresholds of the flagged tensors (radix select over the stored scores).", py::arg("table"),

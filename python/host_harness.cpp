@@ -43,7 +43,7 @@ HostChunk chunk(uintptr_t table, uintptr_t chunks, int program) {
 template <class T>
 T* column(const HostChunk& c, int col) { return reinterpret_cast<T*>(c.row[col]); }
 
-void count_window(int32_t key, int32_t origin, int32_t* hist, int32_t* over) {
+void count_window(int32_t key, int32_t origin, int64_t* hist, int64_t* over) {
   const int slot = epi::window_slot(key, origin);
   if (slot == epi::OVER) ++*over;
   else if (slot >= 0) ++hist[slot];
@@ -56,7 +56,7 @@ void fused_step(uintptr_t table, uintptr_t chunks, int programs, unsigned flags,
   if ((flags & epi::STEP_DEVICE) && in.control[epi::CTRL_SKIP]) return;
   flags = epi::flags_in_force(flags, in.control);
   const int32_t *tau = in.tau, *origin = in.origin;
-  int32_t *hist = in.hist, *over = in.over, *counts = in.counts;
+  int64_t *hist = in.hist, *over = in.over, *counts = in.counts;
   for (int b = 0; b < programs; ++b) {
     const HostChunk c = chunk(table, chunks, b);
     const epi::StepScalars sc = (flags & epi::STEP_DEVICE)
@@ -100,7 +100,7 @@ float score(int score_dtype, const HostChunk& c, int64_t i) {
 }
 
 void window_histogram(uintptr_t table, uintptr_t chunks, int programs, int score_dtype, const int32_t* origin,
-                      int32_t* hist, int32_t* over) {
+                      int64_t* hist, int64_t* over) {
   for (int b = 0; b < programs; ++b) {
     const HostChunk c = chunk(table, chunks, b);
     if (origin[c.tensor] <= 0) continue;
@@ -112,7 +112,7 @@ void window_histogram(uintptr_t table, uintptr_t chunks, int programs, int score
 
 // select_bin as a block of THREADS threads computes it (select.cu): equal slices, each thread
 // asking slice_holds_kth of its own; exactly one may answer (more would race on the result).
-epi::BinHit sliced_select_bin(const int32_t* counts, int nbins, int64_t above, int64_t k) {
+epi::BinHit sliced_select_bin(const int64_t* counts, int nbins, int64_t above, int64_t k) {
   const int per = nbins / epi::THREADS;
   int64_t beyond = above;
   epi::BinHit out{-1, 0, 0};
@@ -131,7 +131,7 @@ epi::BinHit sliced_select_bin(const int32_t* counts, int nbins, int64_t above, i
   return out;
 }
 
-void window_select(int tensors, const int32_t* hist, const int32_t* over, const int32_t* origin, const int32_t* k,
+void window_select(int tensors, const int64_t* hist, const int64_t* over, const int32_t* origin, const int64_t* k,
                    int32_t* tau, int32_t* repair) {
   for (int t = 0; t < tensors; ++t)
     epi::window_finish(origin[t], sliced_select_bin(hist + static_cast<int64_t>(t) * epi::WINDOW_BINS, epi::WINDOW_BINS,
@@ -140,7 +140,7 @@ void window_select(int tensors, const int32_t* hist, const int32_t* over, const 
 }
 
 void radix_repair(uintptr_t table, uintptr_t chunks, int programs, int tensors, int score_dtype, int32_t* repair,
-                  int32_t* prefix, int32_t* need, int32_t* scratch, int32_t* tau) {
+                  int32_t* prefix, int64_t* need, int64_t* scratch, int32_t* tau) {
   for (int level = 0; level < epi::RADIX_LEVELS; ++level) {
     for (int b = 0; b < programs; ++b) {  // radix_count_kernel
       const HostChunk c = chunk(table, chunks, b);
@@ -152,7 +152,7 @@ void radix_repair(uintptr_t table, uintptr_t chunks, int programs, int tensors, 
     }
     for (int t = 0; t < tensors; ++t) {  // radix_select_kernel
       if (!repair[t]) continue;
-      int32_t* row = scratch + static_cast<int64_t>(t) * epi::RADIX_BINS;
+      int64_t* row = scratch + static_cast<int64_t>(t) * epi::RADIX_BINS;
       const int nbins = 1 << epi::radix_bits(level);
       int64_t k = need[t];
       if (level == 0) {
@@ -188,19 +188,19 @@ void bind_host_harness(py::module_& m) {
         py::arg("over"), py::arg("counts"));
   m.def("window_histogram", [](uintptr_t table, uintptr_t chunks, int programs, int score_dtype, uintptr_t origin,
                                uintptr_t hist, uintptr_t over) {
-    window_histogram(table, chunks, programs, score_dtype, ptr<const int32_t>(origin), ptr<int32_t>(hist), ptr<int32_t>(over));
+    window_histogram(table, chunks, programs, score_dtype, ptr<const int32_t>(origin), ptr<int64_t>(hist), ptr<int64_t>(over));
   }, "_C.window_histogram on CPU tensors.", py::arg("table"), py::arg("chunks"), py::arg("programs"),
         py::arg("score_dtype"), py::arg("origin"), py::arg("hist"), py::arg("over"));
   m.def("window_select", [](int tensors, uintptr_t hist, uintptr_t over, uintptr_t origin, uintptr_t k, uintptr_t tau,
                             uintptr_t repair) {
-    window_select(tensors, ptr<const int32_t>(hist), ptr<const int32_t>(over), ptr<const int32_t>(origin),
-                  ptr<const int32_t>(k), ptr<int32_t>(tau), ptr<int32_t>(repair));
+    window_select(tensors, ptr<const int64_t>(hist), ptr<const int64_t>(over), ptr<const int32_t>(origin),
+                  ptr<const int64_t>(k), ptr<int32_t>(tau), ptr<int32_t>(repair));
   }, "_C.window_select on CPU tensors.", py::arg("tensors"), py::arg("hist"), py::arg("over"), py::arg("origin"),
         py::arg("k"), py::arg("tau"), py::arg("repair"));
   m.def("radix_repair", [](uintptr_t table, uintptr_t chunks, int programs, int tensors, int score_dtype,
                            uintptr_t repair, uintptr_t prefix, uintptr_t need, uintptr_t scratch, uintptr_t tau) {
     radix_repair(table, chunks, programs, tensors, score_dtype, ptr<int32_t>(repair), ptr<int32_t>(prefix),
-                 ptr<int32_t>(need), ptr<int32_t>(scratch), ptr<int32_t>(tau));
+                 ptr<int64_t>(need), ptr<int64_t>(scratch), ptr<int32_t>(tau));
   }, "_C.radix_repair on CPU tensors.", py::arg("table"), py::arg("chunks"), py::arg("programs"), py::arg("tensors"),
         py::arg("score_dtype"), py::arg("repair"), py::arg("prefix"), py::arg("need"), py::arg("scratch"),
         py::arg("tau"));
