@@ -143,10 +143,10 @@ EPI_HD unsigned flags_in_force(unsigned flags, const int32_t* control) {
 // place, returns the mask byte in force for this step (the new one on a refresh, bits >= valid
 // clear) and the keys of the new scores (0 for invalid lanes). Isolated parameters keep their raw
 // bits, so writing them back unchanged is the same as not writing them.
-template <class P, class S>
+template <class P, class S, class Scalars>
 EPI_HD unsigned step_group(typename P::raw* p, const typename P::raw* g, typename P::raw* m,
                            typename P::raw* v, typename P::raw* vmax, typename S::raw* s, unsigned mask,
-                           int valid, int32_t tau, const StepScalars& c, unsigned flags, int32_t* keys) {
+                           int valid, int32_t tau, Scalars& c, unsigned flags, int32_t* keys) {
   unsigned out = (flags & STEP_REFRESH) ? 0u : mask;
 EPI_UNROLL
   for (int j = 0; j < 8; ++j) {

@@ -12,78 +12,128 @@
 namespace epi {
 namespace {
 
+// What every thread of a block reads, kept in shared memory and re-read (volatile) where it is used
+// instead of being held in registers across the loop: the 40 fp32 values of a group (48 with
+// amsgrad) must fit in 64 registers per thread (4 blocks of 256 threads per SM) with everything else.
+struct BlockState {
+  const int64_t* row;  // the tensor's table row: column addresses
+  int64_t first, end;  // elements [first, end) of the chunk that exist
+  StepScalars scalars;
+  int32_t tau, origin;
+  int tensor;
+  unsigned flags;  // in force (STEP_DEVICE resolved)
+  int vec;         // every column 16-byte aligned
+};
+
+// The tensor in column `col`, read from the table row at the point of use (a global address).
+template <class T>
+__device__ __forceinline__ T* column_at(const volatile BlockState& b, int col) {
+  return column<T>(b.row, col);
+}
+
+// The stores of a group after step_group. Its index, size and alignment are read again from the
+// block state rather than kept in registers through the arithmetic.
+template <class P, class S>
+__device__ __forceinline__ void store_group(const volatile BlockState& b, int pass, const typename P::raw* pv,
+                                            const typename P::raw* mv, const typename P::raw* vv,
+                                            const typename P::raw* xv, const typename S::raw* sv, unsigned old,
+                                            unsigned bits, int& isolated_kept) {
+  using PR = typename P::raw;
+  using SR = typename S::raw;
+  const int64_t i = b.first + 8 * (threadIdx.x + pass * THREADS);
+  const int valid = group_size(b.end - i);
+  const bool vec = b.vec;
+  const unsigned f = b.flags;
+  if (bits != (1u << valid) - 1) store8(column_at<PR>(b, COL_PARAM), pv, i, valid, vec);  // all isolated: nothing to write
+  store8(column_at<PR>(b, COL_EXP_AVG), mv, i, valid, vec);
+  store8(column_at<PR>(b, COL_EXP_AVG_SQ), vv, i, valid, vec);
+  if (f & STEP_AMSGRAD) store8(column_at<PR>(b, COL_MAX_EXP_AVG_SQ), xv, i, valid, vec);
+  store8(column_at<SR>(b, COL_IMPORTANCE), sv, i, valid, vec);
+  if (f & STEP_REFRESH) {
+    column_at<uint8_t>(b, COL_MASK)[i >> 3] = static_cast<uint8_t>(bits);
+    isolated_kept += __popc(bits) + (__popc(bits & old) << 16);
+  }
+}
+
 template <class P, class S, bool HIST>
-__global__ void __launch_bounds__(THREADS)
+__global__ void __launch_bounds__(THREADS, 4)
 fused_step_kernel(Tables t, unsigned flags, StepScalars host_scalars, const float* device_scalars,
                   const int32_t* control, const int32_t* tau_of, const int32_t* origin_of, int64_t* hist_out,
                   int64_t* over_out, int64_t* counts) {
   using PR = typename P::raw;
   using SR = typename S::raw;
-  __shared__ int hist[HIST ? WINDOW_BINS : 1];
+  __shared__ int hist[HIST ? WINDOW_BINS + 1 : 1];  // + 1: `over` (slot OVER), counted like a bin
+  __shared__ BlockState state;
   if ((flags & STEP_DEVICE) && control[CTRL_SKIP]) return;  // the whole launch: a uniform exit
   flags = flags_in_force(flags, control);
   const bool hist_on = HIST && (flags & STEP_HIST);  // uniform over the launch
-  const Chunk ch = load_chunk(t.table, t.chunks);
-  const StepScalars c = (flags & STEP_DEVICE) ? scalars_row(device_scalars + ch.tensor * SCALAR_COUNT) : host_scalars;
-  PR* p = column<PR>(ch.row, COL_PARAM);
-  const PR* g = column<const PR>(ch.row, COL_GRAD);
-  PR* m = column<PR>(ch.row, COL_EXP_AVG);
-  PR* v = column<PR>(ch.row, COL_EXP_AVG_SQ);
-  SR* s = column<SR>(ch.row, COL_IMPORTANCE);
-  uint8_t* mask = column<uint8_t>(ch.row, COL_MASK);
   const bool amsgrad = flags & STEP_AMSGRAD, refresh = flags & STEP_REFRESH;
-  PR* vmax = column<PR>(ch.row, amsgrad ? COL_MAX_EXP_AVG_SQ : COL_EXP_AVG_SQ);  // v: a global address, unused
-  const bool vec = aligned16(p) && aligned16(g) && aligned16(m) && aligned16(v) && aligned16(s) &&
-                   (!amsgrad || aligned16(vmax));
-  const int32_t tau = refresh ? tau_of[ch.tensor] : KEY_NONE;
-  const int32_t origin = hist_on ? origin_of[ch.tensor] : 0;
-  if (hist_on) zero_shared(hist, WINDOW_BINS);
+  const Chunk ch = load_chunk(t.table, t.chunks);
+  if (threadIdx.x == 0) {
+    state.row = ch.row;
+    state.first = ch.first;
+    state.end = ch.first + CHUNK < ch.numel ? ch.first + CHUNK : ch.numel;
+    state.scalars = (flags & STEP_DEVICE) ? scalars_row(device_scalars + ch.tensor * SCALAR_COUNT) : host_scalars;
+    state.tau = refresh ? tau_of[ch.tensor] : KEY_NONE;
+    state.origin = hist_on ? origin_of[ch.tensor] : 0;
+    state.flags = flags;
+    state.tensor = ch.tensor;
+    const int64_t* r = ch.row;
+    state.vec = aligned16(column<void>(r, COL_PARAM)) && aligned16(column<void>(r, COL_GRAD)) &&
+                aligned16(column<void>(r, COL_EXP_AVG)) && aligned16(column<void>(r, COL_EXP_AVG_SQ)) &&
+                aligned16(column<void>(r, COL_IMPORTANCE)) &&
+                (!amsgrad || aligned16(column<void>(r, COL_MAX_EXP_AVG_SQ)));
+  }
+  if (hist_on) zero_shared(hist, WINDOW_BINS + 1);  // (its __syncthreads publishes `state` too)
+  else __syncthreads();
+  const volatile BlockState& b = state;
 
-  int isolated = 0, kept = 0, over = 0;
-  const int64_t end = ch.first + CHUNK < ch.numel ? ch.first + CHUNK : ch.numel;
+  int isolated_kept = 0;  // isolated + (kept << 16): at most 8 * CHUNK / THREADS = 256 each per thread
   // Every thread runs the same number of passes (the warp-level histogram needs all lanes).
-  for (int64_t i = ch.first + 8 * threadIdx.x; i < ch.first + CHUNK; i += 8 * THREADS) {
-    const int valid = group_size(end - i);
-    int32_t keys[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+#pragma unroll 1
+  for (int pass = 0; pass < CHUNK / (8 * THREADS); ++pass) {
+    const int64_t i = b.first + 8 * (threadIdx.x + pass * THREADS);
+    const int valid = group_size(b.end - i);
+    alignas(16) SR sv[8];
     if (valid > 0) {
+      const bool vec = b.vec;
+      const unsigned f = b.flags;
+      int32_t keys[8];  // unused: recomputed from the stored scores below (fewer live registers)
       alignas(16) PR pv[8], gv[8], mv[8], vv[8], xv[8];
-      alignas(16) SR sv[8];
-      load8(pv, p, i, valid, vec);
-      load8(gv, g, i, valid, vec);
-      load8(mv, m, i, valid, vec);
-      load8(vv, v, i, valid, vec);
-      if (amsgrad) load8(xv, vmax, i, valid, vec);
-      load8(sv, s, i, valid, vec);
-      const unsigned old = mask[i >> 3];
-      const unsigned bits = step_group<P, S>(pv, gv, mv, vv, xv, sv, old, valid, tau, c, flags, keys);
-      if (bits != (1u << valid) - 1) store8(p, pv, i, valid, vec);  // all isolated: nothing to write
-      store8(m, mv, i, valid, vec);
-      store8(v, vv, i, valid, vec);
-      if (amsgrad) store8(vmax, xv, i, valid, vec);
-      store8(s, sv, i, valid, vec);
-      if (refresh) {
-        mask[i >> 3] = static_cast<uint8_t>(bits);
-        isolated += __popc(bits);
-        kept += __popc(bits & old);
+      // every load of the group before its first store (the compiler may not move loads across
+      // stores to other columns: the addresses could alias)
+      load8(pv, column_at<const PR>(b, COL_PARAM), i, valid, vec);
+      load8(gv, column_at<const PR>(b, COL_GRAD), i, valid, vec);
+      load8(mv, column_at<const PR>(b, COL_EXP_AVG), i, valid, vec);
+      load8(vv, column_at<const PR>(b, COL_EXP_AVG_SQ), i, valid, vec);
+      if (f & STEP_AMSGRAD) load8(xv, column_at<const PR>(b, COL_MAX_EXP_AVG_SQ), i, valid, vec);
+      load8(sv, column_at<const SR>(b, COL_IMPORTANCE), i, valid, vec);
+      const unsigned old = column_at<const uint8_t>(b, COL_MASK)[i >> 3];
+      const unsigned bits = step_group<P, S>(pv, gv, mv, vv, xv, sv, old, valid, b.tau, b.scalars, f, keys);
+      store_group<P, S>(b, pass, pv, mv, vv, xv, sv, old, bits, isolated_kept);
+    }
+    if (HIST && (b.flags & STEP_HIST)) {  // uniform over the launch
+      const int32_t origin = b.origin;
+      const int valid = group_size(b.end - (b.first + 8 * (threadIdx.x + pass * THREADS)));
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        const int slot = window_slot(j < valid ? score_key(S::load(sv[j])) : 0, origin);
+        warp_aggregated_increment(hist, slot);  // BELOW (-1) is not counted
       }
     }
-    if (hist_on) {
-#pragma unroll
-      for (int j = 0; j < 8; ++j) count_in_window(hist, over, keys[j], origin);
-    }
   }
-  if (refresh) {
-    isolated = block_sum(isolated);
-    kept = block_sum(kept);
+  // the tensor and the flags from the block state again: not held in registers through the loop
+  const int64_t tensor = b.tensor;
+  if (b.flags & STEP_REFRESH) {
+    const int isolated = block_sum(isolated_kept & 0xFFFF), kept = block_sum(isolated_kept >> 16);
     if (threadIdx.x == 0 && (isolated || kept)) {
-      add_count(counts + 2 * static_cast<int64_t>(ch.tensor), isolated);
-      add_count(counts + 2 * static_cast<int64_t>(ch.tensor) + 1, kept);
+      add_count(counts + 2 * tensor, isolated);
+      add_count(counts + 2 * tensor + 1, kept);
     }
   }
-  if (hist_on) {
-    flush_histogram(hist_out + static_cast<int64_t>(ch.tensor) * WINDOW_BINS, hist, WINDOW_BINS);
-    over = block_sum(over);
-    if (threadIdx.x == 0 && over) add_count(over_out + ch.tensor, over);
+  if (HIST && (b.flags & STEP_HIST)) {
+    flush_histogram(hist_out + tensor * WINDOW_BINS, hist, WINDOW_BINS);  // (syncs the block first)
+    if (threadIdx.x == 0 && hist[OVER]) add_count(over_out + tensor, hist[OVER]);
   }
 }
 
