@@ -29,8 +29,12 @@ EPI_BUILD_CUDA=1 EPI_CUDA_ARCHS=${EPI_CUDA_ARCHS:-90} timeout 300 $PY setup.py -
     > "$OUT/build.log" 2>&1 || { status=1; tail -30 "$OUT/build.log"; }
 $PY -c "import epi_kernels._C as C; print('epi_kernels._C', C.__file__)" 2>&1 | tee -a "$OUT/build.log"
 
+echo "== compile checks: every Triton variant for sm_80/sm_90 (this machine's Triton), the extension's SASS"
+timeout 240 $PY -m pytest -q -p no:cacheprovider -rs tests/test_triton_compile.py tests/test_cuda_sass.py 2>&1 \
+    | tee -a "$OUT/build.log" | tail -3 || status=1
+
 echo "== GPU tests"
-timeout 300 $PY -m pytest -q -p no:cacheprovider -rs tests/test_fused_backends.py tests/test_cuda_extension.py tests/test_capturable.py tests/test_amp.py tests/test_compile.py \
+timeout 300 $PY -m pytest -q -p no:cacheprovider -rs tests/test_fused_backends.py tests/test_cuda_extension.py tests/test_triton_large_counts.py tests/test_capturable.py tests/test_amp.py tests/test_compile.py \
     -k "cuda" --junitxml="$OUT/gpu-tests.xml" 2>&1 | tee "$OUT/gpu-tests.log" || status=1
 
 echo "== compute-sanitizer (memcheck, racecheck) on a small backend=cuda run"

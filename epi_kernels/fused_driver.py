@@ -98,11 +98,11 @@ def fused_epi_adamw(kernels: str, params, grads, exp_avgs, exp_avg_sqs, max_exp_
         if refresh:
             tau, repaired, k = _thresholds(kernels, scores, fr, idx, previous.get(tuple(idx)))
             old_count = _stack(fr.states, idx, "isolated_count")
-            counts = torch.zeros(len(idx), 2, dtype=torch.int32, device=device)
+            counts = torch.zeros(len(idx), 2, dtype=torch.int64, device=device)
         if collect:
             origin = origins(tau if refresh else _stack(fr.states, idx, "threshold_bits"))
-            hist = torch.zeros(len(idx), WINDOW_BINS, dtype=torch.int32, device=device)
-            over = torch.zeros(len(idx), dtype=torch.int32, device=device)
+            hist = torch.zeros(len(idx), WINDOW_BINS, dtype=torch.int64, device=device)
+            over = torch.zeros(len(idx), dtype=torch.int64, device=device)
         ops.fused_step_(*_take(lists, idx, amsgrad), tau, origin, hist, over, counts, None, None, kernels, **hyper)
         if collect:
             fr.pending[tuple(idx)] = (scores, hist, over)
@@ -141,7 +141,7 @@ def _device_step(kernels: str, lists: tuple, fr: FusedRefresh, *, lr, beta1, bet
         origin = origins(torch.where(refresh, tau, anchor))
         hist.masked_fill_(collect, 0)
         over.masked_fill_(collect, 0)
-        counts = torch.zeros(len(idx), 2, dtype=torch.int32, device=device)
+        counts = torch.zeros(len(idx), 2, dtype=torch.int64, device=device)
         ops.fused_step_(*_take(lists, idx, amsgrad), tau, origin, hist, over, counts, scalars, control, kernels,
                         lr=0.0, beta1=0.0, beta2=0.0, weight_decay=0.0, eps=0.0, importance_beta=0.0,  # unread
                         sq=sq, maximize=maximize, amsgrad=amsgrad)

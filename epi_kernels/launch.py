@@ -29,12 +29,18 @@ SCALAR_COUNT = 9  # per-step scalars (step_scalars.step_scalars), per tensor in 
 
 
 class StepFlags(NamedTuple):
+    """What a fused step does. Both kernel sets take it as one int32 bit set (:meth:`bits`: field i
+    is bit 1 << i, the values of csrc/element.h's StepFlags) read at run time, so a flag costs no
+    compiled variant; only dtypes, amsgrad and alignment select one."""
     sq: bool  # score signal g*g (else |g|)
     maximize: bool
     amsgrad: bool
     refresh: bool  # set the masks from `tau`, count (isolated, kept) into `counts`
     hist: bool  # count the new scores into window histograms
     device: bool = False  # capturable: scalars and control words from device memory; refresh/hist: "may"
+
+    def bits(self) -> int:
+        return sum(1 << i for i, on in enumerate(self) if on)
 
 
 class DeviceInputs(NamedTuple):
@@ -44,7 +50,9 @@ class DeviceInputs(NamedTuple):
 
 
 class Kernels(Protocol):
-    """What a kernel backend implements; tensors are int32 on the launch's device, None if unused."""
+    """What a kernel backend implements; tensors live on the launch's device (None if unused). Counts
+    that can reach a tensor's size are int64 (hist, over, counts, k); keys and flags are int32
+    (tau, origin, repair)."""
 
     def window_histogram(self, launch: Launch, origin: Tensor, hist: Tensor, over: Tensor) -> None:
         """Add the window histograms of the stored scores into hist [T, WINDOW_BINS] / over [T]."""
@@ -127,6 +135,8 @@ class Launch:
         self.device, self.param_dtype, self.score_dtype = p.device, p.dtype, rows[0][5].dtype
         self.numels = tuple(row[0].numel() for row in rows)
         addresses = tuple(tuple(0 if t is None else t.data_ptr() for t in row) for row in rows)
+        # 16-byte aligned element columns (the mask is read bytewise): the kernels' vector path
+        self.aligned = all(a % 16 == 0 for row in addresses for a in row[:COLUMNS.index("mask")])
         self.table = _address_table(self.device, addresses, self.numels).get()
         chunks, self.programs = _chunk_table(self.device, self.numels)
         self.chunks = chunks.get()
@@ -152,7 +162,7 @@ class Launch:
 
 def kernel_window_histograms(kernels: Kernels, launch: Launch, origin: Tensor) -> tuple[Tensor, Tensor]:
     """Window histograms of the stored scores (when the previous step did not collect them)."""
-    hist, over = launch.zeros(WINDOW_BINS), launch.zeros()
+    hist, over = launch.zeros(WINDOW_BINS, dtype=torch.int64), launch.zeros(dtype=torch.int64)
     if launch.programs:
         kernels.window_histogram(launch, origin, hist, over)
     return hist, over
@@ -184,5 +194,5 @@ def window_thresholds(kernels: Kernels, scores: list[Tensor], ks: list[int],
     launch = score_launch(scores)
     origin = origins(torch.tensor(anchors, dtype=torch.int32, device=launch.device))
     hist, over = kernel_window_histograms(kernels, launch, origin)
-    k = torch.tensor(ks, dtype=torch.int32, device=launch.device)
+    k = torch.tensor(ks, dtype=torch.int64, device=launch.device)
     return kernel_select(kernels, launch, hist, over, origin, k)

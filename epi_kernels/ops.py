@@ -112,7 +112,8 @@ _WINDOW_HISTOGRAM = torch.library.custom_op("epi_kernels::window_histogram", _wi
 
 @_WINDOW_HISTOGRAM.register_fake
 def _(scores, origin, kernels):
-    return origin.new_empty(len(scores), WINDOW_BINS), origin.new_empty(len(scores))
+    return (origin.new_empty(len(scores), WINDOW_BINS, dtype=torch.int64),
+            origin.new_empty(len(scores), dtype=torch.int64))
 
 
 def _select_thresholds(scores: list[Tensor], hist: Tensor, over: Tensor, origin: Tensor, isolation_ratio: float,
@@ -129,8 +130,8 @@ def _select_thresholds(scores: list[Tensor], hist: Tensor, over: Tensor, origin:
 
 
 def isolation_ks(scores: list[Tensor], isolation_ratio: float) -> Tensor:
-    """k of each score tensor, int32 on their device (pinned, asynchronous copy: no host sync)."""
-    return to_device([isolation_k(isolation_ratio, s.numel()) for s in scores], torch.int32, scores[0].device)
+    """k of each score tensor, int64 on their device (pinned, asynchronous copy: no host sync)."""
+    return to_device([isolation_k(isolation_ratio, s.numel()) for s in scores], torch.int64, scores[0].device)
 
 
 _SELECT_THRESHOLDS = torch.library.custom_op("epi_kernels::select_thresholds", _select_thresholds, mutates_args=())
@@ -139,7 +140,7 @@ _SELECT_THRESHOLDS = torch.library.custom_op("epi_kernels::select_thresholds", _
 @_SELECT_THRESHOLDS.register_fake
 def _(scores, hist, over, origin, isolation_ratio, kernels, k=None, gate=None):
     n = len(scores)
-    return origin.new_empty(n), origin.new_empty(n, dtype=torch.bool), origin.new_empty(n)
+    return origin.new_empty(n), origin.new_empty(n, dtype=torch.bool), origin.new_empty(n, dtype=torch.int64)
 
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
@@ -160,10 +161,10 @@ def fused_step_(*args, **kwargs) -> None:
 
 
 def window_histogram(scores: list[Tensor], origin: Tensor, kernels: str) -> tuple[Tensor, Tensor]:
-    """``epi_kernels::window_histogram``: (hist int32 [T, WINDOW_BINS], over int32 [T])."""
+    """``epi_kernels::window_histogram``: (hist int64 [T, WINDOW_BINS], over int64 [T])."""
     return _call(_WINDOW_HISTOGRAM, _window_histogram, scores[0], scores, origin, kernels)
 
 
 def select_thresholds(*args, **kwargs) -> tuple[Tensor, Tensor, Tensor]:
-    """``epi_kernels::select_thresholds``: (tau int32 [T], repaired bool [T], k int32 [T])."""
+    """``epi_kernels::select_thresholds``: (tau int32 [T], repaired bool [T], k int64 [T])."""
     return _call(_SELECT_THRESHOLDS, _select_thresholds, args[0][0], *args, **kwargs)

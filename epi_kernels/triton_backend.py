@@ -3,6 +3,9 @@ reached through the custom ops of :mod:`epi_kernels.ops`.
 
 Kernels in :mod:`epi_kernels.kernels`: the fused step, the window histogram of stored scores, the
 window select (one program per tensor) and the repair path (radix count + select per digit).
+Every launch goes through :meth:`TritonKernels.run` with the compile options of :data:`OPTIONS`;
+tests/test_triton_compile.py drives these launchers over every input they accept and compiles
+what they launch for sm_80 and sm_90, so no variant reaches a GPU uncompiled.
 """
 from __future__ import annotations
 
@@ -18,46 +21,54 @@ from .kernels.histogram import histogram_kernel
 from .kernels.repair import LEVELS, SCRATCH, radix_count_kernel, radix_select_kernel
 from .kernels.select import select_kernel
 
-__all__ = ["TritonKernels", "triton_epi_adamw", "window_thresholds"]
+__all__ = ["TritonKernels", "triton_epi_adamw", "window_thresholds", "STORAGE_TYPES", "OPTIONS"]
 
-BLOCK = 1024  # elements per tile
-TILES = CHUNK // BLOCK  # tiles per program: one histogram flush per chunk
+BLOCK = 512  # elements per tile: 4 per thread at 4 warps (one 128-bit access per fp32 column)
+TILES = CHUNK // BLOCK  # tiles per program
 SELECT_TILE = 1024
-_TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+STORAGE_TYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+# Every launch: 4 warps, and no FMA contraction (a*b + c rounded twice, as the reference and the
+# CUDA kernels compute it: a contracted score EMA differs by an ulp and can move a mask bit).
+OPTIONS = {"num_warps": 4, "enable_fp_fusion": False}
+# tau, origin, hist, over, counts, device scalars, control words
+_STEP_BUFFER_TYPES = (torch.int32, torch.int32, torch.int64, torch.int64, torch.int64, torch.float32, torch.int32)
 
 
 class TritonKernels:
     """:class:`epi_kernels.launch.Kernels` with Triton kernels (CUDA tensors, or CPU tensors
     in Triton's interpreter)."""
 
+    def run(self, kernel, programs: int, *args, **constexprs) -> None:
+        """Launch `kernel` on `programs` programs (the one place kernels are launched)."""
+        kernel[(programs,)](*args, **constexprs, **OPTIONS)
+
     def window_histogram(self, launch: Launch, origin: Tensor, hist: Tensor, over: Tensor) -> None:
-        histogram_kernel[(launch.programs,)](launch.table, launch.chunks, origin, hist, over,
-                                             S_TYPE=_TL[launch.score_dtype], BLOCK=BLOCK, TILES=TILES)
+        self.run(histogram_kernel, launch.programs, launch.table, launch.chunks, origin, hist, over,
+                 S_TYPE=STORAGE_TYPES[launch.score_dtype], BLOCK=BLOCK, TILES=TILES)
 
     def select(self, launch: Launch, hist: Tensor, over: Tensor, origin: Tensor, k: Tensor,
                tau: Tensor, repair: Tensor, gate: Tensor | None = None) -> None:
-        select_kernel[(len(launch.idx),)](hist, over, origin, k, tau, repair, TILE=SELECT_TILE)
+        self.run(select_kernel, len(launch.idx), hist, over, origin, k, tau, repair, TILE=SELECT_TILE)
         if not launch.programs:
             return
         flags = repair.clone() if gate is None else repair * gate  # the repair kernels clear flags as tensors finish
-        prefix, need, scratch = launch.zeros(), k.clone(), launch.zeros(SCRATCH)
+        prefix, need, scratch = launch.zeros(), k.clone(), launch.zeros(SCRATCH, dtype=torch.int64)
         for level, (shift, bits) in enumerate(LEVELS):
-            radix_count_kernel[(launch.programs,)](launch.table, launch.chunks, flags, prefix, scratch,
-                                                   S_TYPE=_TL[launch.score_dtype], SHIFT=shift, BITS=bits,
-                                                   BLOCK=BLOCK, TILES=TILES)
-            radix_select_kernel[(len(launch.idx),)](scratch, flags, prefix, need, tau, SHIFT=shift, BITS=bits,
-                                                    FIRST=level == 0, LAST=level == len(LEVELS) - 1,
-                                                    TILE=SELECT_TILE)
+            self.run(radix_count_kernel, launch.programs, launch.table, launch.chunks, flags, prefix, scratch,
+                     S_TYPE=STORAGE_TYPES[launch.score_dtype], SHIFT=shift, BITS=bits, BLOCK=BLOCK, TILES=TILES)
+            self.run(radix_select_kernel, len(launch.idx), scratch, flags, prefix, need, tau, SHIFT=shift, BITS=bits,
+                     FIRST=level == 0, LAST=level == len(LEVELS) - 1)
 
     def fused_step(self, launch: Launch, scalars: tuple[float, ...], flags: StepFlags, tau, origin, hist, over,
                    counts, device: DeviceInputs | None = None) -> None:
-        dummy = launch.table  # never read: the flags turn the unused arguments off
         buffers = (tau, origin, hist, over, counts) + ((None, None) if device is None else device)
-        fused_step_kernel[(launch.programs,)](
-            launch.table, launch.chunks, *(dummy if t is None else t for t in buffers),
-            *scalars, P_TYPE=_TL[launch.param_dtype], S_TYPE=_TL[launch.score_dtype], SQ=flags.sq,
-            MAXIMIZE=flags.maximize, AMSGRAD=flags.amsgrad, REFRESH=flags.refresh, HIST=flags.hist,
-            DEVICE=flags.device, BLOCK=BLOCK, TILES=TILES)
+        # unused buffers: never read (the flags turn them off), but of the right type, as the
+        # flags are read at run time and one compiled kernel serves every combination
+        buffers = [torch.empty(1, dtype=dtype, device=launch.device) if t is None else t
+                   for t, dtype in zip(buffers, _STEP_BUFFER_TYPES)]
+        self.run(fused_step_kernel, launch.programs, launch.table, launch.chunks, *buffers, flags.bits(), *scalars,
+                 P_TYPE=STORAGE_TYPES[launch.param_dtype], S_TYPE=STORAGE_TYPES[launch.score_dtype],
+                 AMSGRAD=flags.amsgrad, ALIGNED=launch.aligned, BLOCK=BLOCK, TILES=TILES)
 
 
 KERNELS = TritonKernels()

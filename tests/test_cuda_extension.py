@@ -12,6 +12,7 @@ import torch
 from epi_kernels import launch
 from epi_kernels import threshold as th
 from kernel_devices import HAS_CUDA, HAS_EXTENSION, NO_EXTENSION
+from large_histograms import large_histograms, reference_window_select
 
 pytestmark = pytest.mark.skipif(not HAS_EXTENSION, reason=NO_EXTENSION)
 
@@ -99,55 +100,12 @@ def _host_window_select(C, hist, over, origin, k):
     return tau.tolist(), repair.tolist()
 
 
-def _reference_window_select(hist, over, origin, k):
-    want_tau, want_repair = [], []
-    for t in range(len(k)):
-        found = th.window_threshold(hist[t], int(over[t]), int(k[t]), int(origin[t])) if origin[t] > 0 else None
-        want_tau.append(th.KEY_NONE if found is None else found)
-        want_repair.append(int(found is None and int(k[t]) >= 1))
-    return want_tau, want_repair
-
-
-def _large_histograms(seed, tensors=12):
-    """Window histograms with bins and totals beyond 2^31: sparse bins of mixed magnitudes (up to
-    ~2^33), `over` up to ~2^34, and k picked inside a random bin (the window answers or the bin is too
-    coarse), above the window (a miss), beyond every count, or 0."""
-    g = torch.Generator().manual_seed(seed)
-    bins = th.WINDOW_BINS
-    scale = torch.tensor([0, 1, 1 << 10, 1 << 20, 1 << 28, 1 << 31, 1 << 33], dtype=torch.int64)
-    hist = torch.zeros(tensors, bins, dtype=torch.int64)
-    for t in range(tensors):
-        nonzero = torch.randperm(bins, generator=g)[:int(torch.randint(1, 200, (1,), generator=g))]
-        size = scale[torch.randint(0, len(scale), (len(nonzero),), generator=g)]
-        hist[t, nonzero] = (torch.rand(len(nonzero), generator=g, dtype=torch.float64) * size).long() + (size > 0).long()
-    over = (torch.rand(tensors, generator=g, dtype=torch.float64) *
-            scale[torch.randint(0, len(scale), (tensors,), generator=g)].double() * 2).long()
-    origin = (torch.randint(1, (2**31 - th.BIN_WIDTH * bins) // th.BIN_WIDTH, (tensors,), generator=g)
-              * th.BIN_WIDTH).to(torch.int32)
-    origin[0] = 0  # no window: repair
-    k = torch.zeros(tensors, dtype=torch.int64)
-    for t in range(tensors):
-        suffix = hist[t].flip(0).cumsum(0).flip(0) + over[t]
-        kind = int(torch.randint(0, 6, (1,), generator=g))
-        nonzero = hist[t].nonzero().flatten()
-        if kind <= 2 and len(nonzero):  # inside a populated bin
-            b = int(nonzero[torch.randint(0, len(nonzero), (1,), generator=g)])
-            above = int(suffix[b + 1]) if b + 1 < bins else int(over[t])
-            k[t] = above + 1 + int(torch.randint(0, 2**62, (1,), generator=g)) % int(hist[t, b])
-        elif kind == 3:  # within `over`: a miss
-            k[t] = max(1, int(over[t]) - int(torch.randint(0, 1000, (1,), generator=g)))
-        elif kind == 4:  # more than the window holds: a miss
-            k[t] = int(suffix[0]) + 1 + int(torch.randint(0, 2**40, (1,), generator=g))
-        # kind 5: k = 0, nothing to isolate
-    return hist, over, origin, k
-
-
 @pytest.mark.parametrize("seed", range(8))
 def test_window_select_with_counts_beyond_int32(C, seed):
-    hist, over, origin, k = _large_histograms(seed)
+    hist, over, origin, k = large_histograms(seed)
     assert hist.sum(1).max() > 2**31 and k.max() > 2**31  # the point of the test
     got = _host_window_select(C, hist, over, origin, k)
-    assert got == _reference_window_select(hist, over, origin, k)
+    assert got == reference_window_select(hist, over, origin, k)
 
 
 def test_window_select_hand_picked_large_counts(C):
@@ -164,7 +122,7 @@ def test_window_select_hand_picked_large_counts(C):
                       3_000_000_000 + 2**31 + 5 + 7 + 2**20,  # bin 99's last key
                       2**32 - 1,  # within over: a miss
                       total + 6], dtype=torch.int64)  # more than there are: a miss
-    want = _reference_window_select(hist, over, origin, k)
+    want = reference_window_select(hist, over, origin, k)
     assert want[0][:2] != [th.KEY_NONE, th.KEY_NONE] and want[1] == [0, 0, 1, 1]
     assert _host_window_select(C, hist, over, origin, k) == want
 

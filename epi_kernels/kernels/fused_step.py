@@ -3,105 +3,195 @@
 Per element: load p, g, m, v (and the amsgrad max), the score s and the mask bit; on a refresh
 step set the bit from the start-of-step score against the tensor's new threshold (and write the
 packed mask); update the score EMA, the Adam moments and, where the element is not isolated, the
-parameter (isolated elements are not written at all); on a step before a refresh, count the new
-score into the tensor's window histogram. Math is fp32 whatever the storage dtypes, in the order of
-torch's for-loop AdamW (see :func:`epi_kernels.compiled._tensor_step`, the same math in torch ops).
-Capturable launches (DEVICE) read the scalars per tensor and the control words (refresh, collect,
-skip: launch.CONTROL) from device memory: REFRESH and HIST are then compiled in and applied when
-the control words say so, and a skipped step touches nothing.
+parameter (an isolated element is stored back with its own bits); on a step before a refresh, count
+the new score into the tensor's window histogram. Math is fp32 whatever the storage dtypes, in the
+order of torch's for-loop AdamW (see :func:`epi_kernels.compiled._tensor_step`, the same math in
+torch ops), each operation rounded on its own: the launcher turns FMA contraction off.
+
+What makes it run at memory speed, each checked on the compiled PTX/SASS by
+tests/test_triton_compile.py:
+* a program's chunk is cut into tiles; full tiles take the unmasked path, and with ALIGNED (every
+  column 16-byte aligned, checked on the host) their accesses are 128-bit; the last, partial tile
+  of a tensor and misaligned views take the masked path;
+* every load of a tile is issued before its first store: the compiler cannot prove that the
+  columns do not alias, so it would not move a load above a store by itself;
+* the flags (launch.StepFlags.bits) are read at run time, so they cost no compiled variant, and the
+  histogram (global atomics, see threshold_math.count_in_window) is in a loop of its own that a
+  step which does not collect never enters, whether the decision came from the host or, for a
+  capturable step (DEVICE), from the control words in device memory.
 """
 import triton
 import triton.language as tl
 
-from .tensor_table import (EXP_AVG, EXP_AVG_SQ, GRAD, IMPORTANCE, MASK, MAX_EXP_AVG_SQ, PARAM, column,
-                           load_chunk)
 from .rounding import to_storage
-from .threshold_math import WINDOW_BINS, flush_histogram, score_key, window_counts
+from .tensor_table import (CTRL_HIST, CTRL_REFRESH, CTRL_SKIP, EXP_AVG, EXP_AVG_SQ, GRAD, IMPORTANCE, MASK,
+                           MAX_EXP_AVG_SQ, PARAM, SCALARS, column, load_chunk)
+from .threshold_math import KEY_NONE, WINDOW_BINS, count_in_window, score_key
+
+# launch.StepFlags.bits
+SQ, MAXIMIZE, REFRESH, HIST, DEVICE = (tl.constexpr(1 << i) for i in (0, 1, 3, 4, 5))
 
 
 @triton.jit
+def _load(ptr, offs, inb, MASKED: tl.constexpr):
+    if MASKED:
+        return tl.load(ptr + offs, mask=inb, other=0)
+    else:
+        return tl.load(ptr + offs)
+
+
+@triton.jit
+def _store(ptr, offs, x, inb, MASKED: tl.constexpr):
+    if MASKED:
+        tl.store(ptr + offs, x, mask=inb)
+    else:
+        tl.store(ptr + offs, x)
+
+
+@triton.jit
+def _step_tile(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, s_ptr, mask_ptr, start, n, refresh, tau, sq, maximize,
+               origin, hist_row, decay, step_size, one_minus_beta1, beta2, one_minus_beta2, bc2_sqrt, eps, ibeta,
+               one_minus_ibeta, P_TYPE: tl.constexpr, S_TYPE: tl.constexpr, AMSGRAD: tl.constexpr,
+               HIST: tl.constexpr, MASKED: tl.constexpr, BLOCK: tl.constexpr):
+    """One tile of BLOCK elements from `start` (of a tensor of `n`), as [BLOCK // 8, 8]: a row is
+    one mask byte.
+    Returns (isolated, kept, above the window) counts of the tile."""
+    # int32 offsets from per-tile base pointers: int64 offsets would cost two registers per element
+    # and column, and an address computation each
+    rows = tl.arange(0, BLOCK // 8)[:, None]
+    lanes = tl.arange(0, 8)[None, :]
+    offs = rows * 8 + lanes
+    left = tl.minimum(n - start, BLOCK).to(tl.int32)  # elements of the tile that exist
+    inb = offs < left
+    byte_inb = rows * 8 < left  # [BLOCK // 8, 1]: broadcasts against the elements
+    # loads, all of them first
+    s_raw = _load(s_ptr + start, offs, inb, MASKED)
+    byte = _load(mask_ptr + (start >> 3), rows, byte_inb, MASKED).to(tl.int32)
+    g = _load(g_ptr + start, offs, inb, MASKED).to(tl.float32)
+    m = _load(m_ptr + start, offs, inb, MASKED).to(tl.float32)
+    v = _load(v_ptr + start, offs, inb, MASKED).to(tl.float32)
+    if AMSGRAD:
+        vmax = _load(vmax_ptr + start, offs, inb, MASKED).to(tl.float32)
+    p_raw = _load(p_ptr + start, offs, inb, MASKED)
+    # the mask in force: the stored one, or on a refresh the start-of-step score against tau
+    s = s_raw.to(tl.float32)
+    old_bit = (byte >> lanes) & 1
+    bit = old_bit
+    isolated = tl.zeros([], tl.int64)
+    kept = tl.zeros([], tl.int64)
+    if refresh:
+        bit = ((score_key(s) >= tau) & inb).to(tl.int32)
+        isolated = tl.sum(tl.sum(bit, 1), 0).to(tl.int64)  # at most BLOCK: int32 is enough here
+        kept = tl.sum(tl.sum(bit & old_bit, 1), 0).to(tl.int64)
+    # score EMA in the eager reference's order: s * beta + ((1 - beta) * f) * f', with f' = g for
+    # g*g and 1.0 (exact) for |g|
+    f = one_minus_ibeta * tl.where(sq, g, tl.abs(g)) * tl.where(sq, g, 1.0)
+    s_new = to_storage(s * ibeta + f, S_TYPE)
+    # AdamW, as torch's for-loop implementation
+    g = tl.where(maximize, -g, g)
+    m = m + (g - m) * one_minus_beta1
+    v = v * beta2 + one_minus_beta2 * g * g
+    m_new = to_storage(m, P_TYPE)
+    v_new = to_storage(v, P_TYPE)
+    if AMSGRAD:
+        v = tl.maximum(vmax, v)
+    p = p_raw.to(tl.float32) * decay - tl.div_rn(step_size * m, tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps)
+    p_new = tl.where(bit != 0, p_raw, to_storage(p, P_TYPE))  # isolated: its own bits
+    # stores
+    _store(s_ptr + start, offs, s_new, inb, MASKED)
+    if refresh:
+        _store(mask_ptr + (start >> 3), rows, tl.sum(bit << lanes, 1, keep_dims=True).to(tl.uint8), byte_inb, MASKED)
+    _store(m_ptr + start, offs, m_new, inb, MASKED)
+    _store(v_ptr + start, offs, v_new, inb, MASKED)
+    if AMSGRAD:
+        _store(vmax_ptr + start, offs, to_storage(v, P_TYPE), inb, MASKED)
+    _store(p_ptr + start, offs, p_new, inb, MASKED)
+    over = tl.zeros([], tl.int64)
+    if HIST:
+        over = count_in_window(score_key(s_new.to(tl.float32)), origin, inb, hist_row)
+    return isolated, kept, over
+
+
+@triton.jit
+def _step_chunk(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, s_ptr, mask_ptr, first, count, n, refresh, tau, sq, maximize,
+                origin, hist_row, decay, step_size, one_minus_beta1, beta2, one_minus_beta2, bc2_sqrt, eps, ibeta,
+                one_minus_ibeta, P_TYPE: tl.constexpr, S_TYPE: tl.constexpr, AMSGRAD: tl.constexpr,
+                HIST: tl.constexpr, BLOCK: tl.constexpr):
+    """The `count` elements of a chunk from `first`: full tiles unmasked, then the partial one."""
+    isolated = tl.zeros([], tl.int64)
+    kept = tl.zeros([], tl.int64)
+    over = tl.zeros([], tl.int64)
+    full = tl.maximum(count, 0) // BLOCK
+    for i in range(full):
+        a, b, c = _step_tile(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, s_ptr, mask_ptr, first + i * BLOCK, n, refresh,
+                             tau, sq, maximize, origin, hist_row, decay, step_size, one_minus_beta1, beta2,
+                             one_minus_beta2, bc2_sqrt, eps, ibeta, one_minus_ibeta, P_TYPE, S_TYPE, AMSGRAD, HIST,
+                             False, BLOCK)
+        isolated += a
+        kept += b
+        over += c
+    if full * BLOCK < count:
+        a, b, c = _step_tile(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, s_ptr, mask_ptr, first + full * BLOCK, n, refresh,
+                             tau, sq, maximize, origin, hist_row, decay, step_size, one_minus_beta1, beta2,
+                             one_minus_beta2, bc2_sqrt, eps, ibeta, one_minus_ibeta, P_TYPE, S_TYPE, AMSGRAD, HIST,
+                             True, BLOCK)
+        isolated += a
+        kept += b
+        over += c
+    return isolated, kept, over
+
+
+@triton.jit(do_not_specialize=["flags"])
 def fused_step_kernel(
     table_ptr, chunk_ptr,
-    tau_ptr,  # int32 [T]: REFRESH: the new threshold of each tensor
-    origin_ptr, hist_ptr, over_ptr,  # HIST: window origins int32 [T] (0: none), outputs [T, NB], [T]
-    count_ptr,  # REFRESH: int32 [T, 2] += (isolated count, |old mask & new mask|)
-    scalars_ptr, control_ptr,  # DEVICE: float32 [T, 9] (the arguments below, per tensor), int32 [3]
+    tau_ptr,  # int32 [T]: refresh: the new threshold of each tensor
+    origin_ptr, hist_ptr, over_ptr,  # hist: window origins int32 [T] (0: none), outputs int64 [T, NB], [T]
+    count_ptr,  # refresh: int64 [T, 2] += (isolated count, |old mask & new mask|)
+    scalars_ptr, control_ptr,  # device: float32 [T, SCALARS] (the arguments below, per tensor), int32 [3]
+    flags,  # int32: launch.StepFlags.bits (not specialised: one compiled kernel for every value)
     decay, step_size, one_minus_beta1, beta2, one_minus_beta2, bc2_sqrt, eps, ibeta, one_minus_ibeta,
-    P_TYPE: tl.constexpr, S_TYPE: tl.constexpr, SQ: tl.constexpr, MAXIMIZE: tl.constexpr,
-    AMSGRAD: tl.constexpr, REFRESH: tl.constexpr, HIST: tl.constexpr, DEVICE: tl.constexpr,
+    P_TYPE: tl.constexpr, S_TYPE: tl.constexpr, AMSGRAD: tl.constexpr, ALIGNED: tl.constexpr,
     BLOCK: tl.constexpr, TILES: tl.constexpr,
 ):
     tid, row, first, n = load_chunk(table_ptr, chunk_ptr, BLOCK * TILES)
-    refresh_word = tl.full([], 1, tl.int32)
-    hist_word = tl.full([], 1, tl.int32)
-    if DEVICE:
-        n = tl.where(tl.load(control_ptr + 2) != 0, 0, n)  # a skipped step: no element is touched
-        refresh_word = tl.load(control_ptr)
-        hist_word = tl.load(control_ptr + 1)
-        sc = scalars_ptr + tid * 9
+    count = tl.minimum(n - first, BLOCK * TILES)  # elements of this chunk
+    refresh = (flags & REFRESH) != 0
+    collect = (flags & HIST) != 0
+    if (flags & DEVICE) != 0:  # capturable: the decisions and scalars come from device memory
+        count = tl.where(tl.load(control_ptr + CTRL_SKIP) != 0, 0, count)  # skipped: nothing is touched
+        refresh = refresh & (tl.load(control_ptr + CTRL_REFRESH) != 0)
+        collect = collect & (tl.load(control_ptr + CTRL_HIST) != 0)
+        sc = scalars_ptr + tid * SCALARS
         decay, step_size, one_minus_beta1 = tl.load(sc), tl.load(sc + 1), tl.load(sc + 2)
         beta2, one_minus_beta2, bc2_sqrt = tl.load(sc + 3), tl.load(sc + 4), tl.load(sc + 5)
         eps, ibeta, one_minus_ibeta = tl.load(sc + 6), tl.load(sc + 7), tl.load(sc + 8)
-    n_refresh = tl.where(refresh_word != 0, n, 0)  # elements whose mask bit is set this step
-    n_hist = tl.where(hist_word != 0, n, 0)  # elements whose new score is counted
-    p_ptr = column(row, PARAM, P_TYPE)
-    g_ptr = column(row, GRAD, P_TYPE)
-    m_ptr = column(row, EXP_AVG, P_TYPE)
-    v_ptr = column(row, EXP_AVG_SQ, P_TYPE)
-    s_ptr = column(row, IMPORTANCE, S_TYPE)
-    mask_ptr = column(row, MASK, tl.uint8)
-    if REFRESH:
+    sq = (flags & SQ) != 0
+    maximize = (flags & MAXIMIZE) != 0
+    tau = tl.full([], KEY_NONE, tl.int32)
+    if refresh:
         tau = tl.load(tau_ptr + tid)
-        n_isolated = tl.zeros([], tl.int32)
-        n_kept = tl.zeros([], tl.int32)
-    if HIST:
+    p_ptr = column(row, PARAM, P_TYPE, ALIGNED)
+    g_ptr = column(row, GRAD, P_TYPE, ALIGNED)
+    m_ptr = column(row, EXP_AVG, P_TYPE, ALIGNED)
+    v_ptr = column(row, EXP_AVG_SQ, P_TYPE, ALIGNED)
+    vmax_ptr = p_ptr
+    if AMSGRAD:
+        vmax_ptr = column(row, MAX_EXP_AVG_SQ, P_TYPE, ALIGNED)
+    s_ptr = column(row, IMPORTANCE, S_TYPE, ALIGNED)
+    mask_ptr = column(row, MASK, tl.uint8)
+    hist_row = hist_ptr + tid * WINDOW_BINS
+    if collect:
         origin = tl.load(origin_ptr + tid)
-        h = tl.zeros([WINDOW_BINS], tl.int32)
-        n_over = tl.zeros([], tl.int32)
-    for i in range(TILES):
-        start = first + i * BLOCK
-        offs = start + tl.arange(0, BLOCK)
-        inb = offs < n
-        s = tl.load(s_ptr + offs, mask=inb, other=0.0).to(tl.float32)
-        old_bit = (tl.load(mask_ptr + (offs >> 3), mask=inb, other=0).to(tl.int32) >> (offs & 7).to(tl.int32)) & 1
-        if REFRESH:
-            bit = ((score_key(s) >= tau) & (offs < n_refresh)).to(tl.int32)
-            byte = tl.sum(tl.reshape(bit, (BLOCK // 8, 8)) << tl.arange(0, 8)[None, :], axis=1)
-            byte_offs = (start >> 3) + tl.arange(0, BLOCK // 8)
-            tl.store(mask_ptr + byte_offs, byte.to(tl.uint8), mask=byte_offs * 8 < n_refresh)
-            n_isolated += tl.sum(bit, 0)
-            n_kept += tl.sum(bit & old_bit, 0)
-            bit = tl.where(refresh_word != 0, bit, old_bit)
-        else:
-            bit = old_bit
-        g = tl.load(g_ptr + offs, mask=inb, other=0.0).to(tl.float32)
-        if SQ:  # the eager reference's order: s * beta + ((1 - beta) * g) * g
-            f = one_minus_ibeta * g * g
-        else:
-            f = one_minus_ibeta * tl.abs(g)
-        s = to_storage(s * ibeta + f, S_TYPE)
-        tl.store(s_ptr + offs, s, mask=inb)
-        if HIST:
-            hh, oo = window_counts(score_key(s.to(tl.float32)), origin, offs < n_hist)
-            h += hh
-            n_over += oo
-        if MAXIMIZE:
-            g = -g
-        m = tl.load(m_ptr + offs, mask=inb, other=0.0).to(tl.float32)
-        m = m + (g - m) * one_minus_beta1
-        v = tl.load(v_ptr + offs, mask=inb, other=0.0).to(tl.float32) * beta2 + one_minus_beta2 * g * g
-        tl.store(m_ptr + offs, to_storage(m, P_TYPE), mask=inb)
-        tl.store(v_ptr + offs, to_storage(v, P_TYPE), mask=inb)
-        if AMSGRAD:
-            vmax_ptr = column(row, MAX_EXP_AVG_SQ, P_TYPE)
-            v = tl.maximum(tl.load(vmax_ptr + offs, mask=inb, other=0.0).to(tl.float32), v)
-            tl.store(vmax_ptr + offs, to_storage(v, P_TYPE), mask=inb)
-        p = tl.load(p_ptr + offs, mask=inb, other=0.0).to(tl.float32)
-        p = p * decay - tl.div_rn(step_size * m, tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps)
-        tl.store(p_ptr + offs, to_storage(p, P_TYPE), mask=inb & (bit == 0))  # isolated: never written
-    if REFRESH:
-        tl.atomic_add(count_ptr + 2 * tid, n_isolated, sem="relaxed")
-        tl.atomic_add(count_ptr + 2 * tid + 1, n_kept, sem="relaxed")
-    if HIST:
-        flush_histogram(hist_ptr + tid * WINDOW_BINS, h, WINDOW_BINS)
-        tl.atomic_add(over_ptr + tid, n_over, sem="relaxed")
+        isolated, kept, over = _step_chunk(
+            p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, s_ptr, mask_ptr, first, count, n, refresh, tau, sq, maximize,
+            origin, hist_row, decay, step_size, one_minus_beta1, beta2, one_minus_beta2, bc2_sqrt, eps, ibeta,
+            one_minus_ibeta, P_TYPE, S_TYPE, AMSGRAD, True, BLOCK)
+        tl.atomic_add(over_ptr + tid, over, sem="relaxed")
+    else:  # the same loop without the histogram: a step that does not collect does not pay for it
+        isolated, kept, over = _step_chunk(
+            p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, s_ptr, mask_ptr, first, count, n, refresh, tau, sq, maximize,
+            0, hist_row, decay, step_size, one_minus_beta1, beta2, one_minus_beta2, bc2_sqrt, eps, ibeta,
+            one_minus_ibeta, P_TYPE, S_TYPE, AMSGRAD, False, BLOCK)
+    if refresh:
+        tl.atomic_add(count_ptr + 2 * tid, isolated, sem="relaxed")
+        tl.atomic_add(count_ptr + 2 * tid + 1, kept, sem="relaxed")

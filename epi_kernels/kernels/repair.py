@@ -1,16 +1,19 @@
 """The repair path: the exact k-th largest eligible key of each flagged tensor, by an MSB-first
 radix select over the stored scores (threshold.radix_threshold defines the result; any exact
-method gives the same integer). Digits are 11, 10 and 10 bits of the 31-bit key, so the scratch
-histogram is 2048 counters per tensor. Unflagged tensors cost one flag load per program, so the
-kernels are launched without reading the flags on the host (no synchronisation)."""
+split into digits gives the same integer). Digits are 6 then 5 bits of the 31-bit key, so a level
+counts into at most 64 bins: tl.histogram then costs a few instructions per key on every Triton
+version (3.6 lowers it to ballots and one popcount per bin and lane, so its cost grows with the
+bins). Six passes over the scores, on the rare refreshes the window cannot answer. Unflagged
+tensors cost one flag load per program, so the kernels are launched without reading the flags on
+the host (no synchronisation)."""
 import triton
 import triton.language as tl
 
 from .tensor_table import IMPORTANCE, column, load_chunk
 from .threshold_math import KEY_NONE, flush_histogram, score_key, select_bin
 
-LEVELS = ((20, 11), (10, 10), (0, 10))  # (shift, bits) of each digit, most significant first
-SCRATCH = 1 << max(bits for _, bits in LEVELS)
+LEVELS = ((25, 6), (20, 5), (15, 5), (10, 5), (5, 5), (0, 5))  # (shift, bits) of each digit, most significant first
+SCRATCH = tl.constexpr(1 << max(bits for _, bits in LEVELS))  # int64 counters per tensor
 
 
 @triton.jit
@@ -34,23 +37,19 @@ def radix_count_kernel(table_ptr, chunk_ptr, repair_ptr, prefix_ptr, scratch_ptr
 
 @triton.jit
 def radix_select_kernel(scratch_ptr, repair_ptr, prefix_ptr, need_ptr, tau_ptr,
-                        SHIFT: tl.constexpr, BITS: tl.constexpr, FIRST: tl.constexpr, LAST: tl.constexpr,
-                        TILE: tl.constexpr):
+                        SHIFT: tl.constexpr, BITS: tl.constexpr, FIRST: tl.constexpr, LAST: tl.constexpr):
     """Pick this level's digit (k clipped to the number of eligible keys on the first level),
-    append it to the prefix and zero the scratch row; the last level stores tau."""
-    tid = tl.program_id(0)
+    append it to the prefix and zero the scratch row; the last level stores tau. scratch int64
+    [T, SCRATCH], need int64 [T]; prefix, tau, repair int32 [T]."""
+    tid = tl.program_id(0).to(tl.int64)
     if tl.load(repair_ptr + tid) != 0:
         row = scratch_ptr + tid * SCRATCH
         need = tl.load(need_ptr + tid)
         if FIRST:
-            total = tl.zeros([], tl.int32)
-            for j in range((1 << BITS) // TILE):
-                total += tl.sum(tl.load(row + j * TILE + tl.arange(0, TILE)), 0)
-            need = tl.minimum(need, total)
-        b, need, _ = select_bin(row, 0, need, 1 << BITS, TILE)
+            need = tl.minimum(need, tl.sum(tl.load(row + tl.arange(0, 1 << BITS)), 0))
+        b, need, _ = select_bin(row, 0, need, 1 << BITS, 1 << BITS)
         prefix = tl.load(prefix_ptr + tid) | (b << SHIFT)
-        for j in range((1 << BITS) // TILE):
-            tl.store(row + j * TILE + tl.arange(0, TILE), tl.zeros([TILE], tl.int32))
+        tl.store(row + tl.arange(0, 1 << BITS), tl.zeros([1 << BITS], tl.int64))
         tl.store(prefix_ptr + tid, prefix)
         tl.store(need_ptr + tid, need)
         if b < 0:  # no eligible key at all: isolate nothing

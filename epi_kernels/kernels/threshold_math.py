@@ -1,8 +1,9 @@
 """Triton forms of the threshold engine's integer steps (:mod:`epi_kernels.threshold` documents the
 algorithm; the constants come from there, so the two cannot drift apart).
 
-Every function here is integer math on int32 keys and counts: given the same scores, the kernels
-reach the same thresholds as the reference, bit for bit (DESIGN.md section 3, C2).
+Every function here is integer math on int32 keys and int64 counts: given the same scores, the
+kernels reach the same thresholds as the reference, bit for bit (contract C2). Counts are int64
+because a tensor may hold more than 2**31 elements (and so a bin more than 2**31 keys).
 """
 import triton
 import triton.language as tl
@@ -24,38 +25,43 @@ def score_key(s):
 
 
 @triton.jit
-def window_counts(key, origin, valid):
-    """Window histogram of one tile (int32[WINDOW_BINS]) and its count above the window.
+def count_in_window(key, origin, valid, hist_row):
+    """Count keys into one tensor's window histogram (int64 [WINDOW_BINS] in global memory at
+    `hist_row`) and return how many lie above the window (int64). Keys below the window are not
+    counted (only the k-th largest matters); `valid` masks lanes out; origin 0 means no window.
 
-    Keys below the window are not counted (only the k-th largest matters); `valid` masks lanes
-    out. Bins are clamped before tl.histogram, whose out-of-range behaviour is unspecified."""
-    rel = key - origin  # origin >= BIN_WIDTH > 0, so rel >= 0 implies an eligible key
+    One relaxed atomic add per key inside the window, straight to global memory: a constant
+    per-element cost on every Triton version. tl.histogram is not used: Triton 3.6 lowers it to
+    ballots and a popcount per bin and lane (about 128 popcounts per element for 4096 bins)."""
+    # no window: a start no eligible key reaches (a scalar select; Triton's interpreter rejects
+    # atomics masked by a scalar broadcast)
+    rel = key - tl.where(origin > 0, origin, KEY_NONE)  # origin >= BIN_WIDTH > 0: rel >= 0 implies eligible
     counted = valid & (key > 0) & (rel >= 0)
-    over = counted & (rel >= WINDOW_KEYS)
-    b = tl.minimum(tl.maximum(rel >> BIN_SHIFT, 0), WINDOW_BINS - 1)
-    return tl.histogram(b, WINDOW_BINS, mask=counted & (rel < WINDOW_KEYS)), tl.sum(over.to(tl.int32), 0)
+    inside = counted & (rel < WINDOW_KEYS)
+    tl.atomic_add(hist_row + (rel >> BIN_SHIFT), inside.to(tl.int64), mask=inside, sem="relaxed")
+    return tl.sum(tl.ravel((counted & ~inside).to(tl.int32)), 0).to(tl.int64)  # at most a tile
 
 
 @triton.jit
 def flush_histogram(dst_ptr, h, NBINS: tl.constexpr):
-    """Add a program's histogram into a global one: integer atomics, so the sum is the same in
-    any order (deterministic); empty bins are skipped."""
-    tl.atomic_add(dst_ptr + tl.arange(0, NBINS), h, mask=h > 0, sem="relaxed")
+    """Add a program's histogram into a global int64 one: integer atomics, so the sum is the same
+    in any order (deterministic); empty bins are skipped."""
+    tl.atomic_add(dst_ptr + tl.arange(0, NBINS), h.to(tl.int64), mask=h > 0, sem="relaxed")
 
 
 @triton.jit
 def select_bin(hist_ptr, above, k, NBINS: tl.constexpr, TILE: tl.constexpr):
-    """threshold.select_bin on a global int32 histogram: (b, need, count) of the bin holding the
+    """threshold.select_bin on a global int64 histogram: (b, need, count) of the bin holding the
     k-th largest key, with b = -1 when it is not in the histogram (k < 1, above >= k, or fewer
     than k keys). Tiles are scanned from the top, keeping the running count of keys above."""
     idx = tl.arange(0, TILE)
-    run = above
+    run = tl.zeros([], tl.int64) + above
     b = tl.full([], -1, tl.int32)
-    need = tl.full([], 0, tl.int32)
-    count = tl.full([], 0, tl.int32)
+    need = tl.full([], 0, tl.int64)
+    count = tl.full([], 0, tl.int64)
     for j in range(NBINS // TILE):
         first = (NBINS // TILE - 1 - j) * TILE
-        h = tl.load(hist_ptr + first + idx)
+        h = tl.load(hist_ptr + first + idx).to(tl.int64)
         total = tl.sum(h, 0)
         c = total - tl.cumsum(h, 0) + h + run  # C(i): keys in bins >= i, plus those above
         last = tl.max(tl.where(c >= k, idx, -1), 0)  # C is non-increasing: candidates are a prefix
