@@ -42,6 +42,13 @@ def step_flags(flags: StepFlags) -> int:
     return sum(_K[name] for name, on in zip(names, flags) if on)
 
 
+def _require_int64(what: str, **counts: Tensor | None) -> None:
+    """The kernels write counts through raw pointers as int64: a narrower buffer would be overrun."""
+    wrong = {name: t.dtype for name, t in counts.items() if t is not None and t.dtype != torch.int64}
+    if wrong:
+        raise TypeError(f"{what}: count buffers must be int64, got {wrong}")
+
+
 class CudaKernels:
     """:class:`epi_kernels.launch.Kernels` with the launch functions of `ops`: ``_C`` (CUDA
     tensors, on the current stream) or ``_C.host`` (CPU tensors, the host harness)."""
@@ -53,14 +60,14 @@ class CudaKernels:
         return (torch.cuda.current_stream(device).cuda_stream,) if self.on_gpu else ()
 
     def window_histogram(self, launch: Launch, origin: Tensor, hist: Tensor, over: Tensor) -> None:
+        _require_int64("window_histogram", hist=hist, over=over)
         self.ops.window_histogram(launch.table.data_ptr(), launch.chunks.data_ptr(), launch.programs,
                                   DTYPE_CODES[launch.score_dtype], origin.data_ptr(), hist.data_ptr(),
                                   over.data_ptr(), *self._stream(launch.device))
 
     def select(self, launch: Launch, hist: Tensor, over: Tensor, origin: Tensor, k: Tensor,
                tau: Tensor, repair: Tensor, gate: Tensor | None = None) -> None:
-        if not hist.dtype == over.dtype == k.dtype == torch.int64:  # raw pointers: a wrong dtype would be misread
-            raise TypeError(f"select: hist, over and k must be int64, not {hist.dtype}, {over.dtype}, {k.dtype}")
+        _require_int64("select", hist=hist, over=over, k=k)
         stream = self._stream(launch.device)
         self.ops.window_select(len(launch.idx), hist.data_ptr(), over.data_ptr(), origin.data_ptr(), k.data_ptr(),
                                tau.data_ptr(), repair.data_ptr(), *stream)
@@ -73,6 +80,7 @@ class CudaKernels:
 
     def fused_step(self, launch: Launch, scalars: tuple[float, ...], flags: StepFlags, tau, origin, hist, over,
                    counts, device: DeviceInputs | None = None) -> None:
+        _require_int64("fused_step", hist=hist, over=over, counts=counts)
         self.ops.fused_step(launch.table.data_ptr(), launch.chunks.data_ptr(), launch.programs,
                             DTYPE_CODES[launch.param_dtype], DTYPE_CODES[launch.score_dtype], step_flags(flags),
                             scalars, *(_address(t) for t in (device or (None, None))),

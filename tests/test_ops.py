@@ -51,10 +51,10 @@ def test_opcheck_fused_step(kernels, mode):
     tau = origin = hist = over = counts = scalars = control = None
     median = _median_keys(lists[6])
     if mode in ("refresh", "device"):
-        tau, counts = median, torch.zeros(t, 2, dtype=torch.int32)
+        tau, counts = median, torch.zeros(t, 2, dtype=torch.int64)
     if mode in ("collect", "device"):
         origin = origins(median)  # a window the new scores fall in: the histograms get counts
-        hist, over = torch.zeros(t, WINDOW_BINS, dtype=torch.int32), torch.zeros(t, dtype=torch.int32)
+        hist, over = torch.zeros(t, WINDOW_BINS, dtype=torch.int64), torch.zeros(t, dtype=torch.int64)
     if mode == "device":  # capturable: refresh and collect decided by the control words
         scalars = device_step_scalars(lists[5], lr=1e-2, beta1=0.9, beta2=0.999, weight_decay=0.01, eps=1e-8,
                                       importance_beta=0.99)
