@@ -1,5 +1,5 @@
 """A fused kernel backend's step variants side by side ("triton" or "cuda"): what the histogram and
-the refresh cost on top of the plain fused step (DESIGN.md target: histogram + threshold selection
+the refresh cost on top of the plain fused step (README target: histogram + threshold selection
 <= 5 % of the step).
 
     plain     the fused step alone (mask read, no histogram): a normal step

@@ -199,7 +199,7 @@ def targets(res) -> list[dict]:
 
 
 def gpu_targets(res) -> list[dict]:
-    """The GPU targets (DESIGN.md section 5) for each fused kernel backend, from this run's medians,
+    """The GPU targets (README "Benchmarks and performance") for each fused kernel backend, from this run's medians,
     and the CUDA backend at least as fast as the Triton one on every benchmarked size."""
     out = []
     copy = res.get("copy_gb_per_s")

@@ -1,4 +1,4 @@
-"""EPIAdamW: torch.optim.AdamW with Evolving Parameter Isolation (DESIGN.md section 2).
+"""EPIAdamW: torch.optim.AdamW with Evolving Parameter Isolation (README "Semantics").
 
 The class owns arguments, state and the step counter; the math lives in
 :mod:`epi_kernels.functional` (step), :mod:`epi_kernels.refresh` (masks) and

@@ -1,7 +1,7 @@
 """Per-tensor top-k thresholds from integer histograms of the scores' fp32 bit patterns.
 
 This module is the reference for every backend: the Triton and CUDA kernels build the same
-histograms and must reach the same threshold, bit for bit (DESIGN.md section 3, C2).
+histograms and must reach the same threshold, bit for bit (README, "The threshold engine", C2).
 Everything after the histogram is integer arithmetic, so no rounding can differ between devices.
 
 The algorithm

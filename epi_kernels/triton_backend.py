@@ -62,10 +62,12 @@ class TritonKernels:
     def fused_step(self, launch: Launch, scalars: tuple[float, ...], flags: StepFlags, tau, origin, hist, over,
                    counts, device: DeviceInputs | None = None) -> None:
         buffers = (tau, origin, hist, over, counts) + ((None, None) if device is None else device)
-        # unused buffers: never read (the flags turn them off), but of the right type, as the
-        # flags are read at run time and one compiled kernel serves every combination
-        buffers = [torch.empty(1, dtype=dtype, device=launch.device) if t is None else t
-                   for t, dtype in zip(buffers, _STEP_BUFFER_TYPES)]
+        # unused buffers are never read (the run-time flags turn them off) but must have the right
+        # element type, as one compiled kernel serves every flag combination: the launch's own
+        # tables (int32 chunks, int64 addresses, and those viewed as float32) stand in, no allocation
+        stand_in = {torch.int32: launch.chunks, torch.int64: launch.table,
+                    torch.float32: launch.table.view(torch.float32)}
+        buffers = [stand_in[dtype] if t is None else t for t, dtype in zip(buffers, _STEP_BUFFER_TYPES)]
         self.run(fused_step_kernel, launch.programs, launch.table, launch.chunks, *buffers, flags.bits(), *scalars,
                  P_TYPE=STORAGE_TYPES[launch.param_dtype], S_TYPE=STORAGE_TYPES[launch.score_dtype],
                  AMSGRAD=flags.amsgrad, ALIGNED=launch.aligned, BLOCK=BLOCK, TILES=TILES)

@@ -19,5 +19,6 @@ def test_readme_usage_example_runs():
 
 def test_readme_commands_match_ci():
     ci = (README.parent / ".ci" / "run").read_text()
-    for cmd in ("pip install torch==2.13.0", 'pip install -e ".[test,triton,experiments]"', "python -m pytest"):
+    for cmd in ("pip install torch==2.13.0", 'pip install -e ".[test,triton,experiments]"',
+                "pip install --no-deps --target .triton-3.6 triton==3.6.0", "EPI_TRITON_EXTRA=$PWD/.triton-3.6 python -m pytest"):
         assert cmd in README.read_text() and cmd in ci, cmd

@@ -1,4 +1,4 @@
-"""Hand-checked semantics of DESIGN.md section 2: which elements freeze, when, and what still updates.
+"""Hand-checked semantics of README "Semantics": which elements freeze, when, and what still updates.
 
 Most cases use importance_beta=0, so the score at the start of a step is simply f(g) of the
 previous step and the expected masks can be read off the gradients by eye.

@@ -1,4 +1,4 @@
-"""Threshold contract C1-C6 (DESIGN.md section 3) against an exact oracle, plus hand-checked cases.
+"""Threshold contract C1-C6 (README, "The threshold engine") against an exact oracle, plus hand-checked cases.
 
 The oracle works on float values (torch.topk over the positive finite scores), not on the engine's
 keys, so a broken key mapping fails these tests too.
