@@ -77,12 +77,12 @@ def _step_tile(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, s_ptr, mask_ptr, start, n, 
     s = s_raw.to(tl.float32)
     old_bit = (byte >> lanes) & 1
     bit = old_bit
-    isolated = tl.zeros([], tl.int64)
-    kept = tl.zeros([], tl.int64)
+    isolated = tl.zeros([], tl.int32)
+    kept = tl.zeros([], tl.int32)
     if refresh:
         bit = ((score_key(s) >= tau) & inb).to(tl.int32)
-        isolated = tl.sum(tl.sum(bit, 1), 0).to(tl.int64)  # at most BLOCK: int32 is enough here
-        kept = tl.sum(tl.sum(bit & old_bit, 1), 0).to(tl.int64)
+        isolated = tl.sum(tl.sum(bit, 1), 0)
+        kept = tl.sum(tl.sum(bit & old_bit, 1), 0)
     # score EMA in the eager reference's order: s * beta + ((1 - beta) * f) * f', with f' = g for
     # g*g and 1.0 (exact) for |g|
     f = one_minus_ibeta * tl.where(sq, g, tl.abs(g)) * tl.where(sq, g, 1.0)
@@ -106,7 +106,7 @@ def _step_tile(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, s_ptr, mask_ptr, start, n, 
     if AMSGRAD:
         _store(vmax_ptr + start, offs, to_storage(v, P_TYPE), inb, MASKED)
     _store(p_ptr + start, offs, p_new, inb, MASKED)
-    over = tl.zeros([], tl.int64)
+    over = tl.zeros([], tl.int32)
     if HIST:
         over = count_in_window(score_key(s_new.to(tl.float32)), origin, inb, hist_row)
     return isolated, kept, over
@@ -118,9 +118,9 @@ def _step_chunk(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, s_ptr, mask_ptr, first, co
                 one_minus_ibeta, P_TYPE: tl.constexpr, S_TYPE: tl.constexpr, AMSGRAD: tl.constexpr,
                 HIST: tl.constexpr, BLOCK: tl.constexpr):
     """The `count` elements of a chunk from `first`: full tiles unmasked, then the partial one."""
-    isolated = tl.zeros([], tl.int64)
-    kept = tl.zeros([], tl.int64)
-    over = tl.zeros([], tl.int64)
+    isolated = tl.zeros([], tl.int32)
+    kept = tl.zeros([], tl.int32)
+    over = tl.zeros([], tl.int32)
     full = tl.maximum(count, 0) // BLOCK
     for i in range(full):
         a, b, c = _step_tile(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, s_ptr, mask_ptr, first + i * BLOCK, n, refresh,
@@ -186,12 +186,12 @@ def fused_step_kernel(
             p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, s_ptr, mask_ptr, first, count, n, refresh, tau, sq, maximize,
             origin, hist_row, decay, step_size, one_minus_beta1, beta2, one_minus_beta2, bc2_sqrt, eps, ibeta,
             one_minus_ibeta, P_TYPE, S_TYPE, AMSGRAD, True, BLOCK)
-        tl.atomic_add(over_ptr + tid, over, sem="relaxed")
+        tl.atomic_add(over_ptr + tid, over.to(tl.int64), sem="relaxed")
     else:  # the same loop without the histogram: a step that does not collect does not pay for it
         isolated, kept, over = _step_chunk(
             p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, s_ptr, mask_ptr, first, count, n, refresh, tau, sq, maximize,
             0, hist_row, decay, step_size, one_minus_beta1, beta2, one_minus_beta2, bc2_sqrt, eps, ibeta,
             one_minus_ibeta, P_TYPE, S_TYPE, AMSGRAD, False, BLOCK)
     if refresh:
-        tl.atomic_add(count_ptr + 2 * tid, isolated, sem="relaxed")
-        tl.atomic_add(count_ptr + 2 * tid + 1, kept, sem="relaxed")
+        tl.atomic_add(count_ptr + 2 * tid, isolated.to(tl.int64), sem="relaxed")
+        tl.atomic_add(count_ptr + 2 * tid + 1, kept.to(tl.int64), sem="relaxed")

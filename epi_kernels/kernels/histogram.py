@@ -15,10 +15,10 @@ def histogram_kernel(table_ptr, chunk_ptr, origin_ptr, hist_ptr, over_ptr,
     origin = tl.load(origin_ptr + tid)
     if origin > 0:  # 0: no previous threshold, no window (the repair path computes tau)
         s_ptr = column(row, IMPORTANCE, S_TYPE)
-        over = tl.zeros([], tl.int64)
+        over = tl.zeros([], tl.int32)
         for i in range(TILES):
             offs = first + i * BLOCK + tl.arange(0, BLOCK)
             inb = offs < n
             key = score_key(tl.load(s_ptr + offs, mask=inb, other=0.0).to(tl.float32))
             over += count_in_window(key, origin, inb, hist_ptr + tid * WINDOW_BINS)
-        tl.atomic_add(over_ptr + tid, over, sem="relaxed")
+        tl.atomic_add(over_ptr + tid, over.to(tl.int64), sem="relaxed")

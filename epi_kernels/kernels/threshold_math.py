@@ -39,7 +39,7 @@ def count_in_window(key, origin, valid, hist_row):
     counted = valid & (key > 0) & (rel >= 0)
     inside = counted & (rel < WINDOW_KEYS)
     tl.atomic_add(hist_row + (rel >> BIN_SHIFT), inside.to(tl.int64), mask=inside, sem="relaxed")
-    return tl.sum(tl.ravel((counted & ~inside).to(tl.int32)), 0).to(tl.int64)  # at most a tile
+    return tl.sum(tl.ravel((counted & ~inside).to(tl.int32)), 0)  # at most a tile: int32
 
 
 @triton.jit
