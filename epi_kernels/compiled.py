@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from .refresh import RefreshOps
+from .score import score_ema_
 from .step_scalars import step_scalars
 from .threshold import identity, score_keys, window_bins
 
@@ -108,7 +109,7 @@ def _tensor_step(p: Tensor, g: Tensor, m: Tensor, v: Tensor, s: Tensor, vmax: Te
     shifts = torch.arange(64, dtype=torch.int64, device=p.device)
     isolated = (((words.view(-1, 1) >> shifts) & 1).view(-1)[: p.numel()] != 0).view(p.shape)
     g32 = g.float()
-    s.copy_(s.float() * ib + (g32 * g32 if sq else g32.abs()) * one_minus_ib)
+    s.copy_(score_ema_(s.float(), g32, ib, one_minus_ib, sq))
     if maximize:
         g32 = -g32
     m32 = m.float()

@@ -4,7 +4,7 @@
 per backend. The pure-PyTorch backend is the reference the kernels are held to:
 
 * scores:  ``s <- beta * s + (1 - beta) * f(g)``, ``f(g) = g * g`` ("sq") or ``|g|`` ("abs"), computed
-  in fp32 (``s * beta`` then ``+ (1 - beta) * f(g)``) and rounded once to the score dtype;
+  in fp32 in the kernels' order (:mod:`epi_kernels.score`) and rounded once to the score dtype;
 * moments and non-isolated parameters: exactly ``torch.optim.AdamW`` (its own for-loop, foreach or
   fused implementation is called, so they agree to the bit);
 * isolated parameters: bit-identical to before the step (no Adam update, no weight decay); their
@@ -19,6 +19,7 @@ from torch.optim.adam import adam
 from .compiled import COMPILED_REFRESH_OPS, compiled_epi_adamw
 from .mask import unpack_mask
 from .refresh import EAGER_OPS, RefreshOps
+from .score import score_ema_
 
 __all__ = ["epi_adamw", "refresh_ops", "update_importance", "isolated_indices"]
 
@@ -36,29 +37,12 @@ def isolated_indices(packed_mask: Tensor, numel: int) -> Tensor:
     return unpack_mask(packed_mask, numel).nonzero().squeeze(1)
 
 
-def update_importance(importances: list[Tensor], grads: list[Tensor], *, beta: float, importance: str,
-                      foreach: bool) -> None:
-    """In place: s <- beta * s + (1 - beta) * f(g) in fp32, for every element."""
-    fp32 = [i for i, s in enumerate(importances) if s.dtype == torch.float32]
-    if foreach and fp32:
-        ss, gs = [importances[i] for i in fp32], [grads[i] for i in fp32]
-        torch._foreach_mul_(ss, beta)
-        if importance == "sq":
-            torch._foreach_addcmul_(ss, gs, gs, value=1 - beta)
-        else:
-            torch._foreach_add_(ss, torch._foreach_abs(gs), alpha=1 - beta)
-        done = set(fp32)
-    else:
-        done = set()
-    for i, (s, g) in enumerate(zip(importances, grads)):
-        if i in done:
-            continue
+def update_importance(importances: list[Tensor], grads: list[Tensor], *, beta: float, importance: str) -> None:
+    """In place: the score EMA of every element (:func:`epi_kernels.score.score_ema_`, the kernels'
+    order of operations), one tensor at a time so its transient memory is one gradient's size."""
+    for s, g in zip(importances, grads):
         s32 = s if s.dtype == torch.float32 else s.float()
-        s32.mul_(beta)
-        if importance == "sq":
-            s32.addcmul_(g, g, value=1 - beta)
-        else:
-            s32.add_(g.abs(), alpha=1 - beta)
+        score_ema_(s32, g.float(), beta, 1 - beta, importance == "sq")
         if s32 is not s:
             s.copy_(s32)
 
@@ -120,8 +104,7 @@ def epi_adamw(
 def _torch_epi_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, importances,
                      masks, isolated, *, importance_beta, importance, amsgrad, beta1, beta2, lr,
                      weight_decay, eps, maximize, foreach, capturable, fused) -> None:
-    update_importance(importances, grads, beta=importance_beta, importance=importance,
-                      foreach=foreach is not False)
+    update_importance(importances, grads, beta=importance_beta, importance=importance)
     if isolated is None:
         isolated = [isolated_indices(m, p.numel()) for p, m in zip(params, masks)]
     frozen = [(p, idx, p.take(idx)) for p, idx in zip(params, isolated) if idx.numel()]

@@ -55,7 +55,7 @@ def _refresh_stats(counts: Tensor, old_count: Tensor, tau: Tensor, k: Tensor, re
 
 
 def _thresholds(kernels: str, scores: list[Tensor], fr: FusedRefresh, idx: list[int], pending: tuple | None):
-    """New thresholds of a launch group: (tau, repaired, k). `pending`: the histograms the previous
+    """New thresholds of a launch group: (tau, repaired, k, cut). `pending`: the histograms the previous
     step collected for these indices, used if they are of these very score tensors."""
     origin = origins(_stack(fr.states, idx, "threshold_bits"))
     if pending is not None and all(a is b for a, b in zip(pending[0], scores)):
@@ -94,16 +94,17 @@ def fused_epi_adamw(kernels: str, params, grads, exp_avgs, exp_avg_sqs, max_exp_
         scores = [importances[i] for i in idx]
         refresh = fr is not None and fr.refresh
         collect = fr is not None and fr.collect
-        tau = counts = hist = over = origin = None
+        tau = cut = counts = hist = over = origin = None
         if refresh:
-            tau, repaired, k = _thresholds(kernels, scores, fr, idx, previous.get(tuple(idx)))
+            tau, repaired, k, cut = _thresholds(kernels, scores, fr, idx, previous.get(tuple(idx)))
             old_count = _stack(fr.states, idx, "isolated_count")
             counts = torch.zeros(len(idx), 2, dtype=torch.int64, device=device)
         if collect:
             origin = origins(tau if refresh else _stack(fr.states, idx, "threshold_bits"))
             hist = torch.zeros(len(idx), WINDOW_BINS, dtype=torch.int64, device=device)
             over = torch.zeros(len(idx), dtype=torch.int64, device=device)
-        ops.fused_step_(*_take(lists, idx, amsgrad), tau, origin, hist, over, counts, None, None, kernels, **hyper)
+        ops.fused_step_(*_take(lists, idx, amsgrad), tau, cut, origin, hist, over, counts, None, None, kernels,
+                        **hyper)
         if collect:
             fr.pending[tuple(idx)] = (scores, hist, over)
         if refresh:
@@ -135,14 +136,14 @@ def _device_step(kernels: str, lists: tuple, fr: FusedRefresh, *, lr, beta1, bet
             hist, over = ops.window_histogram(scores, origins(anchor), kernels)
             buffers = fr.pending[tuple(idx)] = (scores, hist, over, ops.isolation_ks(scores, fr.isolation_ratio))
         _, hist, over, k = buffers
-        tau, repaired, k = ops.select_thresholds(scores, hist, over, origins(anchor), fr.isolation_ratio, kernels,
-                                                 k, control[0])
+        tau, repaired, k, cut = ops.select_thresholds(scores, hist, over, origins(anchor), fr.isolation_ratio,
+                                                      kernels, k, control[0])
         old_count = _stack(fr.states, idx, "isolated_count")
         origin = origins(torch.where(refresh, tau, anchor))
         hist.masked_fill_(collect, 0)
         over.masked_fill_(collect, 0)
         counts = torch.zeros(len(idx), 2, dtype=torch.int64, device=device)
-        ops.fused_step_(*_take(lists, idx, amsgrad), tau, origin, hist, over, counts, scalars, control, kernels,
+        ops.fused_step_(*_take(lists, idx, amsgrad), tau, cut, origin, hist, over, counts, scalars, control, kernels,
                         lr=0.0, beta1=0.0, beta2=0.0, weight_decay=0.0, eps=0.0, importance_beta=0.0,  # unread
                         sq=sq, maximize=maximize, amsgrad=amsgrad)
         new = _refresh_stats(counts, old_count, tau, k, repaired)

@@ -15,7 +15,7 @@ from typing import NamedTuple, Protocol
 import torch
 from torch import Tensor
 
-from .threshold import KEY_NONE, WINDOW_BINS, window_origin
+from .threshold import KEY_NONE, TIE_NONE, WINDOW_BINS, window_origin
 
 __all__ = ["COLUMNS", "CHUNK", "CONTROL", "SCALAR_COUNT", "StepFlags", "DeviceInputs", "Kernels", "Launch", "kernel_window_histograms", "kernel_select",
            "score_launch", "origins", "window_thresholds"]
@@ -58,15 +58,18 @@ class Kernels(Protocol):
         """Add the window histograms of the stored scores into hist [T, WINDOW_BINS] / over [T]."""
 
     def select(self, launch: Launch, hist: Tensor, over: Tensor, origin: Tensor, k: Tensor,
-               tau: Tensor, repair: Tensor, gate: Tensor | None = None) -> None:
+               tau: Tensor, repair: Tensor, cut: Tensor, gate: Tensor | None = None) -> None:
         """tau [T] from the window histograms, then the repair path for the tensors it flags
-        (repair [T] is left holding the window's flags: 1 where the repair path answered). A 0-dim
-        int32 `gate` of 0 turns the repair path off (a capturable step that does not refresh)."""
+        (repair [T] is left holding the window's flags: 1 where the repair path answered), then the
+        tie cut (threshold.tie_cuts) of repaired tensors whose ties overflow: cut int64 [T] comes
+        filled with TIE_NONE and is written only for those. A 0-dim int32 `gate` of 0 turns the
+        repair path off (a capturable step that does not refresh)."""
 
     def fused_step(self, launch: Launch, scalars: tuple[float, ...], flags: StepFlags, tau: Tensor | None,
-                   origin: Tensor | None, hist: Tensor | None, over: Tensor | None, counts: Tensor | None,
-                   device: DeviceInputs | None = None) -> None:
-        """The fused step of every element of the launch."""
+                   cut: Tensor | None, origin: Tensor | None, hist: Tensor | None, over: Tensor | None,
+                   counts: Tensor | None, device: DeviceInputs | None = None) -> None:
+        """The fused step of every element of the launch; a refresh sets mask bit i of tensor t
+        to ``key > tau[t] or (key == tau[t] and i < cut[t])``."""
 
 
 def chunk_rows(numels: list[int], chunk: int) -> list[tuple[int, int]]:
@@ -169,11 +172,13 @@ def kernel_window_histograms(kernels: Kernels, launch: Launch, origin: Tensor) -
 
 
 def kernel_select(kernels: Kernels, launch: Launch, hist: Tensor, over: Tensor, origin: Tensor,
-                  k: Tensor, gate: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """(tau int32 [T], repaired bool [T]): window select, then the repair path for flagged tensors."""
+                  k: Tensor, gate: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """(tau int32 [T], repaired bool [T], cut int64 [T]): window select, then the repair path and
+    the tie cuts for flagged tensors."""
     tau, repair = launch.zeros(), launch.zeros()
-    kernels.select(launch, hist, over, origin, k, tau, repair, gate)
-    return tau, repair != 0
+    cut = torch.full((len(launch.idx),), TIE_NONE, dtype=torch.int64, device=launch.device)
+    kernels.select(launch, hist, over, origin, k, tau, repair, cut, gate)
+    return tau, repair != 0, cut
 
 
 def score_launch(scores: list[Tensor]) -> Launch:
@@ -188,9 +193,10 @@ def origins(anchor: Tensor) -> Tensor:
 
 
 def window_thresholds(kernels: Kernels, scores: list[Tensor], ks: list[int],
-                      anchors: list[int]) -> tuple[Tensor, Tensor]:
+                      anchors: list[int]) -> tuple[Tensor, Tensor, Tensor]:
     """Thresholds of score tensors (one launch group) by the kernels alone: window histograms of the
-    scores, select, repair. Returns (tau int32 [T], repaired bool [T]). For tests and benchmarks."""
+    scores, select, repair, tie cuts. Returns (tau int32 [T], repaired bool [T], cut int64 [T]).
+    For tests and benchmarks."""
     launch = score_launch(scores)
     origin = origins(torch.tensor(anchors, dtype=torch.int32, device=launch.device))
     hist, over = kernel_window_histograms(kernels, launch, origin)

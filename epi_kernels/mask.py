@@ -37,9 +37,13 @@ def pack_mask(mask: Tensor) -> Tensor:
     return ((eight * _GATHER_BITS) >> 56).to(torch.uint8).view(-1)
 
 
-def threshold_mask(keys: Tensor, tau: int | Tensor) -> Tensor:
-    """The packed isolation mask ``keys >= tau`` (pure tensor code; the compiled backend fuses it)."""
-    return pack_mask(keys >= tau)
+def threshold_mask(keys: Tensor, tau: int | Tensor, cut: int | None = None) -> Tensor:
+    """The packed isolation mask ``keys >= tau`` (pure tensor code; the compiled backend fuses it).
+    With a tie cut (threshold.tie_cuts), elements from flat index `cut` on need ``keys > tau``."""
+    mask = keys >= tau
+    if cut is not None and cut < keys.numel():
+        mask[cut:] = keys[cut:] > tau
+    return pack_mask(mask)
 
 
 def unpack_mask(packed: Tensor, numel: int) -> Tensor:

@@ -7,15 +7,15 @@ the kernel set named by ``kernels``: "triton" (:mod:`epi_kernels.triton_backend`
 Every tensor a kernel writes is declared mutated, and nothing else is written (opcheck verifies it).
 
 * ``fused_step_``: one EPI-AdamW step of a launch group (same device, param and score dtypes):
-  step counters += 1, then the fused kernel once per distinct step count. With ``tau`` it sets the
-  masks from it and counts (isolated, kept-from-before) into ``counts``; with ``hist`` it counts the
+  step counters += 1, then the fused kernel once per distinct step count. With ``tau`` (and the
+  tie cuts ``cut``) it sets the masks from it and counts (isolated, kept-from-before) into ``counts``; with ``hist`` it counts the
   new scores into window histograms around ``origin`` (for the next step's refresh). Capturable
   (``control`` given): one launch, no host read; the caller has advanced the step counters and
   computed ``device_scalars``, and the control words decide refresh, collection and skipping.
 * ``window_histogram``: window histograms of stored scores around ``origin``.
 * ``select_thresholds``: per tensor k from the isolation ratio (or ``k`` given on the device), tau
-  from the window histograms, and the repair path for the tensors the window cannot answer (unless
-  ``gate`` is 0).
+  from the window histograms, and the repair path and tie cuts for the tensors the window cannot
+  answer (unless ``gate`` is 0).
 """
 from __future__ import annotations
 
@@ -55,7 +55,8 @@ def _rows(t: Tensor | None, idx: list[int], whole: bool) -> Tensor | None:
 
 def _fused_step(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
                 max_exp_avg_sqs: list[Tensor], state_steps: list[Tensor], importances: list[Tensor],
-                masks: list[Tensor], tau: Optional[Tensor], origin: Optional[Tensor], hist: Optional[Tensor],
+                masks: list[Tensor], tau: Optional[Tensor], cut: Optional[Tensor], origin: Optional[Tensor],
+                hist: Optional[Tensor],
                 over: Optional[Tensor], counts: Optional[Tensor], device_scalars: Optional[Tensor],
                 control: Optional[Tensor], kernels: str, lr: float, beta1: float, beta2: float,
                 weight_decay: float, eps: float, importance_beta: float, sq: bool, maximize: bool,
@@ -68,7 +69,7 @@ def _fused_step(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor
         with context:
             if launch.programs:
                 ks.fused_step(launch, (0.0,) * SCALAR_COUNT, StepFlags(sq, maximize, amsgrad, True, True, True),
-                              tau, origin, hist, over, counts, DeviceInputs(device_scalars, control))
+                              tau, cut, origin, hist, over, counts, DeviceInputs(device_scalars, control))
         launch.finish()
         return
     torch._foreach_add_(state_steps, 1)
@@ -81,14 +82,14 @@ def _fused_step(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor
         for step, idx in by_step.items():  # normally one: params that missed steps count fewer
             whole = len(idx) == len(params)
             launch = Launch(idx, columns)
-            part = [_rows(t, idx, whole) for t in (tau, origin, hist, over, counts)]
+            part = [_rows(t, idx, whole) for t in (tau, cut, origin, hist, over, counts)]
             scalars = step_scalars(lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps,
                                    importance_beta=importance_beta, step=step)
             if launch.programs:
                 ks.fused_step(launch, scalars, flags, *part)
             launch.finish()
             if not whole:
-                for t, rows in zip((hist, over, counts), part[2:]):
+                for t, rows in zip((hist, over, counts), part[3:]):
                     if t is not None:
                         t[idx] = rows
 
@@ -118,15 +119,15 @@ def _(scores, origin, kernels):
 
 def _select_thresholds(scores: list[Tensor], hist: Tensor, over: Tensor, origin: Tensor, isolation_ratio: float,
                       kernels: str, k: Optional[Tensor] = None,
-                      gate: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
+                      gate: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     ks, context = kernel_set(kernels, scores[0].device)
     with context:
         if k is None:
             k = isolation_ks(scores, isolation_ratio)
         else:
             k = k.clone()  # an output may not alias an input
-        tau, repaired = kernel_select(ks, score_launch(scores), hist, over, origin, k, gate)
-    return tau, repaired, k
+        tau, repaired, cut = kernel_select(ks, score_launch(scores), hist, over, origin, k, gate)
+    return tau, repaired, k, cut
 
 
 def isolation_ks(scores: list[Tensor], isolation_ratio: float) -> Tensor:
@@ -140,7 +141,8 @@ _SELECT_THRESHOLDS = torch.library.custom_op("epi_kernels::select_thresholds", _
 @_SELECT_THRESHOLDS.register_fake
 def _(scores, hist, over, origin, isolation_ratio, kernels, k=None, gate=None):
     n = len(scores)
-    return origin.new_empty(n), origin.new_empty(n, dtype=torch.bool), origin.new_empty(n, dtype=torch.int64)
+    return (origin.new_empty(n), origin.new_empty(n, dtype=torch.bool), origin.new_empty(n, dtype=torch.int64),
+            origin.new_empty(n, dtype=torch.int64))
 
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
@@ -166,5 +168,5 @@ def window_histogram(scores: list[Tensor], origin: Tensor, kernels: str) -> tupl
 
 
 def select_thresholds(*args, **kwargs) -> tuple[Tensor, Tensor, Tensor]:
-    """``epi_kernels::select_thresholds``: (tau int32 [T], repaired bool [T], k int64 [T])."""
+    """``epi_kernels::select_thresholds``: (tau int32 [T], repaired bool [T], k int64 [T], cut int64 [T])."""
     return _call(_SELECT_THRESHOLDS, _select_thresholds, args[0][0], *args, **kwargs)

@@ -12,8 +12,8 @@ import torch
 from torch import Tensor
 
 from .mask import jaccard_counts, popcount, threshold_mask
-from .threshold import (KEY_NONE, approx_threshold, approx_thresholds, exact_threshold, identity, isolation_k,
-                        score_keys, window_bins)
+from .threshold import (KEY_NONE, TIE_NONE, approx_threshold, approx_thresholds, exact_threshold, identity,
+                        isolation_k, score_keys, tie_counts, tie_cuts, window_bins)
 
 __all__ = ["RefreshOps", "EAGER_OPS", "Shard", "is_refresh_step", "refresh_due", "refresh_masks"]
 
@@ -36,9 +36,12 @@ EAGER_OPS = RefreshOps()
 class Shard:
     """This process's part of a tensor sharded over a process group (FSDP2): the whole tensor's
     numel, and `reduce`, which sums integer counts over the group (all ranks get the same sums,
-    so they reach the same threshold for the whole tensor)."""
+    so they reach the same threshold for the whole tensor). `position` of `shards`: this shard's
+    place in the tensor's order (the order of the tie rule, threshold.tie_cuts)."""
     numel: int
     reduce: Callable[[Tensor], Tensor]
+    position: int = 0
+    shards: int = 1
 
 
 def is_refresh_step(step: int, refresh_interval: int, warmup_steps: int | None, static: bool) -> bool:
@@ -89,13 +92,40 @@ def _store(state: dict, packed: Tensor, kept: Tensor, count: Tensor, tau: int, k
     state["threshold_exact"].fill_(exact)
 
 
+def _cuts(values: Sequence[Tensor], taus: Sequence[tuple[int, bool]], ks: Sequence[int], ops: RefreshOps,
+          shard: Shard | None, scope: str) -> list[int]:
+    """Tie cuts (threshold.tie_cuts) of the tensors of one refresh batch. Only exact thresholds can
+    need one, so window answers cost nothing; shards of a batch share one collective."""
+    exact = [i for i, (tau, repaired) in enumerate(taus) if repaired]
+    cuts = [TIE_NONE] * len(values)
+    if not exact:
+        return cuts
+    if scope == "global":  # one selection over the group's tensors, in order
+        tau, keys = taus[0][0], [ops.keys(v) for v in values]
+        return tie_cuts(torch.stack([tie_counts(key, tau) for key in keys]), list(enumerate(keys)), tau, ks[0])
+    keys = {i: ops.keys(values[i]) for i in exact}
+    counts = torch.stack([tie_counts(keys[i], taus[i][0]) for i in exact])
+    if shard is not None:  # every shard's counts, each in its own row: [shards, len(exact), 2]
+        rows = torch.zeros(shard.shards, *counts.shape, dtype=torch.int64)
+        rows[shard.position] = counts
+        counts = shard.reduce(rows)
+    position = shard.position if shard is not None else 0
+    for j, i in enumerate(exact):
+        per_piece = counts[:, j] if shard is not None else counts[j:j + 1]
+        cuts[i] = tie_cuts(per_piece, [(position, keys[i])], taus[i][0], ks[i])[0]
+    return cuts
+
+
 def _apply(states: Sequence[dict], values: Sequence[Tensor], taus: Sequence[tuple[int, bool]], ks: Sequence[int],
-           ops: RefreshOps, reduce: Callable[[Tensor], Tensor] = identity) -> None:
-    """Masks from thresholds, their counts (summed over shards through one `reduce`), the states."""
-    packed = [ops.mask(v, torch.tensor(tau, dtype=torch.int32, device=v.device)) for v, (tau, _) in zip(values, taus)]
+           ops: RefreshOps, shard: Shard | None = None, scope: str = "tensor") -> None:
+    """Masks from thresholds and tie cuts, their counts (summed over shards through one reduce),
+    the states."""
+    cuts = _cuts(values, taus, ks, ops, shard, scope)
+    packed = [ops.mask(v, torch.tensor(tau, dtype=torch.int32, device=v.device)) if cut == TIE_NONE
+              else threshold_mask(ops.keys(v), tau, cut) for v, (tau, _), cut in zip(values, taus, cuts)]
     counts = [(popcount(st["isolation_mask"] & pk), popcount(pk)) for st, pk in zip(states, packed)]
-    if reduce is not identity:  # shards: the whole tensors' counts
-        counts = [tuple(row.unbind(0)) for row in reduce(torch.stack([torch.stack(c) for c in counts]))]
+    if shard is not None:  # shards: the whole tensors' counts
+        counts = [tuple(row.unbind(0)) for row in shard.reduce(torch.stack([torch.stack(c) for c in counts]))]
     for st, pk, (kept, count), (tau, exact), k in zip(states, packed, counts, taus, ks):
         _store(st, pk, kept, count, tau, k, exact)
 
@@ -119,23 +149,24 @@ def refresh_masks(states: Sequence[dict], *, isolation_ratio: float, scope: str,
     if scope == "tensor":
         by_group: dict = {}
         for i, shard in enumerate(shards):
-            by_group.setdefault(shard.reduce if shard else None, []).append(i)
-        for reduce, idx in by_group.items():
-            batches = [[i] for i in idx] if reduce is None else [idx]
+            by_group.setdefault((shard.reduce, shard.position, shard.shards) if shard else None, []).append(i)
+        for key, idx in by_group.items():
+            batches = [[i] for i in idx] if key is None else [idx]
             for batch in batches:
                 sts = [states[i] for i in batch]
+                shard = shards[batch[0]]
                 values = [ops.prepare(st["importance"].reshape(-1)) for st in sts]
                 ks = [isolation_k(isolation_ratio, shards[i].numel if shards[i] else v.numel())
                       for i, v in zip(batch, values)]
                 anchors = [int(st["threshold_bits"]) for st in sts]
-                if reduce is None:
+                if shard is None:
                     taus = [_threshold([v], k, a, threshold, ops) for v, k, a in zip(values, ks, anchors)]
                 else:
-                    taus = approx_thresholds([[v] for v in values], ks, anchors, ops.bins, ops.keys, reduce)
-                _apply(sts, values, taus, ks, ops, reduce or identity)
+                    taus = approx_thresholds([[v] for v in values], ks, anchors, ops.bins, ops.keys, shard.reduce)
+                _apply(sts, values, taus, ks, ops, shard)
         return
     values = [_global_values(state["importance"].reshape(-1), ops.prepare) for state in states]
     k = isolation_k(isolation_ratio, sum(v.numel() for v in values))
     anchor = int(states[0]["threshold_bits"]) if states else KEY_NONE
     tau = _threshold(values, k, anchor, threshold, ops)
-    _apply(states, values, [tau] * len(states), [k] * len(states), ops)
+    _apply(states, values, [tau] * len(states), [k] * len(states), ops, scope="global")

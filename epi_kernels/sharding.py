@@ -70,4 +70,7 @@ def shard_of(p: Tensor) -> Shard | None:
     if len(dims) > 1:
         raise NotImplementedError("EPIAdamW supports DTensor parameters sharded over one mesh dimension "
                                   f"(fully_shard, HSDP), not {p.placements}")
-    return Shard(p.numel(), _reducer(p.device_mesh.get_group(dims[0])))
+    # the tie rule takes tied keys in shard order, then flat order within a shard: the tensor's
+    # flat order for FSDP2's default Shard(0) (contiguous blocks of rows, in mesh order)
+    mesh = p.device_mesh
+    return Shard(p.numel(), _reducer(mesh.get_group(dims[0])), mesh.get_local_rank(dims[0]), mesh.size(dims[0]))

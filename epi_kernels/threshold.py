@@ -36,6 +36,13 @@ The algorithm
    is exactly the k-th largest eligible key (k clipped to the number of eligible keys, so a tensor
    with fewer than k positive finite scores isolates all of them).
 
+6. **Tie cut** (:func:`tie_cuts`): an exact threshold can sit on a value many keys share (a bias
+   whose gradients are all equal). When ``#{key > tau} + #{key == tau} > k + tolerance(k)``, only
+   the first ``need = k - #{key > tau}`` tied keys in flat (logical) order are isolated: the mask
+   is ``key > tau or (key == tau and i < cut)`` with ``cut`` one past the need-th tied element, so
+   exactly k are selected. Otherwise ``cut = TIE_NONE`` and the mask is ``key >= tau``. The window
+   path never needs a cut: its count error is bounded by the tolerance already (step 4).
+
 Element order is the logical (row-major) order of the tensor, whatever its strides.
 """
 from __future__ import annotations
@@ -47,13 +54,14 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "KEY_NONE", "MANTISSA_BITS", "WINDOW_OCTAVES", "BIN_SHIFT", "BIN_WIDTH", "WINDOW_BINS",
+    "KEY_NONE", "TIE_NONE", "MANTISSA_BITS", "WINDOW_OCTAVES", "BIN_SHIFT", "BIN_WIDTH", "WINDOW_BINS",
     "RADIX_SHIFT", "RADIX_BATCH", "UNDER_SLOTS", "identity", "score_keys", "isolation_k", "tolerance", "window_origin", "window_bins", "window_histogram",
     "select_bin", "window_threshold", "radix_threshold", "radix_thresholds", "approx_threshold",
-    "approx_thresholds", "exact_threshold",
+    "approx_thresholds", "exact_threshold", "needs_tie_cut", "tie_counts", "tie_cuts", "tie_cut",
 ]
 
 KEY_NONE = 0x7F800000  # key of +inf: above every eligible key, so `key >= KEY_NONE` selects nothing
+TIE_NONE = (1 << 63) - 1  # tie cut that cuts nothing: every key equal to tau is isolated
 MANTISSA_BITS = 10  # m: 2**m window bins per octave
 WINDOW_OCTAVES = 4  # window spans [anchor / 2, 8 * anchor)
 BIN_SHIFT = 23 - MANTISSA_BITS
@@ -80,6 +88,53 @@ def isolation_k(ratio: float, numel: int) -> int:
 def tolerance(k: int) -> int:
     """Largest count error accepted from interpolation: max(floor(k / 200), 4) (C4's 0.5 % slack)."""
     return max(k // 200, 4)
+
+
+def needs_tie_cut(k: int, above: int, tied: int) -> bool:
+    """Whether `key >= tau` (``above`` keys greater, ``tied`` equal) selects more than k + tolerance(k)
+    and so needs a tie cut (C5). Only an exact threshold can: the window's error is bounded."""
+    return above + tied > k + tolerance(k)
+
+
+def _nth_true(flags: Tensor, n: int) -> int:
+    """Flat index of the n-th (1-based) True of a bool tensor that holds at least n."""
+    return int(flags.nonzero()[n - 1, 0])
+
+
+def tie_counts(keys: Tensor, tau: int) -> Tensor:
+    """(#{key > tau}, #{key == tau}) of one piece of keys: int64 [2], on the CPU."""
+    return torch.stack([(keys > tau).sum(), (keys == tau).sum()]).cpu()
+
+
+def tie_cuts(counts: Tensor, pieces: Sequence[tuple[int, Tensor]], tau: int, k: int) -> list[int]:
+    """The tie cut of each held piece of one selection (threshold `tau`, top-k `k`).
+
+    A selection is one tensor, a param group's tensors in order (scope="global"), or a tensor's
+    shards in order (FSDP2). `counts` int64 [n, 2] holds :func:`tie_counts` of all n pieces in that
+    order; `pieces` are (index, keys) of the pieces this process holds. Every cut is TIE_NONE
+    unless :func:`needs_tie_cut`; then the first ``k - #{key > tau}`` tied keys in flat order across
+    the pieces are isolated: a piece's cut is 0 (none of its tied keys), TIE_NONE (all of them), or
+    one past the flat index of its last isolated tied key."""
+    above, tied = (int(c) for c in counts.sum(0))
+    if tau >= KEY_NONE or not needs_tie_cut(k, above, tied):
+        return [TIE_NONE] * len(pieces)
+    need = k - above  # in [1, tied]: tau is the exact k-th largest
+    before = torch.cumsum(counts[:, 1], 0) - counts[:, 1]
+    cuts = []
+    for j, key in pieces:
+        left = need - int(before[j])
+        if left <= 0:
+            cuts.append(0)
+        elif left >= int(counts[j, 1]):
+            cuts.append(TIE_NONE)
+        else:
+            cuts.append(_nth_true(key == tau, left) + 1)
+    return cuts
+
+
+def tie_cut(keys: Tensor, tau: int, k: int) -> int:
+    """The tie cut of one unsharded tensor's keys (:func:`tie_cuts` with a single piece)."""
+    return tie_cuts(tie_counts(keys, tau)[None], [(0, keys)], tau, k)[0]
 
 
 def window_origin(anchor: int | Tensor) -> int | Tensor:

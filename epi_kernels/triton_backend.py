@@ -18,7 +18,7 @@ from .launch import CHUNK, DeviceInputs, Launch, StepFlags
 from .launch import window_thresholds as launch_window_thresholds
 from .kernels.fused_step import fused_step_kernel
 from .kernels.histogram import histogram_kernel
-from .kernels.repair import LEVELS, SCRATCH, radix_count_kernel, radix_select_kernel
+from .kernels.repair import LEVELS, SCRATCH, radix_count_kernel, radix_select_kernel, tie_cut_kernel
 from .kernels.select import select_kernel
 
 __all__ = ["TritonKernels", "triton_epi_adamw", "window_thresholds", "STORAGE_TYPES", "OPTIONS"]
@@ -26,12 +26,13 @@ __all__ = ["TritonKernels", "triton_epi_adamw", "window_thresholds", "STORAGE_TY
 BLOCK = 512  # elements per tile: 4 per thread at 4 warps (one 128-bit access per fp32 column)
 TILES = CHUNK // BLOCK  # tiles per program
 SELECT_TILE = 1024
+TIE_TILE = 1024
 STORAGE_TYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 # Every launch: 4 warps, and no FMA contraction (a*b + c rounded twice, as the reference and the
 # CUDA kernels compute it: a contracted score EMA differs by an ulp and can move a mask bit).
 OPTIONS = {"num_warps": 4, "enable_fp_fusion": False}
-# tau, origin, hist, over, counts, device scalars, control words
-_STEP_BUFFER_TYPES = (torch.int32, torch.int32, torch.int64, torch.int64, torch.int64, torch.float32, torch.int32)
+# tau, cut, origin, hist, over, counts, device scalars, control words
+_STEP_BUFFER_TYPES = (torch.int32, torch.int64, torch.int32, torch.int64, torch.int64, torch.int64, torch.float32, torch.int32)
 
 
 class TritonKernels:
@@ -47,21 +48,24 @@ class TritonKernels:
                  S_TYPE=STORAGE_TYPES[launch.score_dtype], BLOCK=BLOCK, TILES=TILES)
 
     def select(self, launch: Launch, hist: Tensor, over: Tensor, origin: Tensor, k: Tensor,
-               tau: Tensor, repair: Tensor, gate: Tensor | None = None) -> None:
+               tau: Tensor, repair: Tensor, cut: Tensor, gate: Tensor | None = None) -> None:
         self.run(select_kernel, len(launch.idx), hist, over, origin, k, tau, repair, TILE=SELECT_TILE)
         if not launch.programs:
             return
         flags = repair.clone() if gate is None else repair * gate  # the repair kernels clear flags as tensors finish
         prefix, need, scratch = launch.zeros(), k.clone(), launch.zeros(SCRATCH, dtype=torch.int64)
+        tie = launch.zeros(dtype=torch.int64)
         for level, (shift, bits) in enumerate(LEVELS):
             self.run(radix_count_kernel, launch.programs, launch.table, launch.chunks, flags, prefix, scratch,
                      S_TYPE=STORAGE_TYPES[launch.score_dtype], SHIFT=shift, BITS=bits, BLOCK=BLOCK, TILES=TILES)
-            self.run(radix_select_kernel, len(launch.idx), scratch, flags, prefix, need, tau, SHIFT=shift, BITS=bits,
-                     FIRST=level == 0, LAST=level == len(LEVELS) - 1)
+            self.run(radix_select_kernel, len(launch.idx), scratch, flags, prefix, need, tau, k, tie, SHIFT=shift,
+                     BITS=bits, FIRST=level == 0, LAST=level == len(LEVELS) - 1)
+        self.run(tie_cut_kernel, len(launch.idx), launch.table, tie, tau, cut,
+                 S_TYPE=STORAGE_TYPES[launch.score_dtype], TILE=TIE_TILE)
 
-    def fused_step(self, launch: Launch, scalars: tuple[float, ...], flags: StepFlags, tau, origin, hist, over,
-                   counts, device: DeviceInputs | None = None) -> None:
-        buffers = (tau, origin, hist, over, counts) + ((None, None) if device is None else device)
+    def fused_step(self, launch: Launch, scalars: tuple[float, ...], flags: StepFlags, tau, cut, origin, hist,
+                   over, counts, device: DeviceInputs | None = None) -> None:
+        buffers = (tau, cut, origin, hist, over, counts) + ((None, None) if device is None else device)
         # unused buffers are never read (the run-time flags turn them off) but must have the right
         # element type, as one compiled kernel serves every flag combination: the launch's own
         # tables (int32 chunks, int64 addresses, and those viewed as float32) stand in, no allocation

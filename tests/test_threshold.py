@@ -260,7 +260,8 @@ def test_a_refresh_of_many_shards_costs_two_collectives_when_the_windows_answer(
 
     first = refresh()  # no previous threshold: every tensor takes the repair path, in batches
     batches = math.ceil(n / th.RADIX_BATCH)
-    assert len(first) == 2 * batches + 1 and first[-1] == (n, 2)  # two radix levels per batch, then the counts
+    # two radix levels per batch, the shards' tie counts (exact thresholds only), then the mask counts
+    assert len(first) == 2 * batches + 2 and first[-2:] == [(1, n, 2), (n, 2)]
     for st in states:
         st["importance"].mul_(1.01)  # the next refresh's scores: its window answers
     assert refresh() == [(n, th.WINDOW_BINS + 2 + th.UNDER_SLOTS), (n, 2)]  # one for the histograms, one for the counts

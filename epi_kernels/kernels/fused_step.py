@@ -1,10 +1,10 @@
 """The fused EPI-AdamW step: one pass over memory per element, for all tensors of a launch.
 
 Per element: load p, g, m, v (and the amsgrad max), the score s and the mask bit; on a refresh
-step set the bit from the start-of-step score against the tensor's new threshold (and write the
-packed mask); update the score EMA, the Adam moments and, where the element is not isolated, the
-parameter (an isolated element is stored back with its own bits); on a step before a refresh, count
-the new score into the tensor's window histogram. Math is fp32 whatever the storage dtypes, in the
+step set the bit from the start-of-step score against the tensor's new threshold and tie cut
+(threshold.tie_cuts: from flat index `cut` on, a key must exceed tau) and write the packed mask;
+update the score EMA, the Adam moments and, where the element is not isolated, the parameter (an
+isolated element is stored back with its own bits); on a step before a refresh, count the new score into the tensor's window histogram. Math is fp32 whatever the storage dtypes, in the
 order of torch's for-loop AdamW (see :func:`epi_kernels.compiled._tensor_step`, the same math in
 torch ops), each operation rounded on its own: the launcher turns FMA contraction off.
 
@@ -26,7 +26,7 @@ import triton.language as tl
 from .rounding import to_storage
 from .tensor_table import (CTRL_HIST, CTRL_REFRESH, CTRL_SKIP, EXP_AVG, EXP_AVG_SQ, GRAD, IMPORTANCE, MASK,
                            MAX_EXP_AVG_SQ, PARAM, SCALARS, column, load_chunk)
-from .threshold_math import KEY_NONE, WINDOW_BINS, count_in_window, score_key
+from .threshold_math import KEY_NONE, TIE_NONE, WINDOW_BINS, count_in_window, score_key
 
 # launch.StepFlags.bits
 SQ, MAXIMIZE, REFRESH, HIST, DEVICE = (tl.constexpr(1 << i) for i in (0, 1, 3, 4, 5))
@@ -49,7 +49,7 @@ def _store(ptr, offs, x, inb, MASKED: tl.constexpr):
 
 
 @triton.jit
-def _step_tile(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, s_ptr, mask_ptr, start, n, refresh, tau, sq, maximize,
+def _step_tile(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, s_ptr, mask_ptr, start, n, refresh, tau, cut, sq, maximize,
                origin, hist_row, decay, step_size, one_minus_beta1, beta2, one_minus_beta2, bc2_sqrt, eps, ibeta,
                one_minus_ibeta, P_TYPE: tl.constexpr, S_TYPE: tl.constexpr, AMSGRAD: tl.constexpr,
                HIST: tl.constexpr, MASKED: tl.constexpr, BLOCK: tl.constexpr):
@@ -80,7 +80,8 @@ def _step_tile(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, s_ptr, mask_ptr, start, n, 
     isolated = tl.zeros([], tl.int32)
     kept = tl.zeros([], tl.int32)
     if refresh:
-        bit = ((score_key(s) >= tau) & inb).to(tl.int32)
+        tie_from = tl.minimum(tl.maximum(cut - start, 0), BLOCK).to(tl.int32)  # the cut, within the tile
+        bit = ((score_key(s) >= tau + (offs >= tie_from).to(tl.int32)) & inb).to(tl.int32)
         isolated = tl.sum(tl.sum(bit, 1), 0)
         kept = tl.sum(tl.sum(bit & old_bit, 1), 0)
     # score EMA in the eager reference's order: s * beta + ((1 - beta) * f) * f', with f' = g for
@@ -113,7 +114,8 @@ def _step_tile(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, s_ptr, mask_ptr, start, n, 
 
 
 @triton.jit
-def _step_chunk(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, s_ptr, mask_ptr, first, count, n, refresh, tau, sq, maximize,
+def _step_chunk(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, s_ptr, mask_ptr, first, count, n, refresh, tau, cut, sq,
+                maximize,
                 origin, hist_row, decay, step_size, one_minus_beta1, beta2, one_minus_beta2, bc2_sqrt, eps, ibeta,
                 one_minus_ibeta, P_TYPE: tl.constexpr, S_TYPE: tl.constexpr, AMSGRAD: tl.constexpr,
                 HIST: tl.constexpr, BLOCK: tl.constexpr):
@@ -124,7 +126,7 @@ def _step_chunk(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, s_ptr, mask_ptr, first, co
     full = tl.maximum(count, 0) // BLOCK
     for i in range(full):
         a, b, c = _step_tile(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, s_ptr, mask_ptr, first + i * BLOCK, n, refresh,
-                             tau, sq, maximize, origin, hist_row, decay, step_size, one_minus_beta1, beta2,
+                             tau, cut, sq, maximize, origin, hist_row, decay, step_size, one_minus_beta1, beta2,
                              one_minus_beta2, bc2_sqrt, eps, ibeta, one_minus_ibeta, P_TYPE, S_TYPE, AMSGRAD, HIST,
                              False, BLOCK)
         isolated += a
@@ -132,7 +134,7 @@ def _step_chunk(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, s_ptr, mask_ptr, first, co
         over += c
     if full * BLOCK < count:
         a, b, c = _step_tile(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, s_ptr, mask_ptr, first + full * BLOCK, n, refresh,
-                             tau, sq, maximize, origin, hist_row, decay, step_size, one_minus_beta1, beta2,
+                             tau, cut, sq, maximize, origin, hist_row, decay, step_size, one_minus_beta1, beta2,
                              one_minus_beta2, bc2_sqrt, eps, ibeta, one_minus_ibeta, P_TYPE, S_TYPE, AMSGRAD, HIST,
                              True, BLOCK)
         isolated += a
@@ -144,7 +146,7 @@ def _step_chunk(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, s_ptr, mask_ptr, first, co
 @triton.jit(do_not_specialize=["flags"])
 def fused_step_kernel(
     table_ptr, chunk_ptr,
-    tau_ptr,  # int32 [T]: refresh: the new threshold of each tensor
+    tau_ptr, cut_ptr,  # refresh: the new threshold (int32 [T]) and tie cut (int64 [T]) of each tensor
     origin_ptr, hist_ptr, over_ptr,  # hist: window origins int32 [T] (0: none), outputs int64 [T, NB], [T]
     count_ptr,  # refresh: int64 [T, 2] += (isolated count, |old mask & new mask|)
     scalars_ptr, control_ptr,  # device: float32 [T, SCALARS] (the arguments below, per tensor), int32 [3]
@@ -168,8 +170,10 @@ def fused_step_kernel(
     sq = (flags & SQ) != 0
     maximize = (flags & MAXIMIZE) != 0
     tau = tl.full([], KEY_NONE, tl.int32)
+    cut = tl.full([], TIE_NONE, tl.int64)
     if refresh:
         tau = tl.load(tau_ptr + tid)
+        cut = tl.load(cut_ptr + tid)
     p_ptr = column(row, PARAM, P_TYPE, ALIGNED)
     g_ptr = column(row, GRAD, P_TYPE, ALIGNED)
     m_ptr = column(row, EXP_AVG, P_TYPE, ALIGNED)
@@ -183,13 +187,13 @@ def fused_step_kernel(
     if collect:
         origin = tl.load(origin_ptr + tid)
         isolated, kept, over = _step_chunk(
-            p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, s_ptr, mask_ptr, first, count, n, refresh, tau, sq, maximize,
+            p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, s_ptr, mask_ptr, first, count, n, refresh, tau, cut, sq, maximize,
             origin, hist_row, decay, step_size, one_minus_beta1, beta2, one_minus_beta2, bc2_sqrt, eps, ibeta,
             one_minus_ibeta, P_TYPE, S_TYPE, AMSGRAD, True, BLOCK)
         tl.atomic_add(over_ptr + tid, over.to(tl.int64), sem="relaxed")
     else:  # the same loop without the histogram: a step that does not collect does not pay for it
         isolated, kept, over = _step_chunk(
-            p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, s_ptr, mask_ptr, first, count, n, refresh, tau, sq, maximize,
+            p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, s_ptr, mask_ptr, first, count, n, refresh, tau, cut, sq, maximize,
             0, hist_row, decay, step_size, one_minus_beta1, beta2, one_minus_beta2, bc2_sqrt, eps, ibeta,
             one_minus_ibeta, P_TYPE, S_TYPE, AMSGRAD, False, BLOCK)
     if refresh:

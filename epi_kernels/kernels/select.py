@@ -3,7 +3,7 @@
 import triton
 import triton.language as tl
 
-from .threshold_math import BIN_WIDTH, KEY_NONE, WINDOW_BINS, select_bin
+from .threshold_math import BIN_WIDTH, KEY_NONE, WINDOW_BINS, select_bin, tolerance
 
 
 @triton.jit
@@ -15,7 +15,7 @@ def select_kernel(hist_ptr, over_ptr, origin_ptr, k_ptr, tau_ptr, repair_ptr, TI
     k = tl.load(k_ptr + tid)
     origin = tl.load(origin_ptr + tid)
     b, need, count = select_bin(hist_ptr + tid * WINDOW_BINS, tl.load(over_ptr + tid), k, WINDOW_BINS, TILE)
-    accept = (origin > 0) & (b >= 0) & (count - 1 <= tl.maximum(k // 200, 4))  # threshold.tolerance
+    accept = (origin > 0) & (b >= 0) & (count - 1 <= tolerance(k))
     step_down = (need * BIN_WIDTH + tl.maximum(count, 1) - 1) // tl.maximum(count, 1)  # ceil
     tau = (origin + (b + 1) * BIN_WIDTH).to(tl.int64) - step_down
     tl.store(tau_ptr + tid, tl.where(accept, tau, KEY_NONE).to(tl.int32))

@@ -11,6 +11,7 @@ import triton.language as tl
 from .. import threshold as _th
 
 KEY_NONE = tl.constexpr(_th.KEY_NONE)
+TIE_NONE = tl.constexpr(_th.TIE_NONE)
 BIN_SHIFT = tl.constexpr(_th.BIN_SHIFT)
 BIN_WIDTH = tl.constexpr(_th.BIN_WIDTH)
 WINDOW_BINS = tl.constexpr(_th.WINDOW_BINS)
@@ -22,6 +23,12 @@ def score_key(s):
     """threshold.score_keys of fp32 scores: bits of |s|; zero and non-finite scores get key 0."""
     bits = s.to(tl.int32, bitcast=True) & 0x7FFFFFFF
     return tl.where(bits >= KEY_NONE, 0, bits)
+
+
+@triton.jit
+def tolerance(k):
+    """threshold.tolerance: the count error a selection may have, max(k // 200, 4)."""
+    return tl.maximum(k // 200, 4)
 
 
 @triton.jit
