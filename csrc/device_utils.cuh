@@ -105,6 +105,29 @@ __device__ __forceinline__ T block_sum(T x) {
   return x;
 }
 
+// Inclusive prefix sum of x over the block, in thread order, and the block's `total` (valid in every
+// thread); every thread must call it.
+__device__ __forceinline__ int block_scan(int x, int& total) {
+  __shared__ int warp_sums[THREADS / 32];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const int y = __shfl_up_sync(FULL, x, o);
+    if (lane >= o) x += y;
+  }
+  if (lane == 31) warp_sums[warp] = x;
+  __syncthreads();
+  total = 0;
+#pragma unroll
+  for (int w = 0; w < THREADS / 32; ++w) {
+    const int y = warp_sums[w];
+    x += w < warp ? y : 0;
+    total += y;
+  }
+  __syncthreads();  // warp_sums may be reused by the next call
+  return x;
+}
+
 // hist[bin] += 1 for every lane with bin >= 0: lanes of a warp with the same bin add their count
 // in one shared-memory atomic (scores near the threshold fall into few bins). All lanes call it.
 __device__ __forceinline__ void warp_aggregated_increment(int* hist, int bin) {

@@ -122,7 +122,7 @@ enum StepFlags : unsigned {
   STEP_SQ = 1,        // score signal g*g (else |g|)
   STEP_MAXIMIZE = 2,
   STEP_AMSGRAD = 4,
-  STEP_REFRESH = 8,   // set the mask from the start-of-step score against `tau`
+  STEP_REFRESH = 8,   // set the mask from the start-of-step score against `tau` and the tie cut
   STEP_HIST = 16,     // count the new scores into the window histogram
   STEP_DEVICE = 32,   // capturable: scalars and control words from device memory, REFRESH/HIST only "may"
 };
@@ -139,21 +139,33 @@ EPI_HD unsigned flags_in_force(unsigned flags, const int32_t* control) {
   return flags;
 }
 
-// Eight consecutive elements (one mask byte): `valid` of them exist. Updates the storage values in
-// place, returns the mask byte in force for this step (the new one on a refresh, bits >= valid
-// clear) and the keys of the new scores (0 for invalid lanes). Isolated parameters keep their raw
-// bits, so writing them back unchanged is the same as not writing them.
+// The mask byte a refresh gives a group of eight elements (`valid` of them exist, bits >= valid
+// clear) from their start-of-step scores: lane j is isolated iff its key >= tie_threshold(tau, j,
+// lanes), with lanes = below_cut(first element of the group, the tensor's tie cut, 8)
+// (threshold_math.h): one 32-bit compare per element.
+template <class S>
+EPI_HD unsigned refresh_bits(const typename S::raw* s, int valid, int32_t tau, int lanes) {
+  unsigned out = 0;
+EPI_UNROLL
+  for (int j = 0; j < 8; ++j)
+    if (j < valid) out |= static_cast<unsigned>(score_key(S::load(s[j])) >= tie_threshold(tau, j, lanes)) << j;
+  return out;
+}
+
+// Eight consecutive elements (one mask byte): `valid` of them exist. `mask` is the mask byte in
+// force for this step (on a refresh the new one, refresh_bits of the start-of-step scores). Updates
+// the storage values in place and returns the keys of the new scores (0 for invalid lanes); lanes
+// whose mask bit is set keep their parameter. Isolated parameters keep their raw bits, so writing
+// them back unchanged is the same as not writing them.
 template <class P, class S, class Scalars>
-EPI_HD unsigned step_group(typename P::raw* p, const typename P::raw* g, typename P::raw* m,
-                           typename P::raw* v, typename P::raw* vmax, typename S::raw* s, unsigned mask,
-                           int valid, int32_t tau, Scalars& c, unsigned flags, int32_t* keys) {
-  unsigned out = (flags & STEP_REFRESH) ? 0u : mask;
+EPI_HD void step_group(typename P::raw* p, const typename P::raw* g, typename P::raw* m, typename P::raw* v,
+                       typename P::raw* vmax, typename S::raw* s, unsigned mask, int valid, Scalars& c,
+                       unsigned flags, int32_t* keys) {
 EPI_UNROLL
   for (int j = 0; j < 8; ++j) {
     keys[j] = 0;
     if (j >= valid) continue;
     float s32 = S::load(s[j]);
-    if (flags & STEP_REFRESH) out |= static_cast<unsigned>(score_key(s32) >= tau) << j;
     float g32 = P::load(g[j]);
     float f = (flags & STEP_SQ) ? mul_rn(mul_rn(c.one_minus_ibeta, g32), g32) : mul_rn(c.one_minus_ibeta, fabsf(g32));
     s[j] = S::store(add_rn(mul_rn(s32, c.ibeta), f));
@@ -167,12 +179,11 @@ EPI_UNROLL
       v32 = max_nan(P::load(vmax[j]), v32);
       vmax[j] = P::store(v32);
     }
-    if (!((out >> j) & 1)) {
+    if (!((mask >> j) & 1)) {
       float denom = add_rn(div_rn(sqrt_rn(v32), c.bc2_sqrt), c.eps);
       p[j] = P::store(sub_rn(mul_rn(P::load(p[j]), c.decay), div_rn(mul_rn(c.step_size, m32), denom)));
     }
   }
-  return out;
 }
 
 }  // namespace epi

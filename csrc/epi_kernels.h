@@ -9,11 +9,11 @@
 // Every function returns cudaGetLastError() after its launches (never a silent no-op).
 //
 // Counts that can reach a tensor's size (a tensor may exceed 2^31 elements) are int64 in global
-// memory: window histograms `hist` and `over`, the fused step's (isolated, kept) `counts`, `k`, and
-// the repair path's `need` and `scratch`. Thresholds (`tau`), window origins, repair flags, radix
-// prefixes, the chunk table and the control words are int32; the tensor table is int64. A block
-// counts its CHUNK elements in 32-bit shared-memory counters and adds them into the int64 arrays
-// with 64-bit atomics.
+// memory: window histograms `hist` and `over`, the fused step's (isolated, kept) `counts`, `k`, the
+// repair path's `need` and `scratch`, and the tie cuts `cut` (element indices). Thresholds (`tau`),
+// window origins, repair flags, radix prefixes, the chunk table and the control words are int32;
+// the tensor table is int64. A block counts its CHUNK elements in 32-bit shared-memory counters and
+// adds them into the int64 arrays with 64-bit atomics.
 #pragma once
 #include <cuda_runtime.h>
 #include <cstdint>
@@ -43,13 +43,15 @@ struct StepInputs {
   const float* device_scalars;  // STEP_DEVICE: float [T, SCALAR_COUNT], per tensor
   const int32_t* control;       // STEP_DEVICE: int32 [CONTROL_WORDS]
   const int32_t* tau;           // REFRESH: int32 [T]
+  const int64_t* cut;           // REFRESH: int64 [T], tie cuts (TIE_NONE: none)
   const int32_t* origin;        // HIST: int32 [T]
   int64_t* hist;                // HIST: int64 [T, WINDOW_BINS]
   int64_t* over;                // HIST: int64 [T]
   int64_t* counts;              // REFRESH: int64 [T, 2] (isolated, kept)
 };
 
-// The fused step (element math in element.h): REFRESH sets the masks from `tau` and adds
+// The fused step (element math in element.h): REFRESH sets the masks from `tau` and `cut` (element i
+// of tensor t: key >= tie_threshold(tau[t], i, cut[t]), threshold_math.h) and adds
 // (isolated, kept) counts to `counts`; HIST counts the new scores into `hist` and `over` for windows
 // starting at `origin` (0: no window). STEP_DEVICE: scalars per tensor from `device_scalars`, and
 // `control` decides whether REFRESH and HIST apply this time and whether the step runs at all.
@@ -65,9 +67,14 @@ cudaError_t window_select(int tensors, const int64_t* hist, const int64_t* over,
 
 // The repair path for the tensors flagged in `repair`: for each radix level, count that digit of
 // the matching keys into `scratch` int64 [T, RADIX_BINS] (zeros), then choose it. `prefix` int32 [T]
-// starts at 0 and `need` int64 [T] at k; flags are cleared and tau written as tensors finish. Launched whatever the
+// starts at 0 and `need` int64 [T] at k; flags are cleared and tau written as tensors finish. Then
+// the tie pass: a tensor whose exact threshold is shared by too many keys (needs_tie_cut with its
+// `k`) gets cut[t] = 1 + the flat index of its need-th key equal to tau; other entries of `cut`
+// (the caller fills it with TIE_NONE) are not written. `ties` int32 [programs + T] is the tie pass's
+// scratch (per-chunk counts, each tensor's first program; no initial value). Launched whatever the
 // flags say, so the host never waits for them.
-cudaError_t radix_repair(Tables t, int tensors, DType score, int32_t* repair, int32_t* prefix, int64_t* need,
-                         int64_t* scratch, int32_t* tau, cudaStream_t stream);
+cudaError_t radix_repair(Tables t, int tensors, DType score, const int64_t* k, int32_t* repair, int32_t* prefix,
+                         int64_t* need, int64_t* scratch, int32_t* tau, int64_t* cut, int32_t* ties,
+                         cudaStream_t stream);
 
 }  // namespace epi

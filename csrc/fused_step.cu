@@ -3,10 +3,11 @@
 // A block owns one CHUNK of one tensor; each thread owns groups of 8 consecutive elements (one
 // mask byte, read and written by that thread alone), loaded with 16-byte vector loads when every
 // column is aligned. Per group: step_group (element.h) does the score EMA, the moments and the
-// masked parameter update in fp32; on a refresh step the new mask byte is written and counted;
-// on the step before a refresh the new scores go into a shared-memory window histogram, flushed
-// once per block with integer atomics. Capturable launches (STEP_DEVICE) read the scalars and the
-// refresh/histogram/skip decisions from device memory, so one captured launch serves every step.
+// masked parameter update in fp32; on a refresh step the new mask byte (from the tensor's threshold
+// and tie cut) is written and counted; on the step before a refresh the new scores go into a
+// shared-memory window histogram, flushed once per block with integer atomics. Capturable launches
+// (STEP_DEVICE) read the scalars and the refresh/histogram/skip decisions from device memory, so one
+// captured launch serves every step.
 #include "device_utils.cuh"
 
 namespace epi {
@@ -20,6 +21,7 @@ struct BlockState {
   int64_t first, end;  // elements [first, end) of the chunk that exist
   StepScalars scalars;
   int32_t tau, origin;
+  int cut;         // the tensor's tie cut as an offset in the chunk: below_cut(first, cut, CHUNK)
   int tensor;
   unsigned flags;  // in force (STEP_DEVICE resolved)
   int vec;         // every column 16-byte aligned
@@ -36,8 +38,7 @@ __device__ __forceinline__ T* column_at(const volatile BlockState& b, int col) {
 template <class P, class S>
 __device__ __forceinline__ void store_group(const volatile BlockState& b, int pass, const typename P::raw* pv,
                                             const typename P::raw* mv, const typename P::raw* vv,
-                                            const typename P::raw* xv, const typename S::raw* sv, unsigned old,
-                                            unsigned bits, int& isolated_kept) {
+                                            const typename P::raw* xv, const typename S::raw* sv, unsigned bits) {
   using PR = typename P::raw;
   using SR = typename S::raw;
   const int64_t i = b.first + 8 * (threadIdx.x + pass * THREADS);
@@ -49,17 +50,14 @@ __device__ __forceinline__ void store_group(const volatile BlockState& b, int pa
   store8(column_at<PR>(b, COL_EXP_AVG_SQ), vv, i, valid, vec);
   if (f & STEP_AMSGRAD) store8(column_at<PR>(b, COL_MAX_EXP_AVG_SQ), xv, i, valid, vec);
   store8(column_at<SR>(b, COL_IMPORTANCE), sv, i, valid, vec);
-  if (f & STEP_REFRESH) {
-    column_at<uint8_t>(b, COL_MASK)[i >> 3] = static_cast<uint8_t>(bits);
-    isolated_kept += __popc(bits) + (__popc(bits & old) << 16);
-  }
+  if (f & STEP_REFRESH) column_at<uint8_t>(b, COL_MASK)[i >> 3] = static_cast<uint8_t>(bits);
 }
 
 template <class P, class S, bool HIST>
 __global__ void __launch_bounds__(THREADS, 4)
 fused_step_kernel(Tables t, unsigned flags, StepScalars host_scalars, const float* device_scalars,
-                  const int32_t* control, const int32_t* tau_of, const int32_t* origin_of, int64_t* hist_out,
-                  int64_t* over_out, int64_t* counts) {
+                  const int32_t* control, const int32_t* tau_of, const int64_t* cut_of, const int32_t* origin_of,
+                  int64_t* hist_out, int64_t* over_out, int64_t* counts) {
   using PR = typename P::raw;
   using SR = typename S::raw;
   __shared__ int hist[HIST ? WINDOW_BINS + 1 : 1];  // + 1: `over` (slot OVER), counted like a bin
@@ -75,6 +73,7 @@ fused_step_kernel(Tables t, unsigned flags, StepScalars host_scalars, const floa
     state.end = ch.first + CHUNK < ch.numel ? ch.first + CHUNK : ch.numel;
     state.scalars = (flags & STEP_DEVICE) ? scalars_row(device_scalars + ch.tensor * SCALAR_COUNT) : host_scalars;
     state.tau = refresh ? tau_of[ch.tensor] : KEY_NONE;
+    state.cut = below_cut(ch.first, refresh ? cut_of[ch.tensor] : TIE_NONE, static_cast<int>(CHUNK));
     state.origin = hist_on ? origin_of[ch.tensor] : 0;
     state.flags = flags;
     state.tensor = ch.tensor;
@@ -108,9 +107,17 @@ fused_step_kernel(Tables t, unsigned flags, StepScalars host_scalars, const floa
       load8(vv, column_at<const PR>(b, COL_EXP_AVG_SQ), i, valid, vec);
       if (f & STEP_AMSGRAD) load8(xv, column_at<const PR>(b, COL_MAX_EXP_AVG_SQ), i, valid, vec);
       load8(sv, column_at<const SR>(b, COL_IMPORTANCE), i, valid, vec);
-      const unsigned old = column_at<const uint8_t>(b, COL_MASK)[i >> 3];
-      const unsigned bits = step_group<P, S>(pv, gv, mv, vv, xv, sv, old, valid, b.tau, b.scalars, f, keys);
-      store_group<P, S>(b, pass, pv, mv, vv, xv, sv, old, bits, isolated_kept);
+      // the mask byte in force: on a refresh the new one (the tie cut as the number of this group's
+      // lanes below it), counted at once, so that the old byte is not held through the arithmetic
+      unsigned bits = column_at<const uint8_t>(b, COL_MASK)[i >> 3];
+      if (f & STEP_REFRESH) {
+        const int lanes = below_cut(8 * (static_cast<int>(threadIdx.x) + pass * THREADS), static_cast<int>(b.cut), 8);
+        const unsigned old = bits;
+        bits = refresh_bits<S>(sv, valid, b.tau, lanes);
+        isolated_kept += __popc(bits) + (__popc(bits & old) << 16);
+      }
+      step_group<P, S>(pv, gv, mv, vv, xv, sv, bits, valid, b.scalars, f, keys);
+      store_group<P, S>(b, pass, pv, mv, vv, xv, sv, bits);
     }
     if (HIST && (b.flags & STEP_HIST)) {  // uniform over the launch
       const int32_t origin = b.origin;
@@ -141,10 +148,12 @@ template <class P, class S>
 void launch(Tables t, unsigned flags, const StepInputs& in, cudaStream_t stream) {
   if (flags & STEP_HIST)
     fused_step_kernel<P, S, true><<<t.programs, THREADS, 0, stream>>>(
-        t, flags, in.scalars, in.device_scalars, in.control, in.tau, in.origin, in.hist, in.over, in.counts);
+        t, flags, in.scalars, in.device_scalars, in.control, in.tau, in.cut, in.origin, in.hist, in.over,
+        in.counts);
   else
     fused_step_kernel<P, S, false><<<t.programs, THREADS, 0, stream>>>(
-        t, flags, in.scalars, in.device_scalars, in.control, in.tau, in.origin, in.hist, in.over, in.counts);
+        t, flags, in.scalars, in.device_scalars, in.control, in.tau, in.cut, in.origin, in.hist, in.over,
+        in.counts);
 }
 
 template <class P>

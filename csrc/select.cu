@@ -1,5 +1,5 @@
 // Threshold selection, one block per tensor: the window select (interpolated threshold or a
-// repair flag) and the repair path's exact radix select over the stored scores.
+// repair flag), the repair path's exact radix select over the stored scores, and its tie pass.
 #include "device_utils.cuh"
 
 namespace epi {
@@ -57,9 +57,11 @@ radix_count_kernel(Tables t, int level, const int32_t* repair, const int32_t* pr
 }
 
 // Choose this level's digit (k clipped to the eligible keys on the first level), append it to the
-// prefix and clear the scratch row; the last level writes tau and clears the flag.
+// prefix and clear the scratch row; the last level writes tau and clears the flag, unless the tensor
+// needs a tie cut (radix_finish).
 __global__ void __launch_bounds__(THREADS)
-radix_select_kernel(int level, int64_t* scratch, int32_t* repair, int32_t* prefix, int64_t* need, int32_t* tau) {
+radix_select_kernel(int level, const int64_t* k_of, int64_t* scratch, int32_t* repair, int32_t* prefix, int64_t* need,
+                    int32_t* tau) {
   const int t = blockIdx.x;
   if (!repair[t]) return;
   int64_t* row = scratch + static_cast<int64_t>(t) * RADIX_BINS;
@@ -76,7 +78,87 @@ radix_select_kernel(int level, int64_t* scratch, int32_t* repair, int32_t* prefi
   }
   const BinHit hit = block_select(row, nbins, 0, k);
   for (int b = threadIdx.x; b < nbins; b += THREADS) row[b] = 0;
-  if (threadIdx.x == 0) radix_finish(level, hit, prefix + t, need + t, tau + t, repair + t);
+  if (threadIdx.x == 0) radix_finish(level, hit, k_of[t], prefix + t, need + t, tau + t, repair + t);
+}
+
+// The tie pass, for the tensors still flagged after the last radix level (their exact threshold is
+// shared by more keys than needs_tie_cut allows): cut[t] = 1 + the flat index of the need[t]-th key
+// equal to tau[t]. Two launches, both returning at once for unflagged tensors. First every chunk
+// counts its keys equal to tau (chunk_ties[program]; the tensor's chunk 0 also records its program
+// in first_program[t]), in parallel over the whole tensor; then one block per tensor scans its
+// chunks' counts (block prefix scans, THREADS chunks at a time) for the chunk holding the need-th
+// tied key, and that chunk's scores a tile of 8 * THREADS elements at a time (a group of 8 per
+// thread, as the fused step) for the group, then tied_lanes / nth_lane for the lane. The host harness
+// emulates both (python/host_harness.cpp).
+template <class S>
+__global__ void __launch_bounds__(THREADS)
+tie_count_kernel(Tables t, const int32_t* repair, const int32_t* tau_of, int32_t* chunk_ties, int32_t* first_program) {
+  const Chunk ch = load_chunk(t.table, t.chunks);
+  if (!repair[ch.tensor]) return;
+  const int32_t tau = tau_of[ch.tensor];
+  int tied = 0;
+  for_each_score_key<S>(ch, [&](int32_t key) { tied += key == tau; });
+  tied = block_sum(tied);
+  if (threadIdx.x == 0) {
+    chunk_ties[blockIdx.x] = tied;
+    if (ch.first == 0) first_program[ch.tensor] = blockIdx.x;
+  }
+}
+
+template <class S>
+__global__ void __launch_bounds__(THREADS)
+tie_find_kernel(const int64_t* table, const int32_t* chunk_ties, const int32_t* first_program, int32_t* repair,
+                const int64_t* need_of, const int32_t* tau_of, int64_t* cut) {
+  using SR = typename S::raw;
+  __shared__ long long found_chunk, found_left;
+  const int t = blockIdx.x;
+  if (!repair[t]) return;
+  const int64_t* row = table + static_cast<int64_t>(t) * TABLE_WIDTH;
+  const int64_t numel = row[COL_NUMEL], chunks = (numel + CHUNK - 1) / CHUNK;
+  const int32_t* ties = chunk_ties + first_program[t];  // the tensor's chunks are consecutive programs
+  if (threadIdx.x == 0) found_chunk = -1;
+  int64_t left = need_of[t];  // tied keys still to pass, in flat order (>= 1)
+  for (int64_t base = 0; base < chunks; base += THREADS) {
+    const int64_t c = base + threadIdx.x;
+    const int count = c < chunks ? ties[c] : 0;
+    int total;
+    const int scan = block_scan(count, total);
+    if (left <= total) {  // uniform: this tile of chunks holds it
+      if (scan - count < left && left <= scan) found_chunk = c, found_left = left - (scan - count);
+      break;
+    }
+    left -= total;
+  }
+  __syncthreads();
+  const int64_t chunk = found_chunk;
+  if (chunk >= 0) {
+    left = found_left;
+    const SR* s = column<const SR>(row, COL_IMPORTANCE);
+    const bool vec = aligned16(s);
+    const int32_t tau = tau_of[t];
+    const int64_t end = (chunk + 1) * CHUNK < numel ? (chunk + 1) * CHUNK : numel;
+    for (int64_t base = chunk * CHUNK; base < end; base += 8 * THREADS) {
+      const int64_t i = base + 8 * threadIdx.x;
+      const int valid = group_size(end - i);
+      alignas(16) SR sv[8];
+      int32_t keys[8];
+      if (valid > 0) load8(sv, s, i, valid, vec);
+#pragma unroll
+      for (int j = 0; j < 8; ++j) keys[j] = j < valid ? score_key(S::load(sv[j])) : 0;
+      const unsigned tied = tied_lanes(keys, valid, tau);
+      const int count = __popc(tied);
+      int total;
+      const int scan = block_scan(count, total);
+      if (left <= total) {  // uniform: this tile holds it
+        const int before = scan - count;
+        if (before < left && left <= scan) cut[t] = i + nth_lane(tied, static_cast<int>(left - before)) + 1;
+        break;
+      }
+      left -= total;
+    }
+  }
+  __syncthreads();  // every thread has read the flag
+  if (threadIdx.x == 0) repair[t] = 0;
 }
 
 }  // namespace
@@ -87,8 +169,9 @@ cudaError_t window_select(int tensors, const int64_t* hist, const int64_t* over,
   return cudaGetLastError();
 }
 
-cudaError_t radix_repair(Tables t, int tensors, DType score, int32_t* repair, int32_t* prefix, int64_t* need,
-                         int64_t* scratch, int32_t* tau, cudaStream_t stream) {
+cudaError_t radix_repair(Tables t, int tensors, DType score, const int64_t* k, int32_t* repair, int32_t* prefix,
+                         int64_t* need, int64_t* scratch, int32_t* tau, int64_t* cut, int32_t* ties,
+                         cudaStream_t stream) {
   for (int level = 0; level < RADIX_LEVELS && tensors > 0; ++level) {
     if (t.programs > 0) {
       if (score == DTYPE_BF16)
@@ -96,9 +179,19 @@ cudaError_t radix_repair(Tables t, int tensors, DType score, int32_t* repair, in
       else
         radix_count_kernel<F32><<<t.programs, THREADS, 0, stream>>>(t, level, repair, prefix, scratch);
     }
-    radix_select_kernel<<<tensors, THREADS, 0, stream>>>(level, scratch, repair, prefix, need, tau);
+    radix_select_kernel<<<tensors, THREADS, 0, stream>>>(level, k, scratch, repair, prefix, need, tau);
     cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
+  }
+  if (tensors > 0) {  // the tie pass
+    int32_t *chunk_ties = ties, *first_program = ties + (t.programs > 0 ? t.programs : 0);
+    if (score == DTYPE_BF16) {
+      if (t.programs > 0) tie_count_kernel<BF16><<<t.programs, THREADS, 0, stream>>>(t, repair, tau, chunk_ties, first_program);
+      tie_find_kernel<BF16><<<tensors, THREADS, 0, stream>>>(t.table, chunk_ties, first_program, repair, need, tau, cut);
+    } else {
+      if (t.programs > 0) tie_count_kernel<F32><<<t.programs, THREADS, 0, stream>>>(t, repair, tau, chunk_ties, first_program);
+      tie_find_kernel<F32><<<tensors, THREADS, 0, stream>>>(t.table, chunk_ties, first_program, repair, need, tau, cut);
+    }
   }
   return cudaGetLastError();
 }

@@ -15,6 +15,7 @@
 namespace epi {
 
 constexpr int32_t KEY_NONE = 0x7F800000;  // key of +inf: no eligible key reaches it
+constexpr int64_t TIE_NONE = INT64_MAX;    // tie cut that cuts nothing: every key equal to tau is isolated
 constexpr int MANTISSA_BITS = 10;
 constexpr int WINDOW_OCTAVES = 4;
 constexpr int BIN_SHIFT = 23 - MANTISSA_BITS;
@@ -127,9 +128,17 @@ EPI_HD void window_finish(int32_t origin, BinHit hit, int64_t k, int32_t* tau, i
   *repair = k >= 1 && *tau == KEY_NONE;
 }
 
+// threshold.needs_tie_cut in the repair's terms: after its last level, `count` keys equal the exact
+// threshold and the top k (`k` as given, not clipped) takes `need` of them, so `key >= tau` would
+// select count - need keys more than k. (With k clipped to the eligible keys, need == count.)
+EPI_HD bool needs_tie_cut(int64_t k, int64_t need, int64_t count) { return count - need > tolerance(k); }
+
 // One repair level of one tensor, after select_bin on its digit counts: append the digit to the
-// prefix; with no eligible key isolate nothing; after the last digit the prefix is the threshold.
-EPI_HD void radix_finish(int level, BinHit hit, int32_t* prefix, int64_t* need, int32_t* tau, int32_t* repair) {
+// prefix; with no eligible key isolate nothing; after the last digit the prefix is the threshold,
+// and the flag stays set (for the tie pass) when the tensor needs a tie cut, with `need` the number
+// of keys equal to the threshold that it isolates. `k` is the tensor's k, before any clipping.
+EPI_HD void radix_finish(int level, BinHit hit, int64_t k, int32_t* prefix, int64_t* need, int32_t* tau,
+                         int32_t* repair) {
   *prefix |= hit.bin << radix_shift(level);
   *need = hit.need;
   if (hit.bin < 0) {
@@ -137,8 +146,43 @@ EPI_HD void radix_finish(int level, BinHit hit, int32_t* prefix, int64_t* need, 
     *repair = 0;
   } else if (level == RADIX_LEVELS - 1) {
     *tau = *prefix;
-    *repair = 0;
+    *repair = needs_tie_cut(k, hit.need, hit.count);
   }
+}
+
+// The refresh's rule for element i (flat index in its tensor) under threshold tau and tie cut
+// `cut`: isolated iff key >= tie_threshold(tau, i, cut), i.e. key > tau, or key == tau and i < cut.
+// tau <= KEY_NONE, so tau + 1 does not overflow; cut = TIE_NONE gives `key >= tau`. `I`: int64_t for
+// element indices, int for lanes within a group (below_cut: 32-bit compares in the fused step).
+template <class I>
+EPI_HD int32_t tie_threshold(int32_t tau, I i, I cut) { return tau + (i >= cut ? 1 : 0); }
+
+// How many of the n elements starting at index `first` lie below the cut: clamp(cut - first, 0, n).
+// For the group of 8 starting at `first` and j in [0, 8), tie_threshold(tau, first + j, cut) ==
+// tie_threshold(tau, j, below_cut(first, cut, 8)): the fused step compares lane numbers (32 bits)
+// per element, not indices. below_cut(o, below_cut(f, cut, n), 8) == below_cut(f + o, cut, 8) for
+// 0 <= o <= n - 8: a chunk's cut is kept as a 32-bit offset. `I`: int64_t or int.
+template <class I>
+EPI_HD int below_cut(I first, I cut, int n) {
+  return cut <= first ? 0 : cut - first >= n ? n : static_cast<int>(cut - first);
+}
+
+// The tie pass: bit j set for each of the `valid` lanes of a group whose key equals tau.
+EPI_HD unsigned tied_lanes(const int32_t* keys, int valid, int32_t tau) {
+  unsigned bits = 0;
+EPI_UNROLL
+  for (int j = 0; j < 8; ++j) bits |= static_cast<unsigned>(j < valid && keys[j] == tau) << j;
+  return bits;
+}
+
+// The lane of the r-th (1-based) set bit of `bits`, which holds at least r.
+EPI_HD int nth_lane(unsigned bits, int r) {
+  int j = 0;
+  for (; j < 8; ++j) {
+    r -= (bits >> j) & 1;
+    if (r == 0) break;
+  }
+  return j;
 }
 
 }  // namespace epi

@@ -28,7 +28,7 @@ from torch import Tensor
 from .refresh import RefreshOps
 from .score import score_ema_
 from .step_scalars import step_scalars
-from .threshold import identity, score_keys, window_bins
+from .threshold import score_keys, score_slots
 
 __all__ = ["compiled_epi_adamw", "COMPILED_REFRESH_OPS"]
 
@@ -125,11 +125,6 @@ def _tensor_step(p: Tensor, g: Tensor, m: Tensor, v: Tensor, s: Tensor, vmax: Te
     p.copy_(torch.where(isolated, p32, update))
 
 
-def _score_slots(scores: Tensor, origin: Tensor) -> Tensor:
-    """Histogram slots straight from scores: keys and slots in one compiled pass."""
-    return window_bins(score_keys(scores), origin)
-
-
 def _score_words(scores: Tensor, tau: Tensor) -> Tensor:
     """The packed mask ``key(scores) >= tau`` as int64 words, in a form Inductor fuses into one
     vectorised loop: each word is the sum of its 64 shifted bits (the layout of mask.pack_mask;
@@ -146,8 +141,8 @@ def _score_mask(scores: Tensor, tau: Tensor) -> Tensor:
 
 _step_kernel = _CompiledOrEager(_tensor_step)
 _score_words_kernel = _CompiledOrEager(_score_words)
-COMPILED_REFRESH_OPS = RefreshOps(prepare=identity, keys=_CompiledOrEager(score_keys),
-                                  bins=_CompiledOrEager(_score_slots), mask=_score_mask)
+COMPILED_REFRESH_OPS = RefreshOps(keys=_CompiledOrEager(score_keys),
+                                  bins=_CompiledOrEager(score_slots), mask=_score_mask)
 
 
 def compiled_epi_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, importances,

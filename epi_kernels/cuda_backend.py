@@ -19,15 +19,15 @@ from torch import Tensor
 from . import _C, fused_driver
 from .launch import CHUNK, COLUMNS, CONTROL, SCALAR_COUNT, DeviceInputs, Launch, StepFlags
 from .launch import window_thresholds as launch_window_thresholds
-from .threshold import WINDOW_BINS
+from .threshold import KEY_NONE, TIE_NONE, WINDOW_BINS
 
 __all__ = ["CudaKernels", "cuda_epi_adamw", "kernels_on", "window_thresholds", "DTYPE_CODES", "KERNELS",
            "HOST_KERNELS"]
 
 _K = _C.constants()
 DTYPE_CODES = {torch.float32: _K["DTYPE_F32"], torch.bfloat16: _K["DTYPE_BF16"], torch.float16: _K["DTYPE_F16"]}
-if (_K["CHUNK"], _K["TABLE_WIDTH"], _K["WINDOW_BINS"], _K["SCALAR_COUNT"], _K["CONTROL_WORDS"]) != (
-        CHUNK, len(COLUMNS), WINDOW_BINS, SCALAR_COUNT, len(CONTROL)) or any(
+if (_K["CHUNK"], _K["TABLE_WIDTH"], _K["WINDOW_BINS"], _K["SCALAR_COUNT"], _K["CONTROL_WORDS"], _K.get("KEY_NONE"),
+        _K.get("TIE_NONE")) != (CHUNK, len(COLUMNS), WINDOW_BINS, SCALAR_COUNT, len(CONTROL), KEY_NONE, TIE_NONE) or any(
         _K[f"CTRL_{name.upper()}"] != i for i, name in enumerate(CONTROL)):
     raise ImportError(f"epi_kernels._C was built for other tables than this package: {_K} (a stale build?)")
 
@@ -66,25 +66,33 @@ class CudaKernels:
                                   over.data_ptr(), *self._stream(launch.device))
 
     def select(self, launch: Launch, hist: Tensor, over: Tensor, origin: Tensor, k: Tensor,
-               tau: Tensor, repair: Tensor, gate: Tensor | None = None) -> None:
-        _require_int64("select", hist=hist, over=over, k=k)
+               tau: Tensor, repair: Tensor, cut: Tensor, gate: Tensor | None = None) -> None:
+        """Window select, repair, then the tie pass: `cut` (int64 [T], filled with TIE_NONE by the
+        caller) gets the tie cut of each tensor the repair path answered with too many keys tied at tau."""
+        _require_int64("select", hist=hist, over=over, k=k, cut=cut)
         stream = self._stream(launch.device)
         self.ops.window_select(len(launch.idx), hist.data_ptr(), over.data_ptr(), origin.data_ptr(), k.data_ptr(),
                                tau.data_ptr(), repair.data_ptr(), *stream)
         flags = repair.clone() if gate is None else repair * gate  # the repair kernels clear flags as tensors finish
-        # int64 counts (k, need, scratch; a tensor may exceed 2^31 elements), int32 prefix
+        # int64 counts (k, need, scratch; a tensor may exceed 2^31 elements), int32 prefix; the tie pass's
+        # per-chunk counts (at most CHUNK each) and first programs: int32, written before they are read
         prefix, need, scratch = launch.zeros(), k.clone(), launch.zeros(_K["RADIX_BINS"], dtype=torch.int64)
+        ties = torch.empty(launch.programs + len(launch.idx), dtype=torch.int32, device=launch.device)
         self.ops.radix_repair(launch.table.data_ptr(), launch.chunks.data_ptr(), launch.programs, len(launch.idx),
-                              DTYPE_CODES[launch.score_dtype], flags.data_ptr(), prefix.data_ptr(),
-                              need.data_ptr(), scratch.data_ptr(), tau.data_ptr(), *stream)
+                              DTYPE_CODES[launch.score_dtype], k.data_ptr(), flags.data_ptr(), prefix.data_ptr(),
+                              need.data_ptr(), scratch.data_ptr(), tau.data_ptr(), cut.data_ptr(), ties.data_ptr(),
+                              *stream)
 
-    def fused_step(self, launch: Launch, scalars: tuple[float, ...], flags: StepFlags, tau, origin, hist, over,
+    def fused_step(self, launch: Launch, scalars: tuple[float, ...], flags: StepFlags, tau, cut, origin, hist, over,
                    counts, device: DeviceInputs | None = None) -> None:
-        _require_int64("fused_step", hist=hist, over=over, counts=counts)
+        """`cut` (int64 [T], or None when not refreshing): the tie cuts a refresh applies with `tau`."""
+        _require_int64("fused_step", hist=hist, over=over, counts=counts, cut=cut)
+        if flags.refresh and (tau is None or cut is None):  # the kernel would read through a null address
+            raise ValueError("fused_step: a refreshing step needs tau and cut")
         self.ops.fused_step(launch.table.data_ptr(), launch.chunks.data_ptr(), launch.programs,
                             DTYPE_CODES[launch.param_dtype], DTYPE_CODES[launch.score_dtype], step_flags(flags),
                             scalars, *(_address(t) for t in (device or (None, None))),
-                            *(_address(t) for t in (tau, origin, hist, over, counts)), *self._stream(launch.device))
+                            *(_address(t) for t in (tau, cut, origin, hist, over, counts)), *self._stream(launch.device))
 
 
 KERNELS = CudaKernels(_C, on_gpu=True)
@@ -103,8 +111,8 @@ def cuda_epi_adamw(*args, **kwargs) -> None:
     fused_driver.fused_epi_adamw("cuda", *args, **kwargs)
 
 
-def window_thresholds(scores: list[Tensor], ks: list[int], anchors: list[int]) -> tuple[Tensor, Tensor]:
-    """launch.window_thresholds with the CUDA kernels (tests and benchmarks)."""
+def window_thresholds(scores: list[Tensor], ks: list[int], anchors: list[int]) -> tuple[Tensor, Tensor, Tensor]:
+    """launch.window_thresholds with the CUDA kernels (tests and benchmarks): (tau, repaired, cut)."""
     kernels, context = kernels_on(scores[0].device)
     with context:
         return launch_window_thresholds(kernels, scores, ks, anchors)

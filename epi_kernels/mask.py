@@ -13,7 +13,9 @@ import sys
 import torch
 from torch import Tensor
 
-__all__ = ["packed_numel", "pack_mask", "threshold_mask", "unpack_mask", "popcount", "jaccard", "jaccard_counts"]
+from .threshold import score_keys
+
+__all__ = ["packed_numel", "pack_mask", "threshold_mask", "score_mask", "unpack_mask", "popcount", "jaccard", "jaccard_counts"]
 
 assert sys.byteorder == "little", "packed masks assume a little-endian host"
 _BIT_WEIGHTS = torch.tensor([1 << i for i in range(8)], dtype=torch.uint8)
@@ -44,6 +46,11 @@ def threshold_mask(keys: Tensor, tau: int | Tensor, cut: int | None = None) -> T
     if cut is not None and cut < keys.numel():
         mask[cut:] = keys[cut:] > tau
     return pack_mask(mask)
+
+
+def score_mask(scores: Tensor, tau: int | Tensor) -> Tensor:
+    """:func:`threshold_mask` of the keys of scores."""
+    return threshold_mask(score_keys(scores), tau)
 
 
 def unpack_mask(packed: Tensor, numel: int) -> Tensor:

@@ -11,22 +11,21 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from .mask import jaccard_counts, popcount, threshold_mask
-from .threshold import (KEY_NONE, TIE_NONE, approx_threshold, approx_thresholds, exact_threshold, identity,
-                        isolation_k, score_keys, tie_counts, tie_cuts, window_bins)
+from .mask import jaccard_counts, packed_numel, popcount, score_mask, threshold_mask
+from .threshold import (KEY_NONE, TIE_NONE, approx_threshold, approx_thresholds, isolation_k,
+                        radix_thresholds, score_keys, score_slots, slices, tie_counts, tie_cuts)
 
 __all__ = ["RefreshOps", "EAGER_OPS", "Shard", "is_refresh_step", "refresh_due", "refresh_masks"]
 
 
 @dataclass(frozen=True)
 class RefreshOps:
-    """The elementwise passes of a refresh, on `prepare(scores)`: eager, that is the keys, computed
-    once; the compiled backend keeps the scores and fuses the key computation into each pass.
-    Either way the same integers come out."""
-    prepare: Callable[[Tensor], Tensor] = score_keys
-    keys: Callable[[Tensor], Tensor] = identity
-    bins: Callable[[Tensor, Tensor], Tensor] = window_bins
-    mask: Callable[[Tensor, Tensor], Tensor] = threshold_mask
+    """The elementwise passes of a refresh over scores, each run slice by slice (threshold.slices)
+    and computing keys as it goes: eager ATen ops, or their torch.compile'd forms (compiled
+    backend). Either way the same integers come out."""
+    keys: Callable[[Tensor], Tensor] = score_keys
+    bins: Callable[[Tensor, Tensor], Tensor] = score_slots
+    mask: Callable[[Tensor, Tensor], Tensor] = score_mask
 
 
 EAGER_OPS = RefreshOps()
@@ -64,21 +63,22 @@ def refresh_due(step: Tensor, refresh_interval: int, warmup_steps: int | None, s
     return due & (since == 0) if static else due
 
 
-def _global_values(scores: Tensor, prepare: Callable[[Tensor], Tensor]) -> Tensor:
-    """Keys of scores divided by their tensor's mean finite score (scope="global").
+def _global_values(scores: Tensor) -> Tensor:
+    """Scores divided by their tensor's mean finite score (scope="global"): an fp32 copy, the one
+    refresh temporary that scales with the tensor (4 B per element of the group).
 
     The mean is accumulated in float64; non-finite scores count as 0 and stay ineligible.
     """
-    s = scores.detach().to(torch.float32)
+    s = scores.detach()
     if s.numel() == 0:
-        return prepare(s)
-    mean = torch.where(s.isfinite(), s, 0.0).sum(dtype=torch.float64) / s.numel()
-    return prepare(s / mean.to(torch.float32))
+        return s.to(torch.float32)
+    total = sum(torch.where(part.isfinite(), part, 0).sum(dtype=torch.float64) for _, part in slices(s))
+    return s.to(torch.float32) / (total / s.numel()).to(torch.float32)
 
 
 def _threshold(values: Sequence[Tensor], k: int, anchor: int, mode: str, ops: RefreshOps) -> tuple[int, bool]:
-    if mode == "exact":
-        return exact_threshold([ops.keys(v) for v in values], k), True
+    if mode == "exact":  # the radix select: the exact k-th largest key, in bounded memory
+        return radix_thresholds([values], [k], keys=ops.keys)[0], True
     return approx_threshold(values, k, anchor, ops.bins, ops.keys)
 
 
@@ -101,10 +101,10 @@ def _cuts(values: Sequence[Tensor], taus: Sequence[tuple[int, bool]], ks: Sequen
     if not exact:
         return cuts
     if scope == "global":  # one selection over the group's tensors, in order
-        tau, keys = taus[0][0], [ops.keys(v) for v in values]
-        return tie_cuts(torch.stack([tie_counts(key, tau) for key in keys]), list(enumerate(keys)), tau, ks[0])
-    keys = {i: ops.keys(values[i]) for i in exact}
-    counts = torch.stack([tie_counts(keys[i], taus[i][0]) for i in exact])
+        tau = taus[0][0]
+        counts = torch.stack([tie_counts(v, tau, ops.keys) for v in values])
+        return tie_cuts(counts, list(enumerate(values)), tau, ks[0], ops.keys)
+    counts = torch.stack([tie_counts(values[i], taus[i][0], ops.keys) for i in exact])
     if shard is not None:  # every shard's counts, each in its own row: [shards, len(exact), 2]
         rows = torch.zeros(shard.shards, *counts.shape, dtype=torch.int64)
         rows[shard.position] = counts
@@ -112,8 +112,19 @@ def _cuts(values: Sequence[Tensor], taus: Sequence[tuple[int, bool]], ks: Sequen
     position = shard.position if shard is not None else 0
     for j, i in enumerate(exact):
         per_piece = counts[:, j] if shard is not None else counts[j:j + 1]
-        cuts[i] = tie_cuts(per_piece, [(position, keys[i])], taus[i][0], ks[i])[0]
+        cuts[i] = tie_cuts(per_piece, [(position, values[i])], taus[i][0], ks[i], ops.keys)[0]
     return cuts
+
+
+def _mask(values: Tensor, tau: int, cut: int, ops: RefreshOps) -> Tensor:
+    """The packed mask of threshold `tau` and tie cut `cut`, slice by slice."""
+    packed = torch.empty(packed_numel(values.numel()), dtype=torch.uint8, device=values.device)
+    at = torch.tensor(tau, dtype=torch.int32, device=values.device)
+    for start, part in slices(values):
+        local = cut - start  # the cut within this slice (<= 0: none of its tied keys)
+        words = ops.mask(part, at) if local >= part.numel() else threshold_mask(ops.keys(part), tau, max(local, 0))
+        packed[start // 8:start // 8 + words.numel()] = words
+    return packed
 
 
 def _apply(states: Sequence[dict], values: Sequence[Tensor], taus: Sequence[tuple[int, bool]], ks: Sequence[int],
@@ -121,8 +132,7 @@ def _apply(states: Sequence[dict], values: Sequence[Tensor], taus: Sequence[tupl
     """Masks from thresholds and tie cuts, their counts (summed over shards through one reduce),
     the states."""
     cuts = _cuts(values, taus, ks, ops, shard, scope)
-    packed = [ops.mask(v, torch.tensor(tau, dtype=torch.int32, device=v.device)) if cut == TIE_NONE
-              else threshold_mask(ops.keys(v), tau, cut) for v, (tau, _), cut in zip(values, taus, cuts)]
+    packed = [_mask(v, tau, cut, ops) for v, (tau, _), cut in zip(values, taus, cuts)]
     counts = [(popcount(st["isolation_mask"] & pk), popcount(pk)) for st, pk in zip(states, packed)]
     if shard is not None:  # shards: the whole tensors' counts
         counts = [tuple(row.unbind(0)) for row in shard.reduce(torch.stack([torch.stack(c) for c in counts]))]
@@ -155,7 +165,7 @@ def refresh_masks(states: Sequence[dict], *, isolation_ratio: float, scope: str,
             for batch in batches:
                 sts = [states[i] for i in batch]
                 shard = shards[batch[0]]
-                values = [ops.prepare(st["importance"].reshape(-1)) for st in sts]
+                values = [st["importance"].reshape(-1) for st in sts]
                 ks = [isolation_k(isolation_ratio, shards[i].numel if shards[i] else v.numel())
                       for i, v in zip(batch, values)]
                 anchors = [int(st["threshold_bits"]) for st in sts]
@@ -165,7 +175,7 @@ def refresh_masks(states: Sequence[dict], *, isolation_ratio: float, scope: str,
                     taus = approx_thresholds([[v] for v in values], ks, anchors, ops.bins, ops.keys, shard.reduce)
                 _apply(sts, values, taus, ks, ops, shard)
         return
-    values = [_global_values(state["importance"].reshape(-1), ops.prepare) for state in states]
+    values = [_global_values(state["importance"].reshape(-1)) for state in states]
     k = isolation_k(isolation_ratio, sum(v.numel() for v in values))
     anchor = int(states[0]["threshold_bits"]) if states else KEY_NONE
     tau = _threshold(values, k, anchor, threshold, ops)

@@ -48,7 +48,7 @@ Element order is the logical (row-major) order of the tensor, whatever its strid
 from __future__ import annotations
 
 from fractions import Fraction
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -57,7 +57,7 @@ __all__ = [
     "KEY_NONE", "TIE_NONE", "MANTISSA_BITS", "WINDOW_OCTAVES", "BIN_SHIFT", "BIN_WIDTH", "WINDOW_BINS",
     "RADIX_SHIFT", "RADIX_BATCH", "UNDER_SLOTS", "identity", "score_keys", "isolation_k", "tolerance", "window_origin", "window_bins", "window_histogram",
     "select_bin", "window_threshold", "radix_threshold", "radix_thresholds", "approx_threshold",
-    "approx_thresholds", "exact_threshold", "needs_tie_cut", "tie_counts", "tie_cuts", "tie_cut",
+    "approx_thresholds", "exact_threshold", "needs_tie_cut", "tie_counts", "tie_cuts", "tie_cut", "SLICE", "slices", "score_slots",
 ]
 
 KEY_NONE = 0x7F800000  # key of +inf: above every eligible key, so `key >= KEY_NONE` selects nothing
@@ -90,53 +90,6 @@ def tolerance(k: int) -> int:
     return max(k // 200, 4)
 
 
-def needs_tie_cut(k: int, above: int, tied: int) -> bool:
-    """Whether `key >= tau` (``above`` keys greater, ``tied`` equal) selects more than k + tolerance(k)
-    and so needs a tie cut (C5). Only an exact threshold can: the window's error is bounded."""
-    return above + tied > k + tolerance(k)
-
-
-def _nth_true(flags: Tensor, n: int) -> int:
-    """Flat index of the n-th (1-based) True of a bool tensor that holds at least n."""
-    return int(flags.nonzero()[n - 1, 0])
-
-
-def tie_counts(keys: Tensor, tau: int) -> Tensor:
-    """(#{key > tau}, #{key == tau}) of one piece of keys: int64 [2], on the CPU."""
-    return torch.stack([(keys > tau).sum(), (keys == tau).sum()]).cpu()
-
-
-def tie_cuts(counts: Tensor, pieces: Sequence[tuple[int, Tensor]], tau: int, k: int) -> list[int]:
-    """The tie cut of each held piece of one selection (threshold `tau`, top-k `k`).
-
-    A selection is one tensor, a param group's tensors in order (scope="global"), or a tensor's
-    shards in order (FSDP2). `counts` int64 [n, 2] holds :func:`tie_counts` of all n pieces in that
-    order; `pieces` are (index, keys) of the pieces this process holds. Every cut is TIE_NONE
-    unless :func:`needs_tie_cut`; then the first ``k - #{key > tau}`` tied keys in flat order across
-    the pieces are isolated: a piece's cut is 0 (none of its tied keys), TIE_NONE (all of them), or
-    one past the flat index of its last isolated tied key."""
-    above, tied = (int(c) for c in counts.sum(0))
-    if tau >= KEY_NONE or not needs_tie_cut(k, above, tied):
-        return [TIE_NONE] * len(pieces)
-    need = k - above  # in [1, tied]: tau is the exact k-th largest
-    before = torch.cumsum(counts[:, 1], 0) - counts[:, 1]
-    cuts = []
-    for j, key in pieces:
-        left = need - int(before[j])
-        if left <= 0:
-            cuts.append(0)
-        elif left >= int(counts[j, 1]):
-            cuts.append(TIE_NONE)
-        else:
-            cuts.append(_nth_true(key == tau, left) + 1)
-    return cuts
-
-
-def tie_cut(keys: Tensor, tau: int, k: int) -> int:
-    """The tie cut of one unsharded tensor's keys (:func:`tie_cuts` with a single piece)."""
-    return tie_cuts(tie_counts(keys, tau)[None], [(0, keys)], tau, k)[0]
-
-
 def window_origin(anchor: int | Tensor) -> int | Tensor:
     """First key of the window for a previous threshold `anchor`: one octave lower, bin aligned,
     and never below BIN_WIDTH, so that key 0 (ineligible) always falls below the window (a k-th
@@ -151,7 +104,86 @@ def identity(values: Tensor) -> Tensor:
     return values
 
 
+SLICE = 1 << 22  # elements per pass of the eager engine: its temporaries are bounded by a slice (4M elements: smaller slices cost more in allocation than they save)
+
+
+def slices(values: Tensor) -> Iterator[tuple[int, Tensor]]:
+    """(offset, view) of consecutive SLICE-element slices of a flat tensor (a multiple of 64, so
+    each slice's packed mask is whole words). Every eager pass works slice by slice: a refresh's
+    temporaries (keys, slots, comparisons) then take a few tens of MB whatever the tensor's size."""
+    for start in range(0, values.numel(), SLICE):
+        yield start, values[start:start + SLICE]
+
+
+def _keys(values: Sequence[Tensor], keys: Callable[[Tensor], Tensor]) -> Iterator[Tensor]:
+    """The keys of `values`, slice by slice."""
+    for v in values:
+        for _, part in slices(v):
+            yield keys(part)
+
+
+def needs_tie_cut(k: int, above: int, tied: int) -> bool:
+    """Whether `key >= tau` (``above`` keys greater, ``tied`` equal) selects more than k + tolerance(k)
+    and so needs a tie cut (C5). Only an exact threshold can: the window's error is bounded."""
+    return above + tied > k + tolerance(k)
+
+
+def _nth_tied(values: Tensor, tau: int, n: int, keys: Callable[[Tensor], Tensor]) -> int:
+    """Flat index of the n-th (1-based) key equal to tau, of values holding at least n of them."""
+    for start, part in slices(values):
+        tied = (keys(part) == tau).nonzero()
+        if n <= tied.shape[0]:
+            return start + int(tied[n - 1, 0])
+        n -= tied.shape[0]
+    raise ValueError("fewer tied keys than counted")
+
+
+def tie_counts(values: Tensor, tau: int, keys: Callable[[Tensor], Tensor] = identity) -> Tensor:
+    """(#{key > tau}, #{key == tau}) of one piece of values (`keys` maps them to keys): int64 [2], on the CPU."""
+    counts = torch.zeros(2, dtype=torch.int64)
+    for key in _keys([values], keys):
+        counts += torch.stack([(key > tau).sum(), (key == tau).sum()]).cpu()
+    return counts
+
+
+def tie_cuts(counts: Tensor, pieces: Sequence[tuple[int, Tensor]], tau: int, k: int,
+             keys: Callable[[Tensor], Tensor] = identity) -> list[int]:
+    """The tie cut of each held piece of one selection (threshold `tau`, top-k `k`).
+
+    A selection is one tensor, a param group's tensors in order (scope="global"), or a tensor's
+    shards in order (FSDP2). `counts` int64 [n, 2] holds :func:`tie_counts` of all n pieces in that
+    order; `pieces` are (index, values) of the pieces this process holds (`keys` maps values to
+    keys). Every cut is TIE_NONE unless :func:`needs_tie_cut`; then the first ``k - #{key > tau}``
+    tied keys in flat order across the pieces are isolated: a piece's cut is 0 (none of its tied keys), TIE_NONE (all of them), or
+    one past the flat index of its last isolated tied key."""
+    above, tied = (int(c) for c in counts.sum(0))
+    if tau >= KEY_NONE or not needs_tie_cut(k, above, tied):
+        return [TIE_NONE] * len(pieces)
+    need = k - above  # in [1, tied]: tau is the exact k-th largest
+    before = torch.cumsum(counts[:, 1], 0) - counts[:, 1]
+    cuts = []
+    for j, piece in pieces:
+        left = need - int(before[j])
+        if left <= 0:
+            cuts.append(0)
+        elif left >= int(counts[j, 1]):
+            cuts.append(TIE_NONE)
+        else:
+            cuts.append(_nth_tied(piece, tau, left, keys) + 1)
+    return cuts
+
+
+def tie_cut(values: Tensor, tau: int, k: int, keys: Callable[[Tensor], Tensor] = identity) -> int:
+    """The tie cut of one unsharded tensor (:func:`tie_cuts` with a single piece)."""
+    return tie_cuts(tie_counts(values, tau, keys)[None], [(0, values)], tau, k, keys)[0]
+
+
 UNDER_SLOTS = 64  # keys below the window are spread over this many slots (see window_bins)
+
+
+def score_slots(scores: Tensor, origin: int | Tensor) -> Tensor:
+    """:func:`window_bins` of the keys of scores (one pass from scores to slots)."""
+    return window_bins(score_keys(scores), origin)
 
 
 def window_bins(key: Tensor, origin: int | Tensor) -> Tensor:
@@ -171,8 +203,9 @@ def _window_slots(values: Sequence[Tensor], origin: int, bins: Callable[[Tensor,
     slots = WINDOW_BINS + 2 + UNDER_SLOTS
     counts = torch.zeros(slots, dtype=torch.int64)
     for v in values:
-        b = bins(v, torch.tensor(origin, dtype=torch.int32, device=v.device))
-        counts += torch.bincount(b, minlength=slots).cpu()
+        at = torch.tensor(origin, dtype=torch.int32, device=v.device)
+        for _, part in slices(v):
+            counts += torch.bincount(bins(part, at), minlength=slots).cpu()
     return counts
 
 
@@ -220,20 +253,24 @@ def window_threshold(counts: Tensor, over: int, k: int, origin: int) -> int | No
     return bin_hi - -(-need * BIN_WIDTH // count)  # >= the bin's low edge >= origin >= 1
 
 
-def radix_thresholds(keys: Sequence[Sequence[Tensor]], ks: Sequence[int],
-                     reduce: Callable[[Tensor], Tensor] = identity) -> list[int]:
+def radix_thresholds(values: Sequence[Sequence[Tensor]], ks: Sequence[int],
+                     reduce: Callable[[Tensor], Tensor] = identity,
+                     keys: Callable[[Tensor], Tensor] = identity) -> list[int]:
     """:func:`radix_threshold` of several tensors at once: each level's counts of all of them go
-    through one `reduce` (one collective per level for sharded tensors)."""
+    through one `reduce` (one collective per level for sharded tensors). `keys` maps values to keys
+    (identity: they are keys), slice by slice."""
     n_hi, n_lo = 1 << (31 - RADIX_SHIFT), 1 << RADIX_SHIFT
     hi, zeros = [], []
-    for tensor_keys in keys:
+    for tensor_values in values:
         counts = torch.zeros(n_hi, dtype=torch.int64)
-        for key in tensor_keys:
+        zero = 0
+        for key in _keys(tensor_values, keys):
             counts += torch.bincount(key >> RADIX_SHIFT, minlength=n_hi).cpu()
-        zeros.append(sum(int((key == 0).sum()) for key in tensor_keys))
-        counts[0] -= zeros[-1]  # key 0 (ineligible) shares bucket 0 with the smallest denormals
+            zero += int((key == 0).sum())
+        zeros.append(zero)
+        counts[0] -= zero  # key 0 (ineligible) shares bucket 0 with the smallest denormals
         hi.append(counts)
-    taus, level2 = [KEY_NONE] * len(keys), []
+    taus, level2 = [KEY_NONE] * len(values), []
     for i, counts in enumerate(reduce(torch.stack(hi)) if hi else []):
         found = select_bin(counts, 0, min(ks[i], int(counts.sum())))  # k clipped to the eligible keys
         if found is not None:
@@ -241,7 +278,7 @@ def radix_thresholds(keys: Sequence[Sequence[Tensor]], ks: Sequence[int],
     lo = []
     for i, bucket, _ in level2:
         counts = torch.zeros(n_lo, dtype=torch.int64)
-        for key in keys[i]:
+        for key in _keys(values[i], keys):
             counts += torch.bincount(key[(key >> RADIX_SHIFT) == bucket] & (n_lo - 1), minlength=n_lo).cpu()
         if bucket == 0:
             counts[0] -= zeros[i]
@@ -281,8 +318,7 @@ def approx_thresholds(values: Sequence[Sequence[Tensor]], ks: Sequence[int], anc
     repair = [i for i, k in enumerate(ks) if k >= 1 and i not in answered]
     for j in range(0, len(repair), RADIX_BATCH):  # bounded memory: 512 KiB of level-1 counts per tensor
         part = repair[j:j + RADIX_BATCH]
-        for i, tau in zip(part, radix_thresholds([[keys(v) for v in values[i]] for i in part], [ks[i] for i in part],
-                                                 reduce)):
+        for i, tau in zip(part, radix_thresholds([values[i] for i in part], [ks[i] for i in part], reduce, keys)):
             out[i] = (tau, True)
     return out
 
@@ -302,7 +338,8 @@ def approx_threshold(values: Sequence[Tensor], k: int, anchor: int,
 
 
 def exact_threshold(keys: Sequence[Tensor], k: int) -> int:
-    """Exact k-th largest eligible key with torch.kthvalue (threshold="exact"; also a test oracle)."""
+    """Exact k-th largest eligible key with torch.kthvalue: the tests' oracle (threshold="exact"
+    refreshes with :func:`radix_thresholds`, the same integer in bounded memory)."""
     eligible = torch.cat([key[key > 0] for key in keys]) if keys else torch.zeros(0, dtype=torch.int32)
     k = min(k, eligible.numel())
     if k < 1:

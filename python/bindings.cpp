@@ -1,7 +1,7 @@
 // pybind11 module epi_kernels._C: thin wrappers of the launch functions in csrc/epi_kernels.h.
 // Tensors arrive as raw device addresses (int), the stream as its cudaStream_t address (int), so no
-// torch header is needed. Pointer types follow csrc/epi_kernels.h (int64 counts, int32 thresholds,
-// flags and origins). Every wrapper raises RuntimeError with the CUDA error name and message
+// torch header is needed. Pointer types follow csrc/epi_kernels.h (int64 counts and tie cuts, int32
+// thresholds, flags and origins). Every wrapper raises RuntimeError with the CUDA error name and message
 // when a launch fails (no driver, no device, bad configuration): never a silent no-op.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -41,13 +41,14 @@ epi::DType dtype(int code) {
 }  // namespace
 
 epi::StepInputs step_inputs(const std::array<double, epi::SCALAR_COUNT>& s, uintptr_t device_scalars,
-                            uintptr_t control, uintptr_t tau, uintptr_t origin, uintptr_t hist, uintptr_t over,
-                            uintptr_t counts) {
+                            uintptr_t control, uintptr_t tau, uintptr_t cut, uintptr_t origin, uintptr_t hist,
+                            uintptr_t over, uintptr_t counts) {
   const epi::StepScalars sc{static_cast<float>(s[0]), static_cast<float>(s[1]), static_cast<float>(s[2]),
                             static_cast<float>(s[3]), static_cast<float>(s[4]), static_cast<float>(s[5]),
                             static_cast<float>(s[6]), static_cast<float>(s[7]), static_cast<float>(s[8])};
   return {sc, ptr<const float>(device_scalars), ptr<const int32_t>(control), ptr<const int32_t>(tau),
-          ptr<const int32_t>(origin), ptr<int64_t>(hist), ptr<int64_t>(over), ptr<int64_t>(counts)};
+          ptr<const int64_t>(cut), ptr<const int32_t>(origin), ptr<int64_t>(hist), ptr<int64_t>(over),
+          ptr<int64_t>(counts)};
 }
 
 PYBIND11_MODULE(_C, m) {
@@ -62,6 +63,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("constants", [] {
     py::dict d;
     d["KEY_NONE"] = epi::KEY_NONE;
+    d["TIE_NONE"] = epi::TIE_NONE;
     d["MANTISSA_BITS"] = epi::MANTISSA_BITS;
     d["WINDOW_OCTAVES"] = epi::WINDOW_OCTAVES;
     d["BIN_SHIFT"] = epi::BIN_SHIFT;
@@ -92,16 +94,16 @@ PYBIND11_MODULE(_C, m) {
 
   m.def("fused_step", [](uintptr_t table, uintptr_t chunks, int programs, int param_dtype, int score_dtype,
                          unsigned flags, const std::array<double, epi::SCALAR_COUNT>& scalars,
-                         uintptr_t device_scalars, uintptr_t control, uintptr_t tau, uintptr_t origin,
+                         uintptr_t device_scalars, uintptr_t control, uintptr_t tau, uintptr_t cut, uintptr_t origin,
                          uintptr_t hist, uintptr_t over, uintptr_t counts, uintptr_t stream) {
     check(epi::fused_step(tables(table, chunks, programs), dtype(param_dtype), dtype(score_dtype), flags,
-                          step_inputs(scalars, device_scalars, control, tau, origin, hist, over, counts),
+                          step_inputs(scalars, device_scalars, control, tau, cut, origin, hist, over, counts),
                           stream_of(stream)),
           "fused_step");
   }, "The fused EPI-AdamW step over a launch group (see csrc/epi_kernels.h).",
         py::arg("table"), py::arg("chunks"), py::arg("programs"), py::arg("param_dtype"), py::arg("score_dtype"),
         py::arg("flags"), py::arg("scalars"), py::arg("device_scalars"), py::arg("control"), py::arg("tau"),
-        py::arg("origin"), py::arg("hist"), py::arg("over"), py::arg("counts"), py::arg("stream"));
+        py::arg("cut"), py::arg("origin"), py::arg("hist"), py::arg("over"), py::arg("counts"), py::arg("stream"));
 
   m.def("window_histogram", [](uintptr_t table, uintptr_t chunks, int programs, int score_dtype, uintptr_t origin,
                                uintptr_t hist, uintptr_t over, uintptr_t stream) {
@@ -119,16 +121,17 @@ PYBIND11_MODULE(_C, m) {
   }, "Thresholds from window histograms, or repair flags.", py::arg("tensors"), py::arg("hist"), py::arg("over"),
         py::arg("origin"), py::arg("k"), py::arg("tau"), py::arg("repair"), py::arg("stream"));
 
-  m.def("radix_repair", [](uintptr_t table, uintptr_t chunks, int programs, int tensors, int score_dtype,
+  m.def("radix_repair", [](uintptr_t table, uintptr_t chunks, int programs, int tensors, int score_dtype, uintptr_t k,
                            uintptr_t repair, uintptr_t prefix, uintptr_t need, uintptr_t scratch, uintptr_t tau,
-                           uintptr_t stream) {
-    check(epi::radix_repair(tables(table, chunks, programs), tensors, dtype(score_dtype), ptr<int32_t>(repair),
-                            ptr<int32_t>(prefix), ptr<int64_t>(need), ptr<int64_t>(scratch), ptr<int32_t>(tau),
-                            stream_of(stream)),
+                           uintptr_t cut, uintptr_t ties, uintptr_t stream) {
+    check(epi::radix_repair(tables(table, chunks, programs), tensors, dtype(score_dtype), ptr<const int64_t>(k),
+                            ptr<int32_t>(repair), ptr<int32_t>(prefix), ptr<int64_t>(need), ptr<int64_t>(scratch),
+                            ptr<int32_t>(tau), ptr<int64_t>(cut), ptr<int32_t>(ties), stream_of(stream)),
           "radix_repair");
-  }, "Exact thresholds of the flagged tensors (radix select over the stored scores).", py::arg("table"),
-        py::arg("chunks"), py::arg("programs"), py::arg("tensors"), py::arg("score_dtype"), py::arg("repair"),
-        py::arg("prefix"), py::arg("need"), py::arg("scratch"), py::arg("tau"), py::arg("stream"));
+  }, "Exact thresholds of the flagged tensors (radix select over the stored scores), then their tie cuts.",
+        py::arg("table"), py::arg("chunks"), py::arg("programs"), py::arg("tensors"), py::arg("score_dtype"),
+        py::arg("k"), py::arg("repair"), py::arg("prefix"), py::arg("need"), py::arg("scratch"), py::arg("tau"),
+        py::arg("cut"), py::arg("ties"), py::arg("stream"));
 
   py::module_ host = m.def_submodule("host", "The __host__ __device__ element and threshold functions run on CPU buffers (test harness)");
   bind_host_harness(host);

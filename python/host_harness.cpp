@@ -18,8 +18,8 @@
 namespace py = pybind11;
 
 epi::StepInputs step_inputs(const std::array<double, epi::SCALAR_COUNT>& s, uintptr_t device_scalars,
-                            uintptr_t control, uintptr_t tau, uintptr_t origin, uintptr_t hist, uintptr_t over,
-                            uintptr_t counts);  // bindings.cpp
+                            uintptr_t control, uintptr_t tau, uintptr_t cut, uintptr_t origin, uintptr_t hist,
+                            uintptr_t over, uintptr_t counts);  // bindings.cpp
 
 namespace {
 
@@ -56,6 +56,7 @@ void fused_step(uintptr_t table, uintptr_t chunks, int programs, unsigned flags,
   if ((flags & epi::STEP_DEVICE) && in.control[epi::CTRL_SKIP]) return;
   flags = epi::flags_in_force(flags, in.control);
   const int32_t *tau = in.tau, *origin = in.origin;
+  const int64_t* cut = in.cut;
   int64_t *hist = in.hist, *over = in.over, *counts = in.counts;
   for (int b = 0; b < programs; ++b) {
     const HostChunk c = chunk(table, chunks, b);
@@ -63,16 +64,22 @@ void fused_step(uintptr_t table, uintptr_t chunks, int programs, unsigned flags,
         ? epi::scalars_row(in.device_scalars + c.tensor * epi::SCALAR_COUNT) : in.scalars;
     PR* vmax = (flags & epi::STEP_AMSGRAD) ? column<PR>(c, epi::COL_MAX_EXP_AVG_SQ) : nullptr;
     uint8_t* mask = column<uint8_t>(c, epi::COL_MASK);
+    const bool refresh = flags & epi::STEP_REFRESH;
+    const int32_t t_tau = refresh ? tau[c.tensor] : epi::KEY_NONE;
+    // the tie cut as an offset in the chunk, then as lanes of each group (fused_step.cu's BlockState)
+    const int chunk_cut = epi::below_cut(c.first, refresh ? cut[c.tensor] : epi::TIE_NONE,
+                                         static_cast<int>(epi::CHUNK));
     for (int64_t i = c.first; i < c.end; i += 8) {
       const int valid = c.end - i < 8 ? static_cast<int>(c.end - i) : 8;
       int32_t keys[8];
       const unsigned old = mask[i >> 3];
-      const unsigned bits = epi::step_group<P, S>(
-          column<PR>(c, epi::COL_PARAM) + i, column<const PR>(c, epi::COL_GRAD) + i,
-          column<PR>(c, epi::COL_EXP_AVG) + i, column<PR>(c, epi::COL_EXP_AVG_SQ) + i, vmax ? vmax + i : nullptr,
-          column<SR>(c, epi::COL_IMPORTANCE) + i, old, valid, (flags & epi::STEP_REFRESH) ? tau[c.tensor] : epi::KEY_NONE,
-          sc, flags, keys);
-      if (flags & epi::STEP_REFRESH) {
+      SR* s = column<SR>(c, epi::COL_IMPORTANCE) + i;
+      const int lanes = epi::below_cut(static_cast<int>(i - c.first), chunk_cut, 8);
+      const unsigned bits = refresh ? epi::refresh_bits<S>(s, valid, t_tau, lanes) : old;
+      epi::step_group<P, S>(column<PR>(c, epi::COL_PARAM) + i, column<const PR>(c, epi::COL_GRAD) + i,
+                            column<PR>(c, epi::COL_EXP_AVG) + i, column<PR>(c, epi::COL_EXP_AVG_SQ) + i,
+                            vmax ? vmax + i : nullptr, s, bits, valid, sc, flags, keys);
+      if (refresh) {
         mask[i >> 3] = static_cast<uint8_t>(bits);
         counts[2 * c.tensor] += __builtin_popcount(bits);
         counts[2 * c.tensor + 1] += __builtin_popcount(bits & old);
@@ -139,8 +146,82 @@ void window_select(int tensors, const int64_t* hist, const int64_t* over, const 
                        k[t], tau + t, repair + t);
 }
 
-void radix_repair(uintptr_t table, uintptr_t chunks, int programs, int tensors, int score_dtype, int32_t* repair,
-                  int32_t* prefix, int64_t* need, int64_t* scratch, int32_t* tau) {
+// The tie pass (select.cu). tie_count_kernel: per program (chunk) of a flagged tensor, its keys equal
+// to tau, and the tensor's first program.
+void tie_count(uintptr_t table, uintptr_t chunks, int programs, int score_dtype, const int32_t* repair,
+               const int32_t* tau, int32_t* chunk_ties, int32_t* first_program) {
+  for (int b = 0; b < programs; ++b) {
+    const HostChunk c = chunk(table, chunks, b);
+    if (!repair[c.tensor]) continue;
+    int tied = 0;
+    for (int64_t i = c.first; i < c.end; ++i) tied += epi::score_key(score(score_dtype, c, i)) == tau[c.tensor];
+    chunk_ties[b] = tied;
+    if (c.first == 0) first_program[c.tensor] = b;
+  }
+}
+
+// The tied keys of the groups of 8 * THREADS elements from `base` (to `end`) by thread, as tie_find_kernel's
+// block sees them (tied_lanes), and their sum.
+int tile_ties(int score_dtype, const HostChunk& c, int64_t base, int64_t end, int32_t tau, unsigned* tied) {
+  int total = 0;
+  for (int th = 0; th < epi::THREADS; ++th) {
+    const int64_t i = base + 8 * th;
+    const int valid = end - i <= 0 ? 0 : end - i >= 8 ? 8 : static_cast<int>(end - i);
+    int32_t keys[8];
+    for (int j = 0; j < 8; ++j) keys[j] = j < valid ? epi::score_key(score(score_dtype, c, i + j)) : 0;
+    tied[th] = epi::tied_lanes(keys, valid, tau);
+    total += __builtin_popcount(tied[th]);
+  }
+  return total;
+}
+
+// tie_find_kernel for tensor t: the chunk counts THREADS at a time (the block's prefix scan) up to the
+// chunk holding the need-th tied key, then that chunk's tiles of 8 * THREADS elements up to its group,
+// then nth_lane.
+void tie_find(uintptr_t table, int score_dtype, int t, const int32_t* chunk_ties, const int32_t* first_program,
+              int32_t* repair, const int64_t* need, const int32_t* tau, int64_t* cut) {
+  if (!repair[t]) return;
+  repair[t] = 0;
+  const int64_t* row = ptr<const int64_t>(table) + static_cast<int64_t>(t) * epi::TABLE_WIDTH;
+  const int64_t numel = row[epi::COL_NUMEL], chunks = (numel + epi::CHUNK - 1) / epi::CHUNK;
+  const int32_t* ties = chunk_ties + first_program[t];
+  int64_t left = need[t], found = -1;
+  for (int64_t base = 0; base < chunks && found < 0; base += epi::THREADS) {
+    int total = 0;
+    for (int64_t c = base; c < base + epi::THREADS && c < chunks; ++c) total += ties[c];
+    if (left > total) {
+      left -= total;
+      continue;
+    }
+    for (int64_t c = base; found < 0; ++c) {
+      if (left <= ties[c]) found = c;
+      else left -= ties[c];
+    }
+  }
+  if (found < 0) return;
+  const int64_t first = found * epi::CHUNK, end = first + epi::CHUNK < numel ? first + epi::CHUNK : numel;
+  const HostChunk c{t, row, first, end};
+  for (int64_t base = first; base < end; base += 8 * epi::THREADS) {
+    unsigned tied[epi::THREADS];
+    const int total = tile_ties(score_dtype, c, base, end, tau[t], tied);
+    if (left > total) {
+      left -= total;
+      continue;
+    }
+    int before = 0;
+    for (int th = 0; th < epi::THREADS; ++th) {
+      const int count = __builtin_popcount(tied[th]);
+      if (before < left && left <= before + count)
+        cut[t] = base + 8 * th + epi::nth_lane(tied[th], static_cast<int>(left - before)) + 1;
+      before += count;
+    }
+    return;
+  }
+}
+
+void radix_repair(uintptr_t table, uintptr_t chunks, int programs, int tensors, int score_dtype, const int64_t* k0,
+                  int32_t* repair, int32_t* prefix, int64_t* need, int64_t* scratch, int32_t* tau, int64_t* cut,
+                  int32_t* ties) {
   for (int level = 0; level < epi::RADIX_LEVELS; ++level) {
     for (int b = 0; b < programs; ++b) {  // radix_count_kernel
       const HostChunk c = chunk(table, chunks, b);
@@ -162,9 +243,12 @@ void radix_repair(uintptr_t table, uintptr_t chunks, int programs, int tensors, 
       }
       const epi::BinHit hit = sliced_select_bin(row, nbins, 0, k);
       for (int d = 0; d < nbins; ++d) row[d] = 0;
-      epi::radix_finish(level, hit, prefix + t, need + t, tau + t, repair + t);
+      epi::radix_finish(level, hit, k0[t], prefix + t, need + t, tau + t, repair + t);
     }
   }
+  int32_t *chunk_ties = ties, *first_program = ties + programs;
+  tie_count(table, chunks, programs, score_dtype, repair, tau, chunk_ties, first_program);
+  for (int t = 0; t < tensors; ++t) tie_find(table, score_dtype, t, chunk_ties, first_program, repair, need, tau, cut);
 }
 
 }  // namespace
@@ -172,9 +256,9 @@ void radix_repair(uintptr_t table, uintptr_t chunks, int programs, int tensors, 
 void bind_host_harness(py::module_& m) {
   m.def("fused_step", [](uintptr_t table, uintptr_t chunks, int programs, int param_dtype, int score_dtype,
                          unsigned flags, const std::array<double, epi::SCALAR_COUNT>& scalars,
-                         uintptr_t device_scalars, uintptr_t control, uintptr_t tau, uintptr_t origin,
+                         uintptr_t device_scalars, uintptr_t control, uintptr_t tau, uintptr_t cut, uintptr_t origin,
                          uintptr_t hist, uintptr_t over, uintptr_t counts) {
-    const epi::StepInputs in = step_inputs(scalars, device_scalars, control, tau, origin, hist, over, counts);
+    const epi::StepInputs in = step_inputs(scalars, device_scalars, control, tau, cut, origin, hist, over, counts);
     auto run = [&](auto param) { fused_step<decltype(param)>(score_dtype, table, chunks, programs, flags, in); };
     switch (param_dtype) {
       case epi::DTYPE_F32: run(epi::F32{}); break;
@@ -184,8 +268,8 @@ void bind_host_harness(py::module_& m) {
     }
   }, "_C.fused_step on CPU tensors.", py::arg("table"), py::arg("chunks"), py::arg("programs"),
         py::arg("param_dtype"), py::arg("score_dtype"), py::arg("flags"), py::arg("scalars"),
-        py::arg("device_scalars"), py::arg("control"), py::arg("tau"), py::arg("origin"), py::arg("hist"),
-        py::arg("over"), py::arg("counts"));
+        py::arg("device_scalars"), py::arg("control"), py::arg("tau"), py::arg("cut"), py::arg("origin"),
+        py::arg("hist"), py::arg("over"), py::arg("counts"));
   m.def("window_histogram", [](uintptr_t table, uintptr_t chunks, int programs, int score_dtype, uintptr_t origin,
                                uintptr_t hist, uintptr_t over) {
     window_histogram(table, chunks, programs, score_dtype, ptr<const int32_t>(origin), ptr<int64_t>(hist), ptr<int64_t>(over));
@@ -197,13 +281,15 @@ void bind_host_harness(py::module_& m) {
                   ptr<const int64_t>(k), ptr<int32_t>(tau), ptr<int32_t>(repair));
   }, "_C.window_select on CPU tensors.", py::arg("tensors"), py::arg("hist"), py::arg("over"), py::arg("origin"),
         py::arg("k"), py::arg("tau"), py::arg("repair"));
-  m.def("radix_repair", [](uintptr_t table, uintptr_t chunks, int programs, int tensors, int score_dtype,
-                           uintptr_t repair, uintptr_t prefix, uintptr_t need, uintptr_t scratch, uintptr_t tau) {
-    radix_repair(table, chunks, programs, tensors, score_dtype, ptr<int32_t>(repair), ptr<int32_t>(prefix),
-                 ptr<int64_t>(need), ptr<int64_t>(scratch), ptr<int32_t>(tau));
+  m.def("radix_repair", [](uintptr_t table, uintptr_t chunks, int programs, int tensors, int score_dtype, uintptr_t k,
+                           uintptr_t repair, uintptr_t prefix, uintptr_t need, uintptr_t scratch, uintptr_t tau,
+                           uintptr_t cut, uintptr_t ties) {
+    radix_repair(table, chunks, programs, tensors, score_dtype, ptr<const int64_t>(k), ptr<int32_t>(repair),
+                 ptr<int32_t>(prefix), ptr<int64_t>(need), ptr<int64_t>(scratch), ptr<int32_t>(tau), ptr<int64_t>(cut),
+                 ptr<int32_t>(ties));
   }, "_C.radix_repair on CPU tensors.", py::arg("table"), py::arg("chunks"), py::arg("programs"), py::arg("tensors"),
-        py::arg("score_dtype"), py::arg("repair"), py::arg("prefix"), py::arg("need"), py::arg("scratch"),
-        py::arg("tau"));
+        py::arg("score_dtype"), py::arg("k"), py::arg("repair"), py::arg("prefix"), py::arg("need"), py::arg("scratch"),
+        py::arg("tau"), py::arg("cut"), py::arg("ties"));
   m.def("round_to", [](int dtype, uintptr_t src, uintptr_t dst, int64_t n) {
     if (dtype != epi::DTYPE_BF16 && dtype != epi::DTYPE_F16) throw std::invalid_argument("round_to: dtype must be bf16 or f16");
     const float* x = ptr<const float>(src);

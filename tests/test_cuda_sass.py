@@ -124,7 +124,8 @@ def fused_step_name(names, param, score, hist):
 
 
 INSTANTIATIONS = [(p, s, h) for p in ("F32", "BF16", "F16") for s in ("F32", "BF16") for h in (False, True)]
-OTHER_KERNELS = ["window_histogram_kernel", "radix_count_kernel", "radix_select_kernel", "window_select_kernel"]
+OTHER_KERNELS = ["window_histogram_kernel", "radix_count_kernel", "radix_select_kernel", "window_select_kernel",
+                 "tie_count_kernel", "tie_find_kernel"]
 
 
 def test_every_instantiation_is_built():

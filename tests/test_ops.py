@@ -48,10 +48,11 @@ def _median_keys(scores):
 def test_opcheck_fused_step(kernels, mode):
     lists = _lists()
     t = len(SIZES)
-    tau = origin = hist = over = counts = scalars = control = None
+    tau = cut = origin = hist = over = counts = scalars = control = None
     median = _median_keys(lists[6])
     if mode in ("refresh", "device"):
         tau, counts = median, torch.zeros(t, 2, dtype=torch.int64)
+        cut = torch.tensor([n // 3 for n in SIZES], dtype=torch.int64)  # tie cuts inside the tensors
     if mode in ("collect", "device"):
         origin = origins(median)  # a window the new scores fall in: the histograms get counts
         hist, over = torch.zeros(t, WINDOW_BINS, dtype=torch.int64), torch.zeros(t, dtype=torch.int64)
@@ -60,7 +61,7 @@ def test_opcheck_fused_step(kernels, mode):
                                       importance_beta=0.99)
         control = torch.tensor([1, 1, 0], dtype=torch.int32)
     _opcheck(torch.ops.epi_kernels.fused_step_.default,
-             (*lists, tau, origin, hist, over, counts, scalars, control, kernels), HYPER)
+             (*lists, tau, cut, origin, hist, over, counts, scalars, control, kernels), HYPER)
 
 
 @pytest.mark.parametrize("kernels", CPU_KERNEL_BACKENDS)
@@ -129,7 +130,7 @@ def test_fake_tensors_reach_the_fake_implementations():
     with FakeTensorMode():
         scores = [torch.empty(n) for n in SIZES]
         hist, over = ops.window_histogram(scores, torch.zeros(len(SIZES), dtype=torch.int32), "cuda")
-        tau, repaired, k = ops.select_thresholds(scores, hist, over, torch.zeros(len(SIZES), dtype=torch.int32),
+        tau, repaired, k, cut = ops.select_thresholds(scores, hist, over, torch.zeros(len(SIZES), dtype=torch.int32),
                                                  0.1, "triton")
-    assert hist.shape == (len(SIZES), WINDOW_BINS) and over.shape == tau.shape == k.shape == (len(SIZES),)
+    assert hist.shape == (len(SIZES), WINDOW_BINS) and over.shape == tau.shape == k.shape == cut.shape == (len(SIZES),)
     assert repaired.dtype == torch.bool

@@ -77,7 +77,7 @@ def recorded_launches():
             device = DeviceInputs(torch.zeros(1, SCALAR_COUNT), torch.zeros(len(CONTROL), dtype=torch.int32)) \
                 if flags.device else None
             rec.fused_step(launch, (0.5,) * SCALAR_COUNT, flags, i32 if flags.refresh else None,
-                           i32 if flags.hist else None, launch.zeros(WINDOW_BINS, dtype=torch.int64) if flags.hist else None,
+                           i64 if flags.refresh else None, i32 if flags.hist else None, launch.zeros(WINDOW_BINS, dtype=torch.int64) if flags.hist else None,
                            i64 if flags.hist else None, launch.zeros(2, dtype=torch.int64) if flags.refresh else None,
                            device)
         launch = _launch(param_dtype, score_dtype, aligned, False)
@@ -85,7 +85,7 @@ def recorded_launches():
         rec.window_histogram(launch, launch.zeros(), hist, over)
         for gate in (None, torch.ones((), dtype=torch.int32)):
             rec.select(launch, hist, over, launch.zeros(), launch.zeros(dtype=torch.int64), launch.zeros(),
-                       launch.zeros(), gate)
+                       launch.zeros(), launch.zeros(dtype=torch.int64), gate)
     return rec.launches
 
 

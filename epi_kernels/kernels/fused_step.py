@@ -1,12 +1,14 @@
 """The fused EPI-AdamW step: one pass over memory per element, for all tensors of a launch.
 
-Per element: load p, g, m, v (and the amsgrad max), the score s and the mask bit; on a refresh
-step set the bit from the start-of-step score against the tensor's new threshold and tie cut
-(threshold.tie_cuts: from flat index `cut` on, a key must exceed tau) and write the packed mask;
-update the score EMA, the Adam moments and, where the element is not isolated, the parameter (an
-isolated element is stored back with its own bits); on a step before a refresh, count the new score into the tensor's window histogram. Math is fp32 whatever the storage dtypes, in the
-order of torch's for-loop AdamW (see :func:`epi_kernels.compiled._tensor_step`, the same math in
-torch ops), each operation rounded on its own: the launcher turns FMA contraction off.
+Per element: load p, g, m, v (and the amsgrad max), the score s and the mask bit; update the score
+EMA, the Adam moments and, where the element is not isolated, the parameter (an isolated element
+is stored back with its own bits); on a step before a refresh, count the new score into the
+tensor's window histogram. On a refresh step a program first sets its chunk's new mask bits from
+the start-of-step scores, the tensor's new threshold and its tie cut (threshold.tie_cuts: from
+flat index `cut` on, a key must exceed tau), then steps with them. Math is fp32 whatever the
+storage dtypes, in the order of torch's for-loop AdamW (see :func:`epi_kernels.compiled._tensor_step`,
+the same math in torch ops), each operation rounded on its own: the launcher turns FMA contraction
+off.
 
 What makes it run at memory speed, each checked on the compiled PTX/SASS by
 tests/test_triton_compile.py:
@@ -26,7 +28,7 @@ import triton.language as tl
 from .rounding import to_storage
 from .tensor_table import (CTRL_HIST, CTRL_REFRESH, CTRL_SKIP, EXP_AVG, EXP_AVG_SQ, GRAD, IMPORTANCE, MASK,
                            MAX_EXP_AVG_SQ, PARAM, SCALARS, column, load_chunk)
-from .threshold_math import KEY_NONE, TIE_NONE, WINDOW_BINS, count_in_window, score_key
+from .threshold_math import WINDOW_BINS, count_in_window, score_key
 
 # launch.StepFlags.bits
 SQ, MAXIMIZE, REFRESH, HIST, DEVICE = (tl.constexpr(1 << i) for i in (0, 1, 3, 4, 5))
@@ -49,13 +51,40 @@ def _store(ptr, offs, x, inb, MASKED: tl.constexpr):
 
 
 @triton.jit
-def _step_tile(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, s_ptr, mask_ptr, start, n, refresh, tau, cut, sq, maximize,
+def _refresh_chunk(s_ptr, mask_ptr, first, count, tau, cut, BLOCK: tl.constexpr):
+    """Set the new mask bits of the `count` elements of a chunk from `first`: key(start-of-step
+    score) >= tau, and > tau from the chunk's element `cut` on (the tie cut, relative to `first`).
+    Returns (isolated, kept from the old mask) of the chunk.
+
+    A pass of its own before the step's loop: it reads the scores (4 B per element, on refresh
+    steps only) and writes the packed mask, which the step's loop then reads as on any step, so
+    the vector loop carries no refresh logic (the registers it would take cost occupancy)."""
+    rows = tl.arange(0, BLOCK // 8)[:, None]
+    lanes = tl.arange(0, 8)[None, :]
+    offs = rows * 8 + lanes
+    isolated = tl.zeros([], tl.int32)
+    kept = tl.zeros([], tl.int32)
+    for i in range(tl.cdiv(tl.maximum(count, 0), BLOCK)):
+        start = first + i * BLOCK
+        left = tl.minimum(count - i * BLOCK, BLOCK)
+        inb = offs < left
+        byte_inb = rows * 8 < left
+        key = score_key(tl.load(s_ptr + start + offs, mask=inb, other=0).to(tl.float32))
+        old = (tl.load(mask_ptr + (start >> 3) + rows, mask=byte_inb, other=0).to(tl.int32) >> lanes) & 1
+        bit = ((key >= tau + (offs >= cut - i * BLOCK).to(tl.int32)) & inb).to(tl.int32)
+        isolated += tl.sum(tl.sum(bit, 1), 0)
+        kept += tl.sum(tl.sum(bit & old, 1), 0)
+        tl.store(mask_ptr + (start >> 3) + rows, tl.sum(bit << lanes, 1, keep_dims=True).to(tl.uint8), mask=byte_inb)
+    return isolated, kept
+
+
+@triton.jit
+def _step_tile(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, s_ptr, mask_ptr, start, n, sq, maximize,
                origin, hist_row, decay, step_size, one_minus_beta1, beta2, one_minus_beta2, bc2_sqrt, eps, ibeta,
                one_minus_ibeta, P_TYPE: tl.constexpr, S_TYPE: tl.constexpr, AMSGRAD: tl.constexpr,
                HIST: tl.constexpr, MASKED: tl.constexpr, BLOCK: tl.constexpr):
     """One tile of BLOCK elements from `start` (of a tensor of `n`), as [BLOCK // 8, 8]: a row is
-    one mask byte.
-    Returns (isolated, kept, above the window) counts of the tile."""
+    one mask byte. Returns the count of new scores above the window."""
     # int32 offsets from per-tile base pointers: int64 offsets would cost two registers per element
     # and column, and an address computation each
     rows = tl.arange(0, BLOCK // 8)[:, None]
@@ -73,19 +102,10 @@ def _step_tile(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, s_ptr, mask_ptr, start, n, 
     if AMSGRAD:
         vmax = _load(vmax_ptr + start, offs, inb, MASKED).to(tl.float32)
     p_raw = _load(p_ptr + start, offs, inb, MASKED)
-    # the mask in force: the stored one, or on a refresh the start-of-step score against tau
+    bit = (byte >> lanes) & 1  # the mask in force (on a refresh step, just written by _refresh_chunk)
+    # score EMA in the eager reference's order (epi_kernels.score): s * beta + ((1 - beta) * f) * f',
+    # with f' = g for g*g and 1.0 (exact) for |g|
     s = s_raw.to(tl.float32)
-    old_bit = (byte >> lanes) & 1
-    bit = old_bit
-    isolated = tl.zeros([], tl.int32)
-    kept = tl.zeros([], tl.int32)
-    if refresh:
-        tie_from = tl.minimum(tl.maximum(cut - start, 0), BLOCK).to(tl.int32)  # the cut, within the tile
-        bit = ((score_key(s) >= tau + (offs >= tie_from).to(tl.int32)) & inb).to(tl.int32)
-        isolated = tl.sum(tl.sum(bit, 1), 0)
-        kept = tl.sum(tl.sum(bit & old_bit, 1), 0)
-    # score EMA in the eager reference's order: s * beta + ((1 - beta) * f) * f', with f' = g for
-    # g*g and 1.0 (exact) for |g|
     f = one_minus_ibeta * tl.where(sq, g, tl.abs(g)) * tl.where(sq, g, 1.0)
     s_new = to_storage(s * ibeta + f, S_TYPE)
     # AdamW, as torch's for-loop implementation
@@ -100,8 +120,6 @@ def _step_tile(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, s_ptr, mask_ptr, start, n, 
     p_new = tl.where(bit != 0, p_raw, to_storage(p, P_TYPE))  # isolated: its own bits
     # stores
     _store(s_ptr + start, offs, s_new, inb, MASKED)
-    if refresh:
-        _store(mask_ptr + (start >> 3), rows, tl.sum(bit << lanes, 1, keep_dims=True).to(tl.uint8), byte_inb, MASKED)
     _store(m_ptr + start, offs, m_new, inb, MASKED)
     _store(v_ptr + start, offs, v_new, inb, MASKED)
     if AMSGRAD:
@@ -110,37 +128,27 @@ def _step_tile(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, s_ptr, mask_ptr, start, n, 
     over = tl.zeros([], tl.int32)
     if HIST:
         over = count_in_window(score_key(s_new.to(tl.float32)), origin, inb, hist_row)
-    return isolated, kept, over
+    return over
 
 
 @triton.jit
-def _step_chunk(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, s_ptr, mask_ptr, first, count, n, refresh, tau, cut, sq,
-                maximize,
-                origin, hist_row, decay, step_size, one_minus_beta1, beta2, one_minus_beta2, bc2_sqrt, eps, ibeta,
+def _step_chunk(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, s_ptr, mask_ptr, first, count, n, sq, maximize, origin,
+                hist_row, decay, step_size, one_minus_beta1, beta2, one_minus_beta2, bc2_sqrt, eps, ibeta,
                 one_minus_ibeta, P_TYPE: tl.constexpr, S_TYPE: tl.constexpr, AMSGRAD: tl.constexpr,
                 HIST: tl.constexpr, BLOCK: tl.constexpr):
-    """The `count` elements of a chunk from `first`: full tiles unmasked, then the partial one."""
-    isolated = tl.zeros([], tl.int32)
-    kept = tl.zeros([], tl.int32)
+    """The `count` elements of a chunk from `first`: full tiles unmasked, then the partial one.
+    Returns the count of new scores above the window."""
     over = tl.zeros([], tl.int32)
     full = tl.maximum(count, 0) // BLOCK
     for i in range(full):
-        a, b, c = _step_tile(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, s_ptr, mask_ptr, first + i * BLOCK, n, refresh,
-                             tau, cut, sq, maximize, origin, hist_row, decay, step_size, one_minus_beta1, beta2,
-                             one_minus_beta2, bc2_sqrt, eps, ibeta, one_minus_ibeta, P_TYPE, S_TYPE, AMSGRAD, HIST,
-                             False, BLOCK)
-        isolated += a
-        kept += b
-        over += c
+        over += _step_tile(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, s_ptr, mask_ptr, first + i * BLOCK, n, sq, maximize,
+                           origin, hist_row, decay, step_size, one_minus_beta1, beta2, one_minus_beta2, bc2_sqrt, eps,
+                           ibeta, one_minus_ibeta, P_TYPE, S_TYPE, AMSGRAD, HIST, False, BLOCK)
     if full * BLOCK < count:
-        a, b, c = _step_tile(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, s_ptr, mask_ptr, first + full * BLOCK, n, refresh,
-                             tau, cut, sq, maximize, origin, hist_row, decay, step_size, one_minus_beta1, beta2,
-                             one_minus_beta2, bc2_sqrt, eps, ibeta, one_minus_ibeta, P_TYPE, S_TYPE, AMSGRAD, HIST,
-                             True, BLOCK)
-        isolated += a
-        kept += b
-        over += c
-    return isolated, kept, over
+        over += _step_tile(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, s_ptr, mask_ptr, first + full * BLOCK, n, sq,
+                           maximize, origin, hist_row, decay, step_size, one_minus_beta1, beta2, one_minus_beta2,
+                           bc2_sqrt, eps, ibeta, one_minus_ibeta, P_TYPE, S_TYPE, AMSGRAD, HIST, True, BLOCK)
+    return over
 
 
 @triton.jit(do_not_specialize=["flags"])
@@ -169,11 +177,6 @@ def fused_step_kernel(
         eps, ibeta, one_minus_ibeta = tl.load(sc + 6), tl.load(sc + 7), tl.load(sc + 8)
     sq = (flags & SQ) != 0
     maximize = (flags & MAXIMIZE) != 0
-    tau = tl.full([], KEY_NONE, tl.int32)
-    cut = tl.full([], TIE_NONE, tl.int64)
-    if refresh:
-        tau = tl.load(tau_ptr + tid)
-        cut = tl.load(cut_ptr + tid)
     p_ptr = column(row, PARAM, P_TYPE, ALIGNED)
     g_ptr = column(row, GRAD, P_TYPE, ALIGNED)
     m_ptr = column(row, EXP_AVG, P_TYPE, ALIGNED)
@@ -184,18 +187,20 @@ def fused_step_kernel(
     s_ptr = column(row, IMPORTANCE, S_TYPE, ALIGNED)
     mask_ptr = column(row, MASK, tl.uint8)
     hist_row = hist_ptr + tid * WINDOW_BINS
-    if collect:
-        origin = tl.load(origin_ptr + tid)
-        isolated, kept, over = _step_chunk(
-            p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, s_ptr, mask_ptr, first, count, n, refresh, tau, cut, sq, maximize,
-            origin, hist_row, decay, step_size, one_minus_beta1, beta2, one_minus_beta2, bc2_sqrt, eps, ibeta,
-            one_minus_ibeta, P_TYPE, S_TYPE, AMSGRAD, True, BLOCK)
-        tl.atomic_add(over_ptr + tid, over.to(tl.int64), sem="relaxed")
-    else:  # the same loop without the histogram: a step that does not collect does not pay for it
-        isolated, kept, over = _step_chunk(
-            p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, s_ptr, mask_ptr, first, count, n, refresh, tau, cut, sq, maximize,
-            0, hist_row, decay, step_size, one_minus_beta1, beta2, one_minus_beta2, bc2_sqrt, eps, ibeta,
-            one_minus_ibeta, P_TYPE, S_TYPE, AMSGRAD, False, BLOCK)
-    if refresh:
+    if refresh:  # the new mask bits first, from the start-of-step scores, then the step reads them
+        tau = tl.load(tau_ptr + tid)
+        cut = tl.minimum(tl.maximum(tl.load(cut_ptr + tid) - first, 0), BLOCK * TILES).to(tl.int32)
+        isolated, kept = _refresh_chunk(s_ptr, mask_ptr, first, count, tau, cut, BLOCK)
         tl.atomic_add(count_ptr + 2 * tid, isolated.to(tl.int64), sem="relaxed")
         tl.atomic_add(count_ptr + 2 * tid + 1, kept.to(tl.int64), sem="relaxed")
+        tl.debug_barrier()  # every thread's mask bytes written before any thread reads them
+    if collect:
+        origin = tl.load(origin_ptr + tid)
+        over = _step_chunk(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, s_ptr, mask_ptr, first, count, n, sq, maximize,
+                           origin, hist_row, decay, step_size, one_minus_beta1, beta2, one_minus_beta2, bc2_sqrt, eps,
+                           ibeta, one_minus_ibeta, P_TYPE, S_TYPE, AMSGRAD, True, BLOCK)
+        tl.atomic_add(over_ptr + tid, over.to(tl.int64), sem="relaxed")
+    else:  # the same loop without the histogram: a step that does not collect does not pay for it
+        _step_chunk(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, s_ptr, mask_ptr, first, count, n, sq, maximize, 0,
+                    hist_row, decay, step_size, one_minus_beta1, beta2, one_minus_beta2, bc2_sqrt, eps, ibeta,
+                    one_minus_ibeta, P_TYPE, S_TYPE, AMSGRAD, False, BLOCK)
