@@ -115,7 +115,7 @@ def main():
         python_requires=">=3.10",
         install_requires=["torch>=2.7"],
         extras_require={
-            "test": ["pytest>=8", "expecttest", "numpy", "pytest-benchmark", "lightning"],
+            "test": ["pytest>=8", "expecttest", "numpy", "pytest-benchmark", "lightning", "hypothesis"],
             "triton": ["triton>=3.6,<3.10"],  # the "triton" backend; 3.6 is on the GPU machine
             # python -m epi_kernels.experiments (sympy comes with torch; the shim is in experiments/data.py)
             "experiments": ["transformers>=4.50", "accelerate", "mathematics-dataset==1.0.1", "matplotlib", "tqdm"],

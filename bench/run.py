@@ -24,6 +24,9 @@ import tempfile
 
 import torch
 
+if "--dry" in sys.argv:  # before anything imports Triton: triton.jit reads it when a kernel is defined
+    os.environ["TRITON_INTERPRET"] = "1"
+    os.environ["EPI_CUDA_HOST"] = "1"  # the CUDA backend's host harness on CPU tensors
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from bench import common  # noqa: E402
 from epi_kernels.backends import FUSED_BACKENDS  # noqa: E402
@@ -288,9 +291,7 @@ def main(argv=None) -> dict:
         print(markdown(res))
         return res
 
-    if args.dry:
-        os.environ["TRITON_INTERPRET"] = "1"  # before the kernels are first imported
-        os.environ["EPI_CUDA_HOST"] = "1"  # the CUDA backend's host harness on CPU tensors
+    if args.dry:  # (the interpreter and host harness were switched on above, before the imports)
         args.device, args.quick = "cpu", True
     cuda = args.device.startswith("cuda")
     default_backends = [*common.kernel_backends(), "torch"] if args.dry else ["torch"] if args.quick else common.runnable_backends(args.device)

@@ -6,14 +6,15 @@ The class owns arguments, state and the step counter; the math lives in
 """
 from __future__ import annotations
 
-import math
+import operator
+from numbers import Integral, Real
 from typing import Any, Callable
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from .backends import FUSED_BACKENDS, check_backend, check_device, resolve_backend
+from .backends import BACKENDS, FUSED_BACKENDS, check_backend, check_device, resolve_backend
 from .functional import epi_adamw, isolated_indices, refresh_ops
 from .fused_refresh import FusedRefresh
 from .mask import pack_mask, unpack_mask
@@ -24,64 +25,166 @@ from .state import IMPORTANCE_DTYPES, init_epi_state, protect_epi_entries, resto
 __all__ = ["EPIAdamW"]
 
 _CHOICES = {"importance": ("sq", "abs"), "scope": ("tensor", "global"), "threshold": ("approx", "exact")}
+# Every group value a step reads. A scheduler or the user may set any of them between steps, so
+# step() re-validates a group whenever one of them is no longer the very object last validated.
+_SETTINGS = ("lr", "betas", "eps", "weight_decay", "amsgrad", "maximize", "foreach", "capturable",
+             "differentiable", "fused", "isolation_ratio", "refresh_interval", "warmup_steps",
+             "importance_beta", "importance", "scope", "threshold", "static", "importance_dtype", "backend")
+_settings_of = operator.itemgetter(*_SETTINGS)
+# keys a group saved by an older torch (or by torch.optim.AdamW) may lack, and what they load as
+_LEGACY_DEFAULTS = (("amsgrad", False), ("maximize", False), ("foreach", None), ("capturable", False),
+                    ("differentiable", False), ("fused", None), ("epi_step", 0))
 
 
 def _is_int(x: object) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
+    return isinstance(x, Integral) and not isinstance(x, bool)  # numpy ints too; True is no count
 
 
 def _is_real(x: object) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+    return isinstance(x, Real) and not isinstance(x, bool)  # numpy floats too; range checks judge NaN/inf
 
 
-def _check_epi_args(g: dict) -> None:
-    """ValueError naming the first invalid EPI hyperparameter in a group (or the defaults)."""
-    ratio = g["isolation_ratio"]
-    if not (_is_real(ratio) and 0.0 <= ratio < 1.0):
-        raise ValueError(f"Invalid isolation_ratio: {ratio!r} (must be a number in [0, 1))")
+def _fraction(g: dict, name: str) -> float:
+    x = g[name]
+    if not (_is_real(x) and 0.0 <= x < 1.0):
+        raise ValueError(f"Invalid {name}: {x!r} (must be a number in [0, 1))")
+    return float(x)
+
+
+def _flag(g: dict, name: str) -> bool:
+    x = g[name]
+    if not (isinstance(x, Integral) and x in (0, 1)):
+        raise ValueError(f"Invalid {name}: {x!r} (must be a bool)")
+    return bool(x)
+
+
+def _choice(g: dict, name: str) -> str:
+    choices = _CHOICES[name]
+    if g[name] not in choices:
+        raise ValueError(f"Invalid {name}: {g[name]!r} (expected one of {', '.join(choices)})")
+    return choices[choices.index(g[name])]  # the plain str (a numpy str would not load weights_only)
+
+
+def _epi_settings(g: dict) -> dict:
+    """The EPI settings of a group, validated, as plain Python values."""
     if not (_is_int(g["refresh_interval"]) and g["refresh_interval"] >= 1):
         raise ValueError(f"Invalid refresh_interval: {g['refresh_interval']!r} (must be an int >= 1)")
-    if g["warmup_steps"] is not None and not (_is_int(g["warmup_steps"]) and g["warmup_steps"] >= 0):
-        raise ValueError(f"Invalid warmup_steps: {g['warmup_steps']!r} (must be None or an int >= 0)")
-    beta = g["importance_beta"]
-    if not (_is_real(beta) and 0.0 <= beta < 1.0):
-        raise ValueError(f"Invalid importance_beta: {beta!r} (must be a number in [0, 1))")
-    for name, choices in _CHOICES.items():
-        if g[name] not in choices:
-            raise ValueError(f"Invalid {name}: {g[name]!r} (expected one of {', '.join(choices)})")
-    if not isinstance(g["static"], bool):
-        raise ValueError(f"Invalid static: {g['static']!r} (must be a bool)")
+    warmup = g["warmup_steps"]
+    if warmup is not None and not (_is_int(warmup) and warmup >= 0):
+        raise ValueError(f"Invalid warmup_steps: {warmup!r} (must be None or an int >= 0)")
+    out = dict(isolation_ratio=_fraction(g, "isolation_ratio"), refresh_interval=int(g["refresh_interval"]),
+               warmup_steps=None if warmup is None else int(warmup),
+               importance_beta=_fraction(g, "importance_beta"))
+    out.update((name, _choice(g, name)) for name in _CHOICES)
+    out["static"] = _flag(g, "static")
     if g["importance_dtype"] not in IMPORTANCE_DTYPES:
         raise ValueError(f"Invalid importance_dtype: {g['importance_dtype']!r} "
                          "(expected torch.float32 or torch.bfloat16)")
     check_backend(g["backend"])
+    out["backend"] = BACKENDS[BACKENDS.index(g["backend"])]
+    return out
 
 
-def _check_adamw_args(lr, betas, eps, weight_decay, foreach, capturable) -> None:
-    """torch.optim.AdamW's constructor checks, with its exact messages."""
-    if isinstance(lr, Tensor):
-        if foreach and not capturable:
-            raise ValueError("lr as a Tensor is not supported for capturable=False and foreach=True")
-        if lr.numel() != 1:
-            raise ValueError("Tensor lr must be 1-element")
+def _non_negative(x: object, what: str) -> float:
+    if not (_is_real(x) and 0.0 <= x):
+        raise ValueError(f"Invalid {what}: {x}")
+    return float(x)
+
+
+def _lr(lr: object, foreach_only: bool) -> float | Tensor:
+    if not isinstance(lr, Tensor):
+        return _non_negative(lr, "learning rate")
+    if foreach_only:
+        raise ValueError("lr as a Tensor is not supported for capturable=False and foreach=True")
+    if lr.numel() != 1:
+        raise ValueError("Tensor lr must be 1-element")
     if not 0.0 <= lr:
         raise ValueError(f"Invalid learning rate: {lr}")
-    if not 0.0 <= eps:
-        raise ValueError(f"Invalid epsilon value: {eps}")
-    for i in (0, 1):
-        if not 0.0 <= betas[i] < 1.0:
-            raise ValueError(f"Invalid beta parameter at index {i}: {betas[i]}")
-    if not 0.0 <= weight_decay:
-        raise ValueError(f"Invalid weight_decay value: {weight_decay}")
-    if not (all(isinstance(b, float) for b in betas) or all(isinstance(b, Tensor) for b in betas)):
+    return lr
+
+
+def _betas(betas: object, foreach_only: bool) -> tuple:
+    if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
+        raise ValueError(f"Invalid betas: {betas!r} (must be a pair of numbers or of Tensors)")
+    for i, b in enumerate(betas):
+        if isinstance(b, Tensor) and b.numel() != 1:  # (before comparing it: torch's check would crash)
+            raise ValueError(f"Tensor betas[{i}] must be 1-element")
+        if not ((_is_real(b) or isinstance(b, Tensor)) and 0.0 <= b < 1.0):
+            raise ValueError(f"Invalid beta parameter at index {i}: {b}")
+    if isinstance(betas[0], Tensor) != isinstance(betas[1], Tensor):
         raise ValueError("betas must be either both floats or both Tensors")
-    for i in (0, 1):
-        if isinstance(betas[i], Tensor):
-            if not capturable and foreach:
-                raise ValueError(
-                    f"betas[{i}] as a Tensor is not supported for capturable=False and foreach=True")
-            if betas[i].numel() != 1:
-                raise ValueError(f"Tensor betas[{i}] must be 1-element")
+    if isinstance(betas[0], Tensor) and foreach_only:
+        raise ValueError("betas[0] as a Tensor is not supported for capturable=False and foreach=True")
+    return tuple((b.squeeze() if b.dim() else b) if isinstance(b, Tensor) else float(b) for b in betas)
+
+
+def _adamw_settings(g: dict) -> dict:
+    """torch.optim.AdamW's constructor checks, with its messages, on a group; numbers of any numeric
+    type are accepted (as floats)."""
+    foreach_only = bool(g["foreach"]) and not g["capturable"]
+    out = dict(lr=_lr(g["lr"], foreach_only), eps=_non_negative(g["eps"], "epsilon value"),
+               betas=_betas(g["betas"], foreach_only),
+               weight_decay=_non_negative(g["weight_decay"], "weight_decay value"),
+               amsgrad=_flag(g, "amsgrad"), maximize=_flag(g, "maximize"))
+    if g["fused"] and g["differentiable"]:
+        raise RuntimeError("`fused` does not support `differentiable`")
+    if g["fused"] and g["foreach"]:
+        raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+    if g["differentiable"]:
+        raise ValueError("Invalid differentiable: True (EPIAdamW does not support differentiable=True)")
+    return out
+
+
+def _checked_settings(g: dict, where: str = "") -> dict:
+    """The settings of group `g` (or the defaults), validated and as plain Python numbers, to store
+    back into it; changes nothing. Raises ValueError("Invalid <name>: ...") (AdamW's own messages,
+    and RuntimeErrors, for its arguments), `where` appended: the one check of __init__,
+    add_param_group, step and load_state_dict."""
+    try:
+        return {**_adamw_settings(g), **_epi_settings(g)}
+    except (ValueError, RuntimeError) as e:
+        if not where:
+            raise
+        raise type(e)(f"{e}{where}") from None
+
+
+def _checked_epi_step(t: object, where: str) -> int | Tensor:
+    """A loaded group's step counter: an int, or (capturable steps) a 0-dim int64 tensor, >= 0."""
+    if isinstance(t, Tensor):
+        ok = t.dim() == 0 and t.dtype == torch.int64 and bool(t >= 0)
+    else:
+        ok = _is_int(t) and t >= 0
+    if not ok:
+        raise ValueError(f"Invalid epi_step: {t!r} (must be an int >= 0){where}")
+    return t if isinstance(t, Tensor) else int(t)
+
+
+def _unchanged(validated: tuple | None, group: dict) -> bool:
+    """Whether `group` still holds the very objects last validated. Identity, not equality: no
+    tensor is compared (a host sync), and 100.0 or np.int64(100) in place of 100 is a change."""
+    return validated is not None and all(map(operator.is_, validated, _settings_of(group)))
+
+
+def _fill_defaults(group: dict, defaults: dict) -> None:
+    """Complete a loaded group: keys older state dicts lack, then this optimizer's defaults (so an
+    AdamW state dict loads with this optimizer's EPI settings)."""
+    for key, value in _LEGACY_DEFAULTS:
+        group.setdefault(key, value)
+    for key, value in defaults.items():
+        group.setdefault(key, value)
+
+
+def _check_loaded_groups(optimizer: EPIAdamW, state_dict: dict[str, Any]) -> dict[str, Any]:
+    """Load pre-hook (after the user's): the saved groups as they will load, validated like live
+    ones and normalised, so an invalid checkpoint raises before anything loads."""
+    groups = []
+    for i, saved in enumerate(state_dict["param_groups"]):
+        group = dict(saved)
+        _fill_defaults(group, optimizer.defaults)
+        where = f" in loaded param group {i}"
+        group.update(_checked_settings(group, where), epi_step=_checked_epi_step(group["epi_step"], where))
+        groups.append(group)
+    return {**state_dict, "param_groups": groups}
 
 
 def _step_dtype(fused_or_capturable: bool) -> torch.dtype:
@@ -139,14 +242,6 @@ class EPIAdamW(Optimizer):
         importance_dtype: torch.dtype = torch.float32,
         backend: str = "auto",
     ) -> None:
-        _check_adamw_args(lr, betas, eps, weight_decay, foreach, capturable)
-        if fused and differentiable:
-            raise RuntimeError("`fused` does not support `differentiable`")
-        if fused and foreach:
-            raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
-        if differentiable:
-            raise ValueError("Invalid differentiable: True (EPIAdamW does not support differentiable=True)")
-        betas = tuple(b.squeeze() if isinstance(b, Tensor) and b.dim() else b for b in betas)
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
             foreach=foreach, capturable=capturable, differentiable=differentiable, fused=fused,
@@ -155,29 +250,29 @@ class EPIAdamW(Optimizer):
             scope=scope, threshold=threshold, static=static, importance_dtype=importance_dtype,
             backend=backend,
         )
-        _check_epi_args(defaults)
+        defaults.update(_checked_settings(defaults))
         self._isolated: dict[Tensor, Tensor] = {}  # cache: flat indices of each mask's isolated elements
         self._histograms: dict[int, dict] = {}  # kernel backends: per group (by id), histograms for the next step
         self._requests: dict[int, Tensor] = {}  # capturable kernel steps: per group, pending refresh requests
+        self._validated: dict[int, tuple] = {}  # per group (by id), its settings as last validated
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        _check_epi_args({**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}})
+        where = f" in param group {len(self.param_groups)}"
+        param_group.update(_checked_settings({**self.defaults, **param_group}, where))
         super().add_param_group(param_group)
-        self.param_groups[-1].setdefault("epi_step", 0)
+        group = self.param_groups[-1]
+        group.setdefault("epi_step", 0)
+        self._validated[id(group)] = _settings_of(group)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self._isolated = {}
         self._histograms = {}
         self._requests = {}
+        self._validated = {}  # the first step validates the groups (load_state_dict already did)
         for group in self.param_groups:
-            for key, value in (("amsgrad", False), ("maximize", False), ("foreach", None),
-                               ("capturable", False), ("differentiable", False), ("fused", None),
-                               ("epi_step", 0)):
-                group.setdefault(key, value)
-            for key, value in self.defaults.items():
-                group.setdefault(key, value)  # an AdamW state dict loads with this optimizer's EPI settings
+            _fill_defaults(group, self.defaults)
             for p in group["params"]:
                 st = self.state.get(p, {})
                 if "step" in st and not torch.is_tensor(st["step"]):
@@ -218,8 +313,6 @@ class EPIAdamW(Optimizer):
             raise RuntimeError("capturable=True requires parameters on an accelerator, got cpu")
         for device in devices:
             check_device(backend, device)
-        if params and group["foreach"] and torch.is_tensor(group["lr"]) and not group["capturable"]:
-            raise RuntimeError("lr as a Tensor is not supported for capturable=False and foreach=True")
         return params
 
     def _isolated_index(self, p: Tensor, st: dict) -> Tensor:
@@ -240,6 +333,7 @@ class EPIAdamW(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._check_settings()
         stepped = [self._stepped_params(group) for group in self.param_groups]  # validate all first
         decides = [bool(ps) and self._decides_on_device(g, ps) for g, ps in zip(self.param_groups, stepped)]
         on_device = [d for d, ps in zip(decides, stepped) if ps]
@@ -257,6 +351,17 @@ class EPIAdamW(Optimizer):
             if params:
                 self._step_group(group, params, on_dev, skip if device_skip else None)
         return loss
+
+    @torch.compiler.disable  # host-side bookkeeping: traced, it would guard on every setting's value
+    def _check_settings(self) -> None:
+        """Re-validate the groups whose settings changed since last validated (set by a scheduler or
+        the user between steps), all of them before any normalised value is stored back."""
+        changed = [(i, group) for i, group in enumerate(self.param_groups)
+                   if not _unchanged(self._validated.get(id(group)), group)]
+        checked = [_checked_settings(group, f" in param group {i}") for i, group in changed]
+        for (_, group), values in zip(changed, checked):
+            group.update(values)
+            self._validated[id(group)] = _settings_of(group)
 
     def _decides_on_device(self, group: dict, params: list[Tensor]) -> bool:
         """Whether this group's step decides refreshes (and GradScaler skips) on the device: a
@@ -431,16 +536,19 @@ class EPIAdamW(Optimizer):
     # ------------------------------------------------------------------ checkpoints
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """torch's loader, except that EPI entries keep their saved dtypes and are validated first.
+        """torch's loader, except that the saved groups' settings (as step() checks them) and the EPI
+        entries (shapes, dtypes) are validated before anything loads, and EPI entries keep their
+        saved dtypes.
 
         User load hooks see the full state: EPI entries are protected after the last pre-hook and
         restored before the first post-hook.
         """
-        pre = self.register_load_state_dict_pre_hook(protect_epi_entries)
+        pre = [self.register_load_state_dict_pre_hook(_check_loaded_groups),
+               self.register_load_state_dict_pre_hook(protect_epi_entries)]
         post = self.register_load_state_dict_post_hook(restore_epi_entries, prepend=True)
-        self._histograms = {}
         try:
-            super().load_state_dict(state_dict)
+            super().load_state_dict(state_dict)  # (its __setstate__ drops the caches of the old state)
         finally:
-            pre.remove()
+            for hook in pre:
+                hook.remove()
             post.remove()

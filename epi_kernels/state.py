@@ -17,12 +17,17 @@ from torch import Tensor
 from .mask import packed_numel
 from .threshold import KEY_NONE
 
-__all__ = ["EPI_STATE_KEYS", "IMPORTANCE_DTYPES", "init_epi_state", "protect_epi_entries",
+__all__ = ["EPI_STATE_KEYS", "IMPORTANCE_DTYPES", "SCALAR_ENTRIES", "init_epi_state", "protect_epi_entries",
            "restore_epi_entries"]
 
 IMPORTANCE_DTYPES = (torch.float32, torch.bfloat16)
-EPI_STATE_KEYS = ("importance", "isolation_mask", "threshold_bits", "isolation_k", "isolated_count",
-                  "isolation_overlap", "threshold_exact", "refresh_step")
+# the 0-dim entries: initial value, and the dtypes they load in, the first being the one they are
+# created in (a float64 overlap was saved by a version that created it in torch's default dtype)
+SCALAR_ENTRIES = {"threshold_bits": (KEY_NONE, (torch.int32,)), "isolation_k": (0, (torch.int64,)),
+                  "isolated_count": (0, (torch.int64,)),
+                  "isolation_overlap": (float("nan"), (torch.float32, torch.float64)),
+                  "threshold_exact": (False, (torch.bool,)), "refresh_step": (0, (torch.int64,))}
+EPI_STATE_KEYS = ("importance", "isolation_mask", *SCALAR_ENTRIES)
 
 
 def init_epi_state(state: dict, p: Tensor, importance_dtype: torch.dtype) -> None:
@@ -30,12 +35,8 @@ def init_epi_state(state: dict, p: Tensor, importance_dtype: torch.dtype) -> Non
     state["importance"] = torch.zeros(p.shape, dtype=importance_dtype, device=p.device)
     state["isolation_mask"] = torch.zeros(packed_numel(p.numel()), dtype=torch.uint8, device=p.device)
     # 0-dim entries live on the param's device too: kernels update them without a host sync
-    state["threshold_bits"] = torch.tensor(KEY_NONE, dtype=torch.int32, device=p.device)
-    state["isolation_k"] = torch.tensor(0, dtype=torch.int64, device=p.device)
-    state["isolated_count"] = torch.tensor(0, dtype=torch.int64, device=p.device)
-    state["isolation_overlap"] = torch.tensor(float("nan"), device=p.device)
-    state["threshold_exact"] = torch.tensor(False, device=p.device)
-    state["refresh_step"] = torch.tensor(0, dtype=torch.int64, device=p.device)
+    for key, (value, dtypes) in SCALAR_ENTRIES.items():
+        state[key] = torch.tensor(value, dtype=dtypes[0], device=p.device)
 
 
 class _Verbatim:
@@ -47,21 +48,28 @@ class _Verbatim:
         self.value = value
 
 
-def _check_entries(entries: dict, p: Tensor) -> None:
-    """ValueError if saved EPI entries do not fit parameter `p` (raised before anything loads)."""
+def _check_entries(entries: dict, p: Tensor, pid: object) -> None:
+    """ValueError if the saved EPI entries of parameter `pid` do not fit parameter `p` (raised
+    before anything loads: a wrong shape or dtype would otherwise fail, or compute garbage, mid-step)."""
+    where = f"loaded state dict, parameter {pid}"
     missing = [k for k in EPI_STATE_KEYS if k not in entries]
     if missing:
-        raise ValueError(f"loaded state dict has incomplete EPI state for a parameter: missing {missing}")
+        raise ValueError(f"{where}: incomplete EPI state, missing {missing}")
     bad = [k for k in EPI_STATE_KEYS if not torch.is_tensor(entries[k])]
     if bad:
-        raise ValueError(f"loaded state dict has non-tensor EPI entries {bad}")
+        raise ValueError(f"{where}: non-tensor EPI entries {bad}")
     imp, mask = entries["importance"], entries["isolation_mask"]
     if imp.shape != p.shape or imp.dtype not in IMPORTANCE_DTYPES:
-        raise ValueError(f"loaded state dict has an 'importance' entry that does not fit a parameter of "
-                         f"shape {tuple(p.shape)}: {imp.dtype} {tuple(imp.shape)}")
+        raise ValueError(f"{where}: 'importance' must be float32 or bfloat16 of shape {tuple(p.shape)} "
+                         f"(the parameter's), found {imp.dtype} {tuple(imp.shape)}")
     if mask.dtype != torch.uint8 or mask.numel() != packed_numel(p.numel()):
-        raise ValueError(f"loaded state dict has an 'isolation_mask' entry that does not fit a parameter "
-                         f"of {p.numel()} elements (expected uint8[{packed_numel(p.numel())}])")
+        raise ValueError(f"{where}: 'isolation_mask' must be uint8[{packed_numel(p.numel())}] for a parameter "
+                         f"of {p.numel()} elements, found {mask.dtype} {tuple(mask.shape)}")
+    for key, (_, dtypes) in SCALAR_ENTRIES.items():
+        value = entries[key]
+        if value.dim() != 0 or value.dtype not in dtypes:
+            raise ValueError(f"{where}: '{key}' must be a 0-dim {dtypes[0]} tensor, "
+                             f"found {value.dtype} of shape {tuple(value.shape)}")
 
 
 def protect_epi_entries(optimizer: torch.optim.Optimizer, state_dict: dict[str, Any]) -> dict[str, Any] | None:
@@ -75,7 +83,7 @@ def protect_epi_entries(optimizer: torch.optim.Optimizer, state_dict: dict[str, 
     for pid, entries in state_dict["state"].items():
         p = by_id.get(pid)
         if p is not None and any(k in entries for k in EPI_STATE_KEYS):
-            _check_entries(entries, p)
+            _check_entries(entries, p, pid)
             entries = {k: _Verbatim(v) if k in EPI_STATE_KEYS else v for k, v in entries.items()}
         state[pid] = entries
     return {**state_dict, "state": state}

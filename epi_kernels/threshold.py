@@ -142,7 +142,7 @@ def tie_counts(values: Tensor, tau: int, keys: Callable[[Tensor], Tensor] = iden
     """(#{key > tau}, #{key == tau}) of one piece of values (`keys` maps them to keys): int64 [2], on the CPU."""
     counts = torch.zeros(2, dtype=torch.int64)
     for key in _keys([values], keys):
-        counts += torch.stack([(key > tau).sum(), (key == tau).sum()]).cpu()
+        counts += torch.stack([torch.count_nonzero(key > tau), torch.count_nonzero(key == tau)]).cpu()
     return counts
 
 
@@ -266,7 +266,7 @@ def radix_thresholds(values: Sequence[Sequence[Tensor]], ks: Sequence[int],
         zero = 0
         for key in _keys(tensor_values, keys):
             counts += torch.bincount(key >> RADIX_SHIFT, minlength=n_hi).cpu()
-            zero += int((key == 0).sum())
+            zero += int(torch.count_nonzero(key == 0))
         zeros.append(zero)
         counts[0] -= zero  # key 0 (ineligible) shares bucket 0 with the smallest denormals
         hi.append(counts)

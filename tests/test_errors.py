@@ -1,4 +1,5 @@
 """Bad input: a clear error naming the problem, and no optimizer or model state changed."""
+import numpy as np
 import pytest
 import torch
 
@@ -22,6 +23,48 @@ def test_invalid_epi_hyperparameter_names_the_argument(arg, value):
     with pytest.raises(ValueError, match=f"Invalid {arg}"):  # per-group overrides are checked too
         opt.add_param_group({"params": [q], arg: value})
     assert len(opt.param_groups) == 1
+
+
+@pytest.mark.parametrize("arg,value", [
+    ("isolation_ratio", float("inf")), ("isolation_ratio", np.float64("nan")), ("isolation_ratio", np.float32("-inf")),
+    ("isolation_ratio", True), ("importance_beta", float("nan")), ("importance_beta", np.float64("inf")),
+    ("refresh_interval", np.float64(100)), ("refresh_interval", np.bool_(True)), ("warmup_steps", np.float32(2)),
+])
+def test_non_finite_and_non_integral_numbers_are_rejected(arg, value):
+    with pytest.raises(ValueError, match=f"Invalid {arg}"):
+        EPIAdamW([torch.nn.Parameter(torch.zeros(3))], **{arg: value})
+
+
+@pytest.mark.parametrize("betas", [(float("nan"), 0.999), (0.9, np.float64("inf")), (np.float32("nan"), 0.9)])
+def test_non_finite_betas_are_rejected(betas):
+    with pytest.raises(ValueError, match="Invalid beta parameter at index"):
+        EPIAdamW([torch.nn.Parameter(torch.zeros(3))], betas=betas)
+
+
+@pytest.mark.parametrize("arg,value,plain", [
+    ("refresh_interval", np.int64(100), 100), ("warmup_steps", np.int32(0), 0),
+    ("isolation_ratio", np.float64(0.25), 0.25), ("importance_beta", np.float32(0.5), 0.5),
+    ("lr", np.float64(1e-3), 1e-3), ("eps", np.float32(1e-8), float(np.float32(1e-8))),
+    ("weight_decay", np.int64(0), 0.0), ("betas", (np.float64(0.9), np.float16(0.5)), (0.9, 0.5)),
+    ("amsgrad", np.int8(1), True),
+])
+def test_numpy_scalars_are_accepted_wherever_numbers_are(arg, value, plain):
+    p, q = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(3))
+    opt = EPIAdamW([p], **{arg: value})
+    opt.add_param_group({"params": [q], arg: value})
+    for group in opt.param_groups:  # stored as plain Python numbers: state dicts load weights_only
+        assert group[arg] == plain and type(group[arg]) is type(plain)
+    p.grad, q.grad = torch.ones(3), torch.ones(3)
+    opt.step()
+
+
+def test_invalid_group_override_names_the_group():
+    p, q = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(3))
+    with pytest.raises(ValueError, match=r"Invalid isolation_ratio: 1.5 .* in param group 1$"):
+        EPIAdamW([{"params": [p]}, {"params": [q], "isolation_ratio": 1.5}])
+    opt = EPIAdamW([p])
+    with pytest.raises(ValueError, match=r"Invalid weight_decay value: -1 in param group 1$"):
+        opt.add_param_group({"params": [q], "weight_decay": -1})
 
 
 @pytest.mark.parametrize("backend,missing", [("cuda", "_has_extension"), ("triton", "_has_triton")])

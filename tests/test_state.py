@@ -1,5 +1,6 @@
 """Checkpoints: bit-exact resume, dtypes kept on load, weights_only loading, AdamW state dicts."""
 import io
+import re
 
 import pytest
 import torch
@@ -144,3 +145,82 @@ def test_isolation_index_cache_is_rebuilt_after_load():
     assert sum(int(o1.isolation_mask(q).sum()) for q in m1.parameters()) == 19 + 1 + 6 + 0  # k per tensor
     for p, b, q in zip(m2.parameters(), before, m1.parameters()):
         assert torch.equal(p == b, o1.isolation_mask(q))
+
+
+def _trained_and_saved():
+    m = model()
+    o = EPIAdamW(m.parameters(), **EPI)
+    train(m, o, 4, seed=12)
+    return m, o, round_trip(o.state_dict())
+
+
+@pytest.mark.parametrize("key,value", [("backend", "gpu"), ("isolation_ratio", 1.5), ("refresh_interval", 0),
+                                       ("epi_step", "5"), ("epi_step", -1), ("epi_step", torch.tensor(2.0)),
+                                       ("importance_dtype", torch.float16), ("scope", "layer"),
+                                       ("importance_beta", float("nan")), ("lr", -1.0)])
+def test_invalid_loaded_group_is_rejected_before_anything_loads(key, value):
+    from test_settings import snapshot
+
+    m, o, sd = _trained_and_saved()
+    sd["param_groups"][0][key] = value
+    before = snapshot(o, list(m.parameters()))
+    name = "learning rate" if key == "lr" else key
+    with pytest.raises(ValueError, match=f"Invalid {name}: .* in loaded param group 0"):
+        o.load_state_dict(sd)
+    assert snapshot(o, list(m.parameters())) == before
+
+
+@pytest.mark.parametrize("key,value,expected", [
+    ("threshold_bits", torch.zeros(3, dtype=torch.int32), "torch.int32"),
+    ("threshold_bits", torch.tensor(0.0), "torch.int32"),
+    ("isolated_count", torch.tensor(5.0), "torch.int64"),
+    ("isolation_k", torch.tensor(5, dtype=torch.int32), "torch.int64"),
+    ("refresh_step", torch.tensor([3]), "torch.int64"),
+    ("threshold_exact", torch.tensor(0, dtype=torch.uint8), "torch.bool"),
+    ("isolation_overlap", torch.tensor(1), "torch.float32"),
+])
+def test_loaded_scalar_epi_entries_must_be_0_dim_of_their_dtype(key, value, expected):
+    from test_settings import snapshot
+
+    m, o, sd = _trained_and_saved()
+    sd["state"][2][key] = value
+    before = snapshot(o, list(m.parameters()))
+    found = f"found {value.dtype} of shape {tuple(value.shape)}"
+    with pytest.raises(ValueError, match=rf"parameter 2: '{key}' must be a 0-dim {expected} tensor, {re.escape(found)}"):
+        o.load_state_dict(sd)
+    assert snapshot(o, list(m.parameters())) == before
+
+
+def test_numpy_values_in_a_loaded_group_load_as_python_numbers():
+    import numpy as np
+
+    m, o, sd = _trained_and_saved()
+    group = sd["param_groups"][0]
+    group.update(isolation_ratio=np.float64(0.1), refresh_interval=np.int64(3), epi_step=np.int32(4),
+                 betas=[np.float32(0.5), 0.999])
+    m2 = model()
+    m2.load_state_dict(m.state_dict())
+    o2 = EPIAdamW(m2.parameters(), **EPI)
+    o2.load_state_dict(sd)
+    g = o2.param_groups[0]
+    assert (type(g["isolation_ratio"]), type(g["refresh_interval"]), type(g["epi_step"])) == (float, int, int)
+    assert g["betas"] == (0.5, 0.999) and type(g["betas"]) is tuple
+    round_trip(o2.state_dict())  # weights_only: no numpy scalar left
+    o.param_groups[0]["betas"] = (0.5, 0.999)
+    train(m, o, 3, seed=13)
+    train(m2, o2, 3, seed=13)
+    for p1, p2 in zip(m.parameters(), m2.parameters()):
+        assert torch.equal(p1, p2)
+
+
+def test_checkpoint_with_float64_overlap_and_tensor_step_counter_loads():
+    # a float64 overlap: saved while torch's default dtype was float64; a tensor epi_step: saved
+    # after capturable steps (the counter then lives on the device)
+    _, _, sd = _trained_and_saved()
+    for st in sd["state"].values():
+        st["isolation_overlap"] = st["isolation_overlap"].double()
+    sd["param_groups"][0]["epi_step"] = torch.tensor(4)
+    o2 = EPIAdamW(model().parameters(), **EPI)
+    o2.load_state_dict(sd)
+    assert o2.state[next(iter(o2.state))]["isolation_overlap"].dtype == torch.float64
+    assert int(o2.param_groups[0]["epi_step"]) == 4
