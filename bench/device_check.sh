@@ -29,32 +29,32 @@ torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')"; } > "
 cat "$OUT/build.log"
 
 echo "== build the CUDA extension (sm_80, sm_90)"
-EPI_BUILD_CUDA=1 timeout 150 $PY setup.py -q build_ext --inplace >> "$OUT/build.log" 2>&1 \
+EPI_BUILD_CUDA=1 timeout 100 $PY setup.py -q build_ext --inplace >> "$OUT/build.log" 2>&1 \
     || { status=1; tail -30 "$OUT/build.log"; }
 $PY -c "import epi_kernels._C as C; print('epi_kernels._C', C.__file__)" 2>&1 | tee -a "$OUT/build.log"
 
 echo "== GPU tests (kernel backends on CUDA tensors: parity with mixed-magnitude gradients, tie cuts, capture)"
 if [ "$dry" = 1 ]; then sel=(-k "host-harness and (ties or c5)"); else sel=(-k "cuda and not host and not interpreter"); fi
-timeout 170 $PY -m pytest -q -p no:cacheprovider -rs tests/test_cuda_extension.py tests/test_fused_backends.py \
+timeout 150 $PY -m pytest -q -p no:cacheprovider -rs tests/test_cuda_extension.py tests/test_fused_backends.py \
     tests/test_capturable.py tests/test_cuda_sass.py tests/test_triton_large_counts.py "${sel[@]}" \
     --junitxml="$OUT/tests.xml" > "$OUT/tests.log" 2>&1 || status=1
 tail -4 "$OUT/tests.log"
 
 echo "== GPU benchmarks"
-if [ "$dry" = 1 ]; then bench=(--dry); else bench=(--backends cuda,triton,torch --reps 5); fi
-timeout 110 $PY bench/run.py "${bench[@]}" --out "$OUT" > "$OUT/bench.log" 2>&1 || status=1
+if [ "$dry" = 1 ]; then bench=(--dry); else bench=(--backends cuda,triton,torch --reps 3); fi
+timeout 80 $PY bench/run.py "${bench[@]}" --out "$OUT" > "$OUT/bench.log" 2>&1 || status=1
 tail -25 "$OUT/bench.log"
 
 echo "== peak memory of plain and refresh steps"
 if [ "$dry" = 1 ]; then mem=(--numel 100000 --configs adamw,torch); else mem=(--device cuda --configs adamw,cuda,triton,torch); fi
-timeout 60 $PY bench/memory.py "${mem[@]}" --out "$OUT" > "$OUT/memory.log" 2>&1 || status=1
+timeout 45 $PY bench/memory.py "${mem[@]}" --out "$OUT" > "$OUT/memory.log" 2>&1 || status=1
 cat "$OUT/memory.log"
 
 echo "== compute-sanitizer memcheck on a small backend=cuda run"
 if [ "$dry" = 1 ] || ! command -v compute-sanitizer > /dev/null; then
   echo "skipped: DRY=1 or no compute-sanitizer" > "$OUT/sanitizer.log"
 else
-  timeout 45 compute-sanitizer --tool memcheck --error-exitcode 1 $PY bench/cuda_sanitize.py \
+  timeout 30 compute-sanitizer --tool memcheck --error-exitcode 1 $PY bench/cuda_sanitize.py \
       > "$OUT/sanitizer.log" 2>&1 || status=1
 fi
 tail -5 "$OUT/sanitizer.log"
