@@ -125,7 +125,9 @@ def _device_step(kernels: str, lists: tuple, fr: FusedRefresh, *, lr, beta1, bet
     refresh, collect = control[0] != 0, control[1] != 0
     live = (1 - control[2]).to(state_steps[0].dtype) if state_steps else None
     if state_steps:
-        torch._foreach_add_(state_steps, live)
+        # a list of the one tensor, not the tensor itself: torch 2.11's _foreach_add_(tensors, tensor)
+        # cannot be captured in a CUDA graph (it invalidates the capture; seen on an H200)
+        torch._foreach_add_(state_steps, [live] * len(state_steps))
     for (device, _, _), idx in _launch_groups(params, importances).items():
         scalars = device_step_scalars([state_steps[i] for i in idx], lr=lr, beta1=beta1, beta2=beta2,
                                       weight_decay=weight_decay, eps=eps, importance_beta=importance_beta)
