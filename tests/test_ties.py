@@ -192,42 +192,28 @@ class _ThreadGroup:
         return reduce
 
 
+def _states(scores):
+    """Optimizer-like EPI states holding the given scores."""
+    out = []
+    for s in scores:
+        state = {}
+        init_epi_state(state, torch.empty(s.shape), torch.float32)
+        state["importance"].copy_(s)
+        out.append(state)
+    return out
+
+
 @pytest.mark.parametrize("world", [2, 3])
 def test_shards_of_a_tensor_reach_the_unsharded_mask(world):
     g = torch.Generator().manual_seed(5)
     tensors = [tie_scores(g, 3000, 2, zeros=0.0), torch.full((999,), 0.5), tie_scores(g, 2000, 40)]
-    ratios = 0.3
-
-    def states_of(pieces):
-        out = []
-        for s in pieces:
-            state = {}
-            init_epi_state(state, torch.empty(s.shape), torch.float32)
-            state["importance"].copy_(s)
-            out.append(state)
-        return out
-
-    whole = states_of(tensors)
-    refresh_masks(whole, isolation_ratio=ratios, scope="tensor", threshold="approx")
-    group = _ThreadGroup(world)
-    sharded = [states_of([t.tensor_split(world)[r] for t in tensors]) for r in range(world)]
-
-    def rank(r):
-        shards = [Shard(t.numel(), group.reduce_for(r), r, world) for t in tensors]
-        refresh_masks(sharded[r], isolation_ratio=ratios, scope="tensor", threshold="approx", shards=shards)
-
-    threads = [threading.Thread(target=rank, args=(r,)) for r in range(world)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    whole = _states(tensors)
+    refresh_masks(whole, isolation_ratio=0.3, scope="tensor", threshold="approx")
+    bounds = [int(999 * r / world) for r in range(1, world)]  # inside the shortest tensor
     cuts = 0
-    for i, t in enumerate(tensors):
-        joined = torch.cat([unpack_mask(sharded[r][i]["isolation_mask"], sharded[r][i]["importance"].numel())
-                            for r in range(world)])
-        assert torch.equal(joined, unpack_mask(whole[i]["isolation_mask"], t.numel())), i
-        assert all(int(sharded[r][i]["isolated_count"]) == int(whole[i]["isolated_count"]) for r in range(world))
-        cuts += int(whole[i]["isolated_count"]) == th.isolation_k(ratios, t.numel()) and bool(whole[i]["threshold_exact"])
+    for t, w, joined in zip(tensors, whole, _refresh_sharded(tensors, bounds, 0.3)):
+        assert torch.equal(joined, unpack_mask(w["isolation_mask"], t.numel()))
+        cuts += int(w["isolated_count"]) == th.isolation_k(0.3, t.numel()) and bool(w["threshold_exact"])
     assert cuts >= 2  # the tie rule was exercised
 
 
@@ -242,15 +228,7 @@ def _refresh_sharded(tensors, bounds, ratio):
     world = len(bounds) + 1
     group = _ThreadGroup(world)
     pieces = [[t[a:b] for a, b in zip([0, *bounds], [*bounds, t.numel()])] for t in tensors]
-    states = []
-    for r in range(world):
-        row = []
-        for piece in pieces:
-            state = {}
-            init_epi_state(state, torch.empty(piece[r].shape), torch.float32)
-            state["importance"].copy_(piece[r])
-            row.append(state)
-        states.append(row)
+    states = [_states([piece[r] for piece in pieces]) for r in range(world)]
 
     def rank(r):
         shards = [Shard(t.numel(), group.reduce_for(r), r, world) for t in tensors]
@@ -272,16 +250,12 @@ def test_any_shard_split_reaches_the_unsharded_masks(n, levels, ratio, cuts, see
     g = torch.Generator().manual_seed(seed)
     tensors = [tie_scores(g, n, levels), tie_scores(g, n // 2 + 1, 50)]  # ties, and few ties
     bounds = sorted(int(c * min(t.numel() for t in tensors)) for c in cuts)  # uneven, empty shards too
-    whole = []
-    for t in tensors:
-        state = {}
-        init_epi_state(state, torch.empty(t.shape), torch.float32)
-        state["importance"].copy_(t)
-        refresh_masks([state], isolation_ratio=ratio, scope="tensor", threshold="approx")
-        whole.append(unpack_mask(state["isolation_mask"], t.numel()))
-        assert int(whole[-1].sum()) <= th.isolation_k(ratio, t.numel()) + tol(th.isolation_k(ratio, t.numel()))
-    for joined, w in zip(_refresh_sharded(tensors, bounds, ratio), whole):
-        assert torch.equal(joined, w)
+    whole = _states(tensors)
+    refresh_masks(whole, isolation_ratio=ratio, scope="tensor", threshold="approx")
+    for t, w, joined in zip(tensors, whole, _refresh_sharded(tensors, bounds, ratio)):
+        k = th.isolation_k(ratio, t.numel())
+        assert torch.equal(joined, unpack_mask(w["isolation_mask"], t.numel()))
+        assert int(w["isolated_count"]) <= k + tol(k)
 
 
 @pytest.mark.parametrize("backend", [p for p in CPU_KERNEL_BACKENDS if p.values[0] == "cuda"])
