@@ -109,7 +109,9 @@ def _tensor_step(p: Tensor, g: Tensor, m: Tensor, v: Tensor, s: Tensor, vmax: Te
     shifts = torch.arange(64, dtype=torch.int64, device=p.device)
     isolated = (((words.view(-1, 1) >> shifts) & 1).view(-1)[: p.numel()] != 0).view(p.shape)
     g32 = g.float()
-    s.copy_(score_ema_(s.float(), g32, ib, one_minus_ib, sq))
+    s32 = s.float()
+    score_ema_([s32], [g32], ib, one_minus_ib, sq)
+    s.copy_(s32)
     if maximize:
         g32 = -g32
     m32 = m.float()

@@ -37,14 +37,21 @@ def isolated_indices(packed_mask: Tensor, numel: int) -> Tensor:
     return unpack_mask(packed_mask, numel).nonzero().squeeze(1)
 
 
-def update_importance(importances: list[Tensor], grads: list[Tensor], *, beta: float, importance: str) -> None:
+def update_importance(importances: list[Tensor], grads: list[Tensor], *, beta: float, importance: str,
+                      foreach: bool) -> None:
     """In place: the score EMA of every element (:func:`epi_kernels.score.score_ema_`, the kernels'
-    order of operations), one tensor at a time so its transient memory is one gradient's size."""
-    for s, g in zip(importances, grads):
-        s32 = s if s.dtype == torch.float32 else s.float()
-        score_ema_(s32, g.float(), beta, 1 - beta, importance == "sq")
-        if s32 is not s:
-            s.copy_(s32)
+    order of operations): over all fp32 scores at once with `foreach`, else one tensor at a time
+    (its transient memory is then one gradient's size)."""
+    s32 = [s if s.dtype == torch.float32 else s.float() for s in importances]
+    g32 = [g.float() for g in grads]
+    if foreach:
+        score_ema_(s32, g32, beta, 1 - beta, importance == "sq")
+    else:
+        for s, g in zip(s32, g32):
+            score_ema_([s], [g], beta, 1 - beta, importance == "sq")
+    for s, s_new in zip(importances, s32):
+        if s_new is not s:
+            s.copy_(s_new)
 
 
 def epi_adamw(
@@ -104,7 +111,8 @@ def epi_adamw(
 def _torch_epi_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, importances,
                      masks, isolated, *, importance_beta, importance, amsgrad, beta1, beta2, lr,
                      weight_decay, eps, maximize, foreach, capturable, fused) -> None:
-    update_importance(importances, grads, beta=importance_beta, importance=importance)
+    update_importance(importances, grads, beta=importance_beta, importance=importance,
+                      foreach=foreach is not False)
     if isolated is None:
         isolated = [isolated_indices(m, p.numel()) for p, m in zip(params, masks)]
     frozen = [(p, idx, p.take(idx)) for p, idx in zip(params, isolated) if idx.numel()]
