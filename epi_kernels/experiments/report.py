@@ -29,7 +29,55 @@ def mean_std(values: list[float]) -> dict[str, float]:
 
 
 def fmt(ms: dict[str, float], digits: int = 3) -> str:
+    """mean ± std; a single run has no spread to show."""
+    if len(ms.get("values", ())) == 1:
+        return f"{ms['mean']:.{digits}f}"
     return f"{ms['mean']:.{digits}f} ± {ms['std']:.{digits}f}"
+
+
+# two-sided 95 % quantiles of Student's t by degrees of freedom (standard tables); 1.96 beyond 30
+_T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+         11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093,
+         20: 2.086, 21: 2.080, 22: 2.074, 23: 2.069, 24: 2.064, 25: 2.060, 26: 2.056, 27: 2.052, 28: 2.048,
+         29: 2.045, 30: 2.042}
+
+
+def paired(values: list[float], baseline: list[float], higher_is_better: bool) -> dict[str, object]:
+    """The per-seed differences values - baseline (same seed, checkpoint and data order): mean, a
+    95 % t confidence interval (None for one seed), and in how many seeds the method was better."""
+    diffs = [v - b for v, b in zip(values, baseline)]
+    mean = statistics.fmean(diffs)
+    half = (_T975.get(len(diffs) - 1, 1.96) * statistics.stdev(diffs) / len(diffs) ** 0.5) if len(diffs) > 1 else None
+    better = sum((d > 0) if higher_is_better else (d < 0) for d in diffs)
+    return {"mean": mean, "ci95": None if half is None else [mean - half, mean + half], "better": better,
+            "n": len(diffs), "diffs": diffs}
+
+
+def fmt_paired(d: dict[str, object], digits: int = 3) -> str:
+    """mean [CI], k/n better; '*' where the interval excludes zero."""
+    text = f"{d['mean']:+.{digits}f}"
+    if d["ci95"] is not None:
+        lo, hi = d["ci95"]
+        text += f" [{lo:+.{digits}f}, {hi:+.{digits}f}]" + (" *" if lo > 0 or hi < 0 else "")
+    return text + f", {d['better']}/{d['n']} better"
+
+
+def paired_table(runs: dict[str, list[dict]], metrics: dict[str, tuple], baselines=("adamw", "static")) -> tuple[dict, str]:
+    """Paired differences of every method to each baseline present, per metric.
+
+    `metrics`: {label: (function of a run's record, higher is better)}. Returns the numbers (for
+    results.json) and a markdown table with one row per (method, baseline)."""
+    out, rows, done = {}, [], {None}
+    for base in (b for b in baselines if b in runs):
+        for method, rs in runs.items():
+            if method == base or method in done:  # (static - adamw is shown, adamw - static is not)
+                continue
+            entry = {label: paired([f(r) for r in rs], [f(r) for r in runs[base]], better)
+                     for label, (f, better) in metrics.items()}
+            out[f"{method} - {base}"] = entry
+            rows.append([f"{method} - {base}", *(fmt_paired(entry[label]) for label in metrics)])
+        done.add(base)
+    return out, table(["paired difference", *metrics], rows)
 
 
 def table(header: list[str], rows: list[list[str]]) -> str:
