@@ -195,7 +195,7 @@ def test_runs_are_deterministic(tmp_path):
     (["--ratio", "-0.5"], "--ratio"), (["--ratio", "1.5"], "--ratio"), (["--stage2-steps", "-5"], "--stage2-steps"),
     (["--seeds", "0"], "--seeds"), (["--threads", "0"], "--threads"), (["--importance-beta", "1"], "--importance-beta"),
     (["--tasks", "foo__bar", "comparison__pair"], "unknown task"), (["--tasks", "comparison__pair"], "takes 2 tasks"),
-    (["multitask", "--tasks", "comparison__pair"], "at least 2 tasks"), (["--lr", "0"], "--lr")])
+    (["multitask", "--tasks", "comparison__pair"], "at least 2 tasks"), (["--lr", "0"], "--lr"), (["--level", "3"], "--level")])
 def test_the_cli_refuses_nonsense_up_front(argv, message, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main([*argv, "--out", str(tmp_path / "runs")])
@@ -224,3 +224,17 @@ def test_tables_show_paired_differences(tmp_path):
     epi, static = results["runs"]["epi"], results["runs"]["static"]
     assert entry["diffs"] == pytest.approx([a["forgetting"] - b["forgetting"] for a, b in zip(epi, static)])
     assert "Paired by seed" in text and "epi - static" in text
+
+
+def test_majority_baseline_and_the_learnability_warning(tmp_path, capsys):
+    from epi_kernels.experiments.data import Task, majority_baseline
+
+    task = Task("t", train=(("a", "1"), ("b", "1"), ("c", "2")), eval=(("d", "1"), ("e", "3")))
+    assert majority_baseline(task) == 0.5  # "1" is the common training answer: right on 1 of 2
+    results, text = main(["forgetting", "--tiny", "--seeds", "1", "--methods", "adamw", "--out", str(tmp_path),
+                          "--no-progress", "--level", "1"])
+    assert results["config"]["level"] == 1
+    assert "majority-answer baseline" in text
+    # a toy stage 1 learns nothing: the run says so
+    assert results["stage1"]["em_t1"] < results["stage1"]["majority_baseline"] + 0.05
+    assert "barely learned" in capsys.readouterr().out

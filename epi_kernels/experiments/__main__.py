@@ -34,22 +34,26 @@ def parse(argv: list[str]) -> argparse.Namespace:
                                  formatter_class=_Help)
     ap.add_argument("experiment", nargs="?", default="forgetting", choices=EXPERIMENTS)
     ap.add_argument("--tasks", nargs="+", help="mathematics-dataset modules, e.g. numbers__place_value")
-    ap.add_argument("--methods", nargs="+", choices=METHODS, help="forgetting/multitask: methods to compare")
+    ap.add_argument("--methods", nargs="+", choices=METHODS,
+                    help="forgetting/multitask: methods to compare (default: forgetting all, multitask adamw static epi)")
     ap.add_argument("--seeds", type=int, help="number of seeds (stage 2 / runs)")
     ap.add_argument("--seed", type=int, default=0, help="first seed")
-    ap.add_argument("--stage1-steps", type=int)
-    ap.add_argument("--stage2-steps", type=int)
+    ap.add_argument("--stage1-steps", type=int, help="forgetting/drift: steps on task 1")
+    ap.add_argument("--stage2-steps", type=int, help="forgetting/drift: steps on task 2")
     ap.add_argument("--steps", type=int, help="multitask: total steps")
-    ap.add_argument("--ratio", type=float, help="isolation_ratio (drift: the top-p of the masks); default 0.3")
-    ap.add_argument("--refresh-interval", type=int, default=25)
-    ap.add_argument("--importance-beta", type=float, default=0.99)
-    ap.add_argument("--scope", choices=("tensor", "global"), default="tensor")
-    ap.add_argument("--lr", type=float, default=3e-3)
-    ap.add_argument("--weight-decay", type=float, default=0.0)
-    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--ratio", type=float, help="isolation_ratio (drift: the top-p of the masks)")
+    ap.add_argument("--refresh-interval", type=int, default=25, help="EPI: steps between mask refreshes")
+    ap.add_argument("--importance-beta", type=float, default=0.99, help="EMA factor of the importance scores")
+    ap.add_argument("--scope", choices=("tensor", "global"), default="tensor",
+                    help="top-k per tensor, or of mean-normalised scores over all tensors (the paper's)")
+    ap.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (warm-up, then linear decay)")
+    ap.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    ap.add_argument("--batch", type=int, default=32, help="examples per step")
     ap.add_argument("--pool", type=int, default=6000, help="training examples generated per task")
     ap.add_argument("--eval-items", type=int, default=500, help="held-out examples per task")
     ap.add_argument("--max-len", type=int, default=64, help="longest question + answer, in characters")
+    ap.add_argument("--level", type=int, default=0, help="task difficulty: 0, 1 or 2 (thirds of "
+                    "mathematics-dataset's entropy range, easiest first)")
     ap.add_argument("--snapshot-every", type=int, help="drift: steps between mask snapshots")
     ap.add_argument("--eval-every", type=int, help="multitask: steps between evaluations")
     ap.add_argument("--threads", type=int, default=1,
@@ -80,7 +84,23 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 
 class _Help(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """The module docstring as written, and every flag's default in its help."""
+    """The module docstring as written, and every flag's default in its help: its own, or for a flag
+    whose default depends on the experiment, each experiment's."""
+
+    def _get_help_string(self, action):
+        key = action.dest
+        if action.nargs == 0 or (action.help and "(default:" in action.help):  # a switch, or written by hand
+            return action.help
+        per = {e: d[key] for e, d in DEFAULTS.items() if key in d}
+        if key == "ratio":
+            per = {"every experiment": 0.3}
+        if per:
+            return f"{action.help} (default: " + ", ".join(f"{e} {_show(v)}" for e, v in per.items()) + ")"
+        return super()._get_help_string(action) if action.default is not None else action.help
+
+
+def _show(value) -> str:
+    return " ".join(map(str, value)) if isinstance(value, list) else str(value)
 
 
 def _check_args(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -96,6 +116,8 @@ def _check_args(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         bad("--lr", args.lr, "must be > 0")
     if not args.weight_decay >= 0:
         bad("--weight-decay", args.weight_decay, "must be >= 0")
+    if args.level not in (0, 1, 2):
+        bad("--level", args.level, "0, 1 or 2")
     if args.seed < 0:
         bad("--seed", args.seed, "must be >= 0")
     if args.max_len < 8:

@@ -10,6 +10,7 @@ import importlib
 import random
 import string
 import sys
+from collections import Counter
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -67,6 +68,17 @@ def make_task(name: str, n_train: int, n_eval: int, seed: int, max_len: int, lev
     if len(pairs) < n_train + n_eval:
         raise RuntimeError(f"task {name}: only {len(pairs)} distinct examples of <= {max_len} characters")
     return Task(name, tuple(pairs[n_eval:]), tuple(pairs[:n_eval]))
+
+
+LEARNED_MARGIN = 0.05  # EM above the majority-answer baseline below which a task counts as barely learned
+
+
+def majority_baseline(task: Task) -> float:
+    """Exact match of always answering the training pool's most common answer: what a model that
+    learned nothing about the questions reaches (a task is learned only well above it)."""
+    answers = Counter(a for _, a in task.train)
+    top = answers.most_common(1)[0][0] if answers else None
+    return sum(a == top for _, a in task.eval) / max(len(task.eval), 1)
 
 
 class CharTokenizer:

@@ -34,7 +34,8 @@ def overlap(a: dict, b: dict) -> float:
 
 def run(args, folder) -> tuple[dict, str]:
     tok = CharTokenizer()
-    tasks = [make_task(name, args.pool, args.eval_items, seed=1000 + i, max_len=args.max_len)
+    tasks = [make_task(name, args.pool, args.eval_items, seed=1000 + i, max_len=args.max_len,
+                       level=args.level)
              for i, name in enumerate(args.tasks[:2])]
     model = tiny_llama(tok.vocab_size, args.seed, max_len=args.max_len)
     named = {n: p for n, p in model.named_parameters() if p.dim() == 2}

@@ -8,7 +8,8 @@ import copy
 import time
 
 from .. import EPIAdamW
-from .data import CharTokenizer, PromptTokenizer, exact_match, heldout_text, make_task, mean_nll
+from .data import (LEARNED_MARGIN, CharTokenizer, PromptTokenizer, exact_match, heldout_text, majority_baseline,
+                   make_task, mean_nll)
 from .model import smollm2, tiny_llama
 from .report import fmt, log, mean_std, paired_table, pyplot, table
 from .train import configure, sampler, train
@@ -26,7 +27,8 @@ def _model_factory(args):
 
 def run(args, folder) -> tuple[dict, str]:
     tok, new_model, nll = _model_factory(args)
-    t1, t2 = (make_task(name, args.pool, args.eval_items, seed=1000 + i, max_len=args.max_len)
+    t1, t2 = (make_task(name, args.pool, args.eval_items, seed=1000 + i, max_len=args.max_len,
+                       level=args.level)
               for i, name in enumerate(args.tasks))
     opt_kw = dict(lr=args.lr, weight_decay=args.weight_decay, importance_beta=args.importance_beta,
                   scope=args.scope)
@@ -39,6 +41,11 @@ def run(args, folder) -> tuple[dict, str]:
     stage1 = {"em_t1": exact_match(model, tok, t1.eval), "em_t2": exact_match(model, tok, t2.eval),
               "seconds": time.perf_counter() - start, "heldout_nll": nll(model) if nll else None,
               "base_heldout_nll": base_nll}
+    stage1["majority_baseline"] = majority_baseline(t1)
+    if stage1["em_t1"] < stage1["majority_baseline"] + LEARNED_MARGIN:
+        log(f"warning: stage 1 ended near the majority-answer baseline ({stage1['em_t1']:.3f} against "
+            f"{stage1['majority_baseline']:.3f}): {t1.name} was barely learned, so forgetting is capped; "
+            "train longer (--stage1-steps) or pick an easier task or --level")
     checkpoint = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
     log(f"stage 1: {t1.name} EM {stage1['em_t1']:.3f}, {t2.name} EM {stage1['em_t2']:.3f}, "
         f"{stage1['seconds']:.0f} s")
@@ -75,7 +82,8 @@ def run(args, folder) -> tuple[dict, str]:
              f"{(s['em_t1']['mean'] + s['em_t2']['mean']) / 2:.3f}", f"{s['seconds']['mean']:.1f}"]
             + ([fmt(s["heldout_nll_increase"])] if nll else []) for m, s in summary.items()]
     text = (f"Forgetting ({args.model} model): stage 1 = {t1.name} ({args.stage1_steps} steps, exact match "
-            f"{stage1['em_t1']:.3f}), stage 2 = {t2.name} ({args.stage2_steps} steps), ratio {args.ratio}, "
+            f"{stage1['em_t1']:.3f}; majority-answer baseline {stage1['majority_baseline']:.3f}), "
+            f"stage 2 = {t2.name} ({args.stage2_steps} steps), ratio {args.ratio}, "
             f"refresh every {args.refresh_interval}, {args.seeds} seeds (mean ± std)"
             + (f"; held-out pydoc NLL: base {base_nll:.3f}, after stage 1 {stage1['heldout_nll']:.3f}" if nll else "")
             + "\n\n" + table(["method", f"{t1.name} EM after stage 2", "forgetting (EM lost)", f"{t2.name} EM",

@@ -10,9 +10,9 @@ from __future__ import annotations
 import time
 
 from .. import EPIAdamW
-from .data import CharTokenizer, exact_match, make_task
+from .data import LEARNED_MARGIN, CharTokenizer, exact_match, majority_baseline, make_task
 from .model import tiny_llama
-from .report import fmt, mean_std, paired_table, pyplot, table
+from .report import fmt, log, mean_std, paired_table, pyplot, table
 from .train import configure, sampler, train
 
 
@@ -27,7 +27,8 @@ def mix(n_tasks: int, steps: int):
 
 def run(args, folder) -> tuple[dict, str]:
     tok = CharTokenizer()
-    tasks = [make_task(name, args.pool, args.eval_items, seed=1000 + i, max_len=args.max_len)
+    tasks = [make_task(name, args.pool, args.eval_items, seed=1000 + i, max_len=args.max_len,
+                       level=args.level)
              for i, name in enumerate(args.tasks)]
     weights, phase = mix(len(tasks), args.steps)
     runs = {m: [] for m in args.methods}
@@ -63,14 +64,22 @@ def run(args, folder) -> tuple[dict, str]:
         "final average EM": (lambda r: r["final_average"], True),
         "drop from peak (lower is better)": (lambda r: r["mean_drop_from_peak"], False),
         **{f"{t.name} EM": ((lambda r, n=t.name: r["final"][n]), True) for t in tasks}})
+    baselines = {t.name: majority_baseline(t) for t in tasks}
+    best = {t.name: max(s[t.name]["mean"] for s in summary.values()) for t in tasks}
+    barely = [name for name, em in best.items() if em < baselines[name] + LEARNED_MARGIN]
+    if barely:
+        log("warning: barely learned by every method (final EM near the majority-answer baseline): "
+            + ", ".join(barely))
     results = {"experiment": "multitask", "config": vars(args), "tasks": [t.name for t in tasks],
+               "majority_baseline": baselines, "barely_learned": barely,
                "phase_steps": phase, "runs": runs, "summary": summary, "paired": differences}
     _plot(results, folder)
     rows = [[m, *(fmt(s[t.name]) for t in tasks), fmt(s["final_average"]), fmt(s["mean_drop_from_peak"]),
              f"{s['seconds']['mean']:.1f}"] for m, s in summary.items()]
     text = (f"Multitask: {args.steps} steps, task mix shifting every {phase} steps "
             f"({' -> '.join(t.name for t in tasks)} dominant, 0.8 of each batch), ratio {args.ratio}, "
-            f"refresh every {args.refresh_interval}, {args.seeds} seeds (mean ± std); final exact match per task\n\n"
+            f"refresh every {args.refresh_interval}, {args.seeds} seeds (mean ± std); final exact match per task "
+            f"(majority-answer baselines: {', '.join(f'{n} {b:.3f}' for n, b in baselines.items())})\n\n"
             + table(["method", *(t.name for t in tasks), "final average", "drop from peak (mean over tasks)",
                      "train s"], rows)
             + "\n\nPaired by seed (same initialisation and data order): mean difference [95 % t interval; * "

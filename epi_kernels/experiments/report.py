@@ -62,7 +62,8 @@ def fmt_paired(d: dict[str, object], digits: int = 3) -> str:
     return text + f", {d['better']}/{d['n']} better"
 
 
-def paired_table(runs: dict[str, list[dict]], metrics: dict[str, tuple], baselines=("adamw", "static")) -> tuple[dict, str]:
+def paired_table(runs: dict[str, list[dict]], metrics: dict[str, tuple],
+                 baselines=("adamw", "static")) -> tuple[dict, str]:
     """Paired differences of every method to each baseline present, per metric.
 
     `metrics`: {label: (function of a run's record, higher is better)}. Returns the numbers (for
