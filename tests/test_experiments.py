@@ -127,7 +127,7 @@ def test_each_experiment_runs_at_toy_size(experiment, tmp_path):
     assert (folder / "results.md").read_text().strip() == text.strip()
     in_unit = lambda x: math.isfinite(x) and 0.0 <= x <= 1.0  # noqa: E731
     if experiment == "forgetting":
-        assert set(saved["summary"]) == {"adamw", "static", "random", "epi"}
+        assert set(saved["summary"]) == {"adamw", "static", "random", "epi", "epi-global"}
         for method, runs in saved["runs"].items():
             assert len(runs) == 2
             for r in runs:
@@ -238,3 +238,35 @@ def test_majority_baseline_and_the_learnability_warning(tmp_path, capsys):
     # a toy stage 1 learns nothing: the run says so
     assert results["stage1"]["em_t1"] < results["stage1"]["majority_baseline"] + 0.05
     assert "barely learned" in capsys.readouterr().out
+
+
+def test_frontier_sweeps_ratios_with_paired_differences(tmp_path):
+    results, text = main(["frontier", "--tiny", "--out", str(tmp_path), "--no-progress", "--ratios", "0.1", "0.3",
+                          "--methods", "adamw", "static", "epi-global"])
+    assert set(results["points"]) == {"static", "epi-global"}  # adamw is the curve's common start
+    for method, points in results["points"].items():
+        assert [p["ratio"] for p in points] == [0.1, 0.3]
+        for p in points:
+            runs = results["runs"][method][str(p["ratio"])]
+            assert p["vs_adamw"]["em_t2"]["diffs"] == pytest.approx(
+                [r["em_t2"] - a["em_t2"] for r, a in zip(runs, results["adamw"]["runs"])])
+            assert all(r["ratio"] == p["ratio"] for r in runs)
+    assert (tmp_path / os.path.basename(results["folder"]) / "frontier.png").stat().st_size > 1000
+    assert "epi-global | 0.3" in text
+
+
+def test_epi_global_isolates_over_the_group():
+    import torch
+    from epi_kernels import EPIAdamW
+    from epi_kernels.experiments.train import configure
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2))
+    opt = EPIAdamW(model.parameters(), lr=1e-2)
+    configure(opt, "epi-global", ratio=0.25, refresh_interval=3, seed=0)
+    assert all(g["scope"] == "global" and g["isolation_ratio"] == 0.25 for g in opt.param_groups)
+    for _ in range(4):  # the refresh of step 1 sees zero scores; step 4's sees three steps of them
+        opt.zero_grad()
+        model(torch.randn(5, 4)).pow(2).sum().backward()
+        opt.step()
+    total = sum(int(opt.isolation_mask(p).sum()) for p in model.parameters())
+    assert total == int(0.25 * sum(p.numel() for p in model.parameters()))  # one top-k over all tensors

@@ -13,19 +13,21 @@ import torch
 from . import report
 from .train import METHODS
 
-EXPERIMENTS = ("forgetting", "drift", "multitask")
+EXPERIMENTS = ("forgetting", "drift", "multitask", "frontier")
 # defaults per experiment; --tiny shrinks every size for a smoke test (seconds)
 DEFAULTS = {
     "forgetting": dict(tasks=["numbers__place_value", "comparison__pair"], stage1_steps=800, stage2_steps=300,
                        seeds=5),
     "drift": dict(tasks=["numbers__place_value", "comparison__pair"], stage1_steps=1000, stage2_steps=1000,
                   seeds=1, snapshot_every=100),
+    "frontier": dict(tasks=["numbers__place_value", "comparison__pair"], stage1_steps=800, stage2_steps=300,
+                     seeds=3, ratios=[0.01, 0.03, 0.1, 0.3], methods=["adamw", "static", "random", "epi", "epi-global"]),
     "multitask": dict(tasks=["numbers__place_value", "comparison__pair", "numbers__round_number"], steps=1500,
                       seeds=2, eval_every=100, methods=["adamw", "static", "epi"]),
 }
 SMOLLM2 = dict(stage1_steps=60, stage2_steps=40, seeds=1, batch=8, lr=5e-5, eval_items=100, pool=2000,
                refresh_interval=10)  # about 2 s per step on 2 CPU cores: keep it short
-TINY = dict(stage1_steps=12, stage2_steps=8, steps=24, seeds=2, pool=64, eval_items=16, snapshot_every=4,
+TINY = dict(stage1_steps=12, stage2_steps=8, steps=24, seeds=2, ratios=[0.1, 0.3], pool=64, eval_items=16, snapshot_every=4,
             eval_every=8, batch=8, refresh_interval=4)
 
 
@@ -35,13 +37,15 @@ def parse(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("experiment", nargs="?", default="forgetting", choices=EXPERIMENTS)
     ap.add_argument("--tasks", nargs="+", help="mathematics-dataset modules, e.g. numbers__place_value")
     ap.add_argument("--methods", nargs="+", choices=METHODS,
-                    help="forgetting/multitask: methods to compare (default: forgetting all, multitask adamw static epi)")
+                    help="forgetting/multitask/frontier: methods to compare (default: forgetting and frontier all, "
+                         "multitask adamw static epi)")
     ap.add_argument("--seeds", type=int, help="number of seeds (stage 2 / runs)")
     ap.add_argument("--seed", type=int, default=0, help="first seed")
     ap.add_argument("--stage1-steps", type=int, help="forgetting/drift: steps on task 1")
     ap.add_argument("--stage2-steps", type=int, help="forgetting/drift: steps on task 2")
     ap.add_argument("--steps", type=int, help="multitask: total steps")
     ap.add_argument("--ratio", type=float, help="isolation_ratio (drift: the top-p of the masks)")
+    ap.add_argument("--ratios", type=float, nargs="+", help="frontier: the isolation ratios swept")
     ap.add_argument("--refresh-interval", type=int, default=25, help="EPI: steps between mask refreshes")
     ap.add_argument("--importance-beta", type=float, default=0.99, help="EMA factor of the importance scores")
     ap.add_argument("--scope", choices=("tensor", "global"), default="tensor",
@@ -110,6 +114,9 @@ def _check_args(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
 
     if args.ratio is not None and not 0.0 <= args.ratio < 1.0:
         bad("--ratio", args.ratio, "an isolation ratio in [0, 1)")
+    for ratio in args.ratios or ():
+        if not 0.0 < ratio < 1.0:
+            bad("--ratios", ratio, "isolation ratios in (0, 1)")
     if not 0.0 <= args.importance_beta < 1.0:
         bad("--importance-beta", args.importance_beta, "must be in [0, 1)")
     if not args.lr > 0:
@@ -136,7 +143,7 @@ def _check_args(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
 
 def _check_sizes(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Checks that need the experiment's defaults filled in: task names and counts."""
-    wanted = 2 if args.experiment in ("forgetting", "drift") else None
+    wanted = 2 if args.experiment in ("forgetting", "drift", "frontier") else None
     if wanted and len(args.tasks) != wanted:
         ap.error(f"argument --tasks: {args.experiment} takes {wanted} tasks, got {len(args.tasks)}")
     if len(args.tasks) < 2:
@@ -160,6 +167,8 @@ def main(argv: list[str] | None = None) -> tuple[dict, str]:
         from .forgetting import run  # noqa: PLC0415
     elif args.experiment == "drift":
         from .drift import run  # noqa: PLC0415
+    elif args.experiment == "frontier":
+        from .frontier import run  # noqa: PLC0415
     else:
         from .multitask import run  # noqa: PLC0415
     folder = report.run_folder(args.out, args.experiment)

@@ -25,10 +25,11 @@ def _model_factory(args):
     return tok, lambda: tiny_llama(tok.vocab_size, args.seed, max_len=args.max_len), None
 
 
-def run(args, folder) -> tuple[dict, str]:
+def stage1(args) -> dict:
+    """Stage 1 (task 1 at ratio 0, scores accumulating) and what every stage-2 run starts from."""
     tok, new_model, nll = _model_factory(args)
     t1, t2 = (make_task(name, args.pool, args.eval_items, seed=1000 + i, max_len=args.max_len,
-                       level=args.level)
+                        level=args.level)
               for i, name in enumerate(args.tasks))
     opt_kw = dict(lr=args.lr, weight_decay=args.weight_decay, importance_beta=args.importance_beta,
                   scope=args.scope)
@@ -38,37 +39,49 @@ def run(args, folder) -> tuple[dict, str]:
     start = time.perf_counter()
     train(model, opt, tok, sampler([t1.train]), args.stage1_steps, batch_size=args.batch, seed=args.seed,
           desc=f"stage 1 ({t1.name})", progress=args.progress)
-    stage1 = {"em_t1": exact_match(model, tok, t1.eval), "em_t2": exact_match(model, tok, t2.eval),
+    first = {"em_t1": exact_match(model, tok, t1.eval), "em_t2": exact_match(model, tok, t2.eval),
               "seconds": time.perf_counter() - start, "heldout_nll": nll(model) if nll else None,
-              "base_heldout_nll": base_nll}
-    stage1["majority_baseline"] = majority_baseline(t1)
-    if stage1["em_t1"] < stage1["majority_baseline"] + LEARNED_MARGIN:
-        log(f"warning: stage 1 ended near the majority-answer baseline ({stage1['em_t1']:.3f} against "
-            f"{stage1['majority_baseline']:.3f}): {t1.name} was barely learned, so forgetting is capped; "
+              "base_heldout_nll": base_nll, "majority_baseline": majority_baseline(t1)}
+    log(f"stage 1: {t1.name} EM {first['em_t1']:.3f}, {t2.name} EM {first['em_t2']:.3f}, "
+        f"{first['seconds']:.0f} s")
+    if first["em_t1"] < first["majority_baseline"] + LEARNED_MARGIN:
+        log(f"warning: stage 1 ended near the majority-answer baseline ({first['em_t1']:.3f} against "
+            f"{first['majority_baseline']:.3f}): {t1.name} was barely learned, so forgetting is capped; "
             "train longer (--stage1-steps) or pick an easier task or --level")
-    checkpoint = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
-    log(f"stage 1: {t1.name} EM {stage1['em_t1']:.3f}, {t2.name} EM {stage1['em_t2']:.3f}, "
-        f"{stage1['seconds']:.0f} s")
+    return {"tok": tok, "new_model": new_model, "nll": nll, "t1": t1, "t2": t2, "opt_kw": opt_kw, "stage1": first,
+            "checkpoint": (copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict()))}
 
+
+def stage2(ctx: dict, args, method: str, ratio: float, seed: int) -> dict:
+    """One stage-2 run from the stage-1 checkpoint: its record (EMs, forgetting, seconds, ...)."""
+    t1, t2, tok, nll = ctx["t1"], ctx["t2"], ctx["tok"], ctx["nll"]
+    m = ctx["new_model"]()
+    m.load_state_dict(ctx["checkpoint"][0])
+    o = EPIAdamW(m.parameters(), **ctx["opt_kw"])
+    o.load_state_dict(copy.deepcopy(ctx["checkpoint"][1]))
+    configure(o, method, ratio=ratio, refresh_interval=args.refresh_interval, seed=seed)
+    start = time.perf_counter()
+    train(m, o, tok, sampler([t2.train]), args.stage2_steps, batch_size=args.batch, seed=seed,
+          desc=f"stage 2 {method} seed {seed}", progress=args.progress)
+    seconds = time.perf_counter() - start
+    em1, em2 = exact_match(m, tok, t1.eval), exact_match(m, tok, t2.eval)
+    isolated = sum(int(o.isolation_mask(p).sum()) for p in m.parameters()) / sum(p.numel() for p in m.parameters())
+    first = ctx["stage1"]
+    log(f"stage 2 {method:>6} ratio {ratio} seed {seed}: {t1.name} EM {em1:.3f} (stage 1: {first['em_t1']:.3f}), "
+        f"{t2.name} EM {em2:.3f}, {seconds:.0f} s")
+    return {"seed": seed, "ratio": ratio, "em_t1": em1, "em_t2": em2, "forgetting": first["em_t1"] - em1,
+            "seconds": seconds, "isolated_fraction": isolated,
+            "heldout_nll_increase": nll(m) - first["base_heldout_nll"] if nll else None}
+
+
+def run(args, folder) -> tuple[dict, str]:
+    ctx = stage1(args)
+    t1, t2, nll, first = ctx["t1"], ctx["t2"], ctx["nll"], ctx["stage1"]
+    base_nll = first["base_heldout_nll"]
     runs = {m: [] for m in args.methods}
     for seed in range(args.seed, args.seed + args.seeds):
         for method in args.methods:
-            m = new_model()
-            m.load_state_dict(checkpoint[0])
-            o = EPIAdamW(m.parameters(), **opt_kw)
-            o.load_state_dict(copy.deepcopy(checkpoint[1]))
-            configure(o, method, ratio=args.ratio, refresh_interval=args.refresh_interval, seed=seed)
-            start = time.perf_counter()
-            train(m, o, tok, sampler([t2.train]), args.stage2_steps, batch_size=args.batch, seed=seed,
-                  desc=f"stage 2 {method} seed {seed}", progress=args.progress)
-            seconds = time.perf_counter() - start
-            em1, em2 = exact_match(m, tok, t1.eval), exact_match(m, tok, t2.eval)
-            isolated = sum(int(o.isolation_mask(p).sum()) for p in m.parameters()) / sum(p.numel() for p in m.parameters())
-            runs[method].append({"seed": seed, "em_t1": em1, "em_t2": em2, "forgetting": stage1["em_t1"] - em1,
-                                 "seconds": seconds, "isolated_fraction": isolated,
-                                 "heldout_nll_increase": nll(m) - base_nll if nll else None})
-            log(f"stage 2 {method:>6} seed {seed}: {t1.name} EM {em1:.3f} (stage 1: {stage1['em_t1']:.3f}), "
-                f"{t2.name} EM {em2:.3f}, {seconds:.0f} s")
+            runs[method].append(stage2(ctx, args, method, args.ratio, seed))
     keys = ("em_t1", "em_t2", "forgetting", "seconds") + (("heldout_nll_increase",) if nll else ())
     summary = {method: {key: mean_std([r[key] for r in rs]) for key in keys} for method, rs in runs.items()}
     differences, paired_text = paired_table(runs, {
@@ -76,16 +89,16 @@ def run(args, folder) -> tuple[dict, str]:
         f"{t2.name} EM": (lambda r: r["em_t2"], True),
         "average EM": (lambda r: (r["em_t1"] + r["em_t2"]) / 2, True)})
     results = {"experiment": "forgetting", "config": vars(args), "tasks": [t1.name, t2.name],
-               "stage1": stage1, "runs": runs, "summary": summary, "paired": differences}
+               "stage1": first, "runs": runs, "summary": summary, "paired": differences}
     _plot(results, folder)
     rows = [[m, fmt(s["em_t1"]), fmt(s["forgetting"]), fmt(s["em_t2"]),
              f"{(s['em_t1']['mean'] + s['em_t2']['mean']) / 2:.3f}", f"{s['seconds']['mean']:.1f}"]
             + ([fmt(s["heldout_nll_increase"])] if nll else []) for m, s in summary.items()]
     text = (f"Forgetting ({args.model} model): stage 1 = {t1.name} ({args.stage1_steps} steps, exact match "
-            f"{stage1['em_t1']:.3f}; majority-answer baseline {stage1['majority_baseline']:.3f}), "
+            f"{first['em_t1']:.3f}; majority-answer baseline {first['majority_baseline']:.3f}), "
             f"stage 2 = {t2.name} ({args.stage2_steps} steps), ratio {args.ratio}, "
             f"refresh every {args.refresh_interval}, {args.seeds} seeds (mean ± std)"
-            + (f"; held-out pydoc NLL: base {base_nll:.3f}, after stage 1 {stage1['heldout_nll']:.3f}" if nll else "")
+            + (f"; held-out pydoc NLL: base {base_nll:.3f}, after stage 1 {first['heldout_nll']:.3f}" if nll else "")
             + "\n\n" + table(["method", f"{t1.name} EM after stage 2", "forgetting (EM lost)", f"{t2.name} EM",
                               "average EM", "stage 2 s"] + (["held-out NLL increase vs base"] if nll else []), rows)
             + "\n\nPaired by seed (same checkpoint and data order): mean difference [95 % t interval; * where "

@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 from .. import EPIAdamW
 from ..threshold import isolation_k
 
-METHODS = ("adamw", "static", "random", "epi")
+METHODS = ("adamw", "static", "random", "epi", "epi-global")
 
 
 def sampler(pools: list[tuple], weights: Callable[[int], list[float]] | None = None):
@@ -65,6 +65,8 @@ def configure(opt: EPIAdamW, method: str, *, ratio: float, refresh_interval: int
     static  one refresh now, never again (CPI-FT-style static isolation)
     random  a fixed random mask of the same ratio per tensor (the control), never refreshed
     epi     a refresh now and every `refresh_interval` steps after (Evolving Parameter Isolation)
+    epi-global  the same with the paper's selection: scores divided by their tensor's mean, one
+            top-p over all tensors (scope="global")
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r} (expected one of {', '.join(METHODS)})")
@@ -72,6 +74,8 @@ def configure(opt: EPIAdamW, method: str, *, ratio: float, refresh_interval: int
         first = group["epi_step"] + 1 + delay
         group.update(isolation_ratio=0.0 if method == "adamw" else ratio, static=method in ("static", "random"),
                      refresh_interval=refresh_interval, warmup_steps=10**12 if method == "random" else first)
+        if method == "epi-global":
+            group["scope"] = "global"
     if method == "random":
         g = torch.Generator().manual_seed(seed)
         for group in opt.param_groups:
