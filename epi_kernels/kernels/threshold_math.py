@@ -11,7 +11,6 @@ import triton.language as tl
 from .. import threshold as _th
 
 KEY_NONE = tl.constexpr(_th.KEY_NONE)
-TIE_NONE = tl.constexpr(_th.TIE_NONE)
 BIN_SHIFT = tl.constexpr(_th.BIN_SHIFT)
 BIN_WIDTH = tl.constexpr(_th.BIN_WIDTH)
 WINDOW_BINS = tl.constexpr(_th.WINDOW_BINS)
