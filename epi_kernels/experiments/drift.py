@@ -12,7 +12,7 @@ import torch
 
 from .. import EPIAdamW
 from ..threshold import exact_threshold, isolation_k, score_keys
-from .data import CharTokenizer, exact_match, make_task
+from .data import CharTokenizer, exact_match, make_tasks
 from .model import tiny_llama
 from .report import pyplot, table
 from .train import sampler, train
@@ -34,9 +34,7 @@ def overlap(a: dict, b: dict) -> float:
 
 def run(args, folder) -> tuple[dict, str]:
     tok = CharTokenizer()
-    tasks = [make_task(name, args.pool, args.eval_items, seed=1000 + i, max_len=args.max_len,
-                       level=args.level)
-             for i, name in enumerate(args.tasks[:2])]
+    tasks = make_tasks(args)
     model = tiny_llama(tok.vocab_size, args.seed, max_len=args.max_len)
     named = {n: p for n, p in model.named_parameters() if p.dim() == 2}
     opt = EPIAdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, isolation_ratio=0.0,

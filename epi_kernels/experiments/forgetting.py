@@ -8,32 +8,19 @@ import copy
 import time
 
 from .. import EPIAdamW
-from .data import (LEARNED_MARGIN, CharTokenizer, PromptTokenizer, exact_match, heldout_text, majority_baseline,
-                   make_task, mean_nll)
-from .model import smollm2, tiny_llama
+from .data import LEARNED_MARGIN, exact_match, majority_baseline, make_tasks
+from .model import model_factory
 from .report import fmt, log, mean_std, paired_table, pyplot, table
-from .train import configure, sampler, train
-
-
-def _model_factory(args):
-    """(tokenizer, new_model(), held-out NLL function or None) for --model tiny / smollm2."""
-    if args.model == "smollm2":
-        base, hf_tok = smollm2()
-        texts = heldout_text(args.heldout_chunks)
-        return PromptTokenizer(hf_tok), lambda: copy.deepcopy(base), lambda m: mean_nll(m, hf_tok, texts)
-    tok = CharTokenizer()
-    return tok, lambda: tiny_llama(tok.vocab_size, args.seed, max_len=args.max_len), None
+from .train import configure, run_many, sampler, train
 
 
 def stage1(args) -> dict:
     """Stage 1 (task 1 at ratio 0, scores accumulating) and what every stage-2 run starts from."""
-    tok, new_model, nll = _model_factory(args)
-    t1, t2 = (make_task(name, args.pool, args.eval_items, seed=1000 + i, max_len=args.max_len,
-                        level=args.level)
-              for i, name in enumerate(args.tasks))
+    tok, new_model, nll = model_factory(args)
+    t1, t2 = make_tasks(args)
     opt_kw = dict(lr=args.lr, weight_decay=args.weight_decay, importance_beta=args.importance_beta,
                   scope=args.scope)
-    model = new_model()
+    model = new_model(args.seed)
     base_nll = nll(model) if nll else None
     opt = EPIAdamW(model.parameters(), isolation_ratio=0.0, **opt_kw)
     start = time.perf_counter()
@@ -48,14 +35,16 @@ def stage1(args) -> dict:
         log(f"warning: stage 1 ended near the majority-answer baseline ({first['em_t1']:.3f} against "
             f"{first['majority_baseline']:.3f}): {t1.name} was barely learned, so forgetting is capped; "
             "train longer (--stage1-steps) or pick an easier task or --level")
-    return {"tok": tok, "new_model": new_model, "nll": nll, "t1": t1, "t2": t2, "opt_kw": opt_kw, "stage1": first,
+    # plain data only: stage-2 runs may go to worker processes
+    return {"t1": t1, "t2": t2, "opt_kw": opt_kw, "stage1": first,
             "checkpoint": (copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict()))}
 
 
 def stage2(ctx: dict, args, method: str, ratio: float, seed: int) -> dict:
     """One stage-2 run from the stage-1 checkpoint: its record (EMs, forgetting, seconds, ...)."""
-    t1, t2, tok, nll = ctx["t1"], ctx["t2"], ctx["tok"], ctx["nll"]
-    m = ctx["new_model"]()
+    t1, t2 = ctx["t1"], ctx["t2"]
+    tok, new_model, nll = model_factory(args)
+    m = new_model(args.seed)
     m.load_state_dict(ctx["checkpoint"][0])
     o = EPIAdamW(m.parameters(), **ctx["opt_kw"])
     o.load_state_dict(copy.deepcopy(ctx["checkpoint"][1]))
@@ -76,12 +65,13 @@ def stage2(ctx: dict, args, method: str, ratio: float, seed: int) -> dict:
 
 def run(args, folder) -> tuple[dict, str]:
     ctx = stage1(args)
-    t1, t2, nll, first = ctx["t1"], ctx["t2"], ctx["nll"], ctx["stage1"]
+    t1, t2, first = ctx["t1"], ctx["t2"], ctx["stage1"]
     base_nll = first["base_heldout_nll"]
-    runs = {m: [] for m in args.methods}
-    for seed in range(args.seed, args.seed + args.seeds):
-        for method in args.methods:
-            runs[method].append(stage2(ctx, args, method, args.ratio, seed))
+    nll = base_nll is not None
+    seeds = range(args.seed, args.seed + args.seeds)
+    done = run_many(stage2, [(ctx, args, m, args.ratio, s) for m in args.methods for s in seeds], jobs=args.jobs,
+                    threads=args.threads)
+    runs = {m: done[i * len(seeds):(i + 1) * len(seeds)] for i, m in enumerate(args.methods)}
     keys = ("em_t1", "em_t2", "forgetting", "seconds") + (("heldout_nll_increase",) if nll else ())
     summary = {method: {key: mean_std([r[key] for r in rs]) for key in keys} for method, rs in runs.items()}
     differences, paired_text = paired_table(runs, {

@@ -6,15 +6,19 @@ from __future__ import annotations
 
 from .forgetting import stage1, stage2
 from .report import fmt, fmt_paired, mean_std, paired, pyplot, table
+from .train import run_many
 
 
 def run(args, folder) -> tuple[dict, str]:
     ctx = stage1(args)
     t2 = ctx["t2"]
     seeds = range(args.seed, args.seed + args.seeds)
-    adamw = [stage2(ctx, args, "adamw", 0.0, seed) for seed in seeds]
-    curves = {m: {r: [stage2(ctx, args, m, r, seed) for seed in seeds] for r in args.ratios}
-              for m in args.methods if m != "adamw"}
+    points = [("adamw", 0.0)] + [(m, r) for m in args.methods if m != "adamw" for r in args.ratios]
+    done = iter(run_many(stage2, [(ctx, args, m, r, s) for m, r in points for s in seeds], jobs=args.jobs,
+                         threads=args.threads))
+    by_point = {point: [next(done) for _ in seeds] for point in points}
+    adamw = by_point.pop(("adamw", 0.0))
+    curves = {m: {r: by_point[(m, r)] for r in args.ratios} for m in args.methods if m != "adamw"}
     rows, points = [], {}
     for method, by_ratio in curves.items():
         for ratio, rs in by_ratio.items():

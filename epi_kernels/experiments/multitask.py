@@ -1,19 +1,21 @@
-"""Mixed-task SFT whose task mix shifts over training (a curriculum), so each task is in turn
-dominant then rare: per-task exact match over time (the "seesaw") and the final average.
+"""The main job: mixed-task SFT whose task mix shifts over training, so each task is in turn
+dominant then rare (the paper's setting of shifting importance); per-task exact match over time,
+the final EM per task, and each run's worst-task drop (the deepest fall of a task below its best).
 
 The mix moves through one phase per task; in phase i, task i has weight 0.8 and the others share
 0.2. Static isolation refreshes once, at the end of the first phase; EPI refreshes at the same step
-and every `refresh_interval` steps after; AdamW never isolates.
+and every `refresh_interval` steps after; AdamW never isolates. Every (method, seed) run starts from
+the same initialisation and data order for that seed, so methods are compared paired by seed.
 """
 from __future__ import annotations
 
 import time
 
 from .. import EPIAdamW
-from .data import LEARNED_MARGIN, CharTokenizer, exact_match, majority_baseline, make_task
-from .model import tiny_llama
+from .data import LEARNED_MARGIN, exact_match, majority_baseline, make_tasks
+from .model import model_factory
 from .report import fmt, log, mean_std, paired_table, pyplot, table
-from .train import configure, sampler, train
+from .train import configure, run_many, sampler, train
 
 
 def mix(n_tasks: int, steps: int):
@@ -25,63 +27,100 @@ def mix(n_tasks: int, steps: int):
     return weights, phase
 
 
-def run(args, folder) -> tuple[dict, str]:
-    tok = CharTokenizer()
-    tasks = [make_task(name, args.pool, args.eval_items, seed=1000 + i, max_len=args.max_len,
-                       level=args.level)
-             for i, name in enumerate(args.tasks)]
+def largest_drop(ems: list[float]) -> float:
+    """The deepest fall of a task's EM below its best so far, over the evaluations of a run: how much
+    of a task was lost while others dominated, even if it was relearned later (0 if it never fell)."""
+    best, drop = 0.0, 0.0
+    for em in ems:
+        best = max(best, em)
+        drop = max(drop, best - em)
+    return drop
+
+
+def one_run(args, tasks, label: str, method: str, overrides: dict, seed: int) -> dict:
+    """One training run of a variant (a method with optional refresh_interval / importance_beta
+    overrides): its EM curve, final EM per task, largest drops and seconds."""
+    settings = {"refresh_interval": args.refresh_interval, "importance_beta": args.importance_beta, **overrides}
     weights, phase = mix(len(tasks), args.steps)
-    runs = {m: [] for m in args.methods}
-    for seed in range(args.seed, args.seed + args.seeds):
-        for method in args.methods:
-            model = tiny_llama(tok.vocab_size, seed, max_len=args.max_len)
-            opt = EPIAdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
-                           importance_beta=args.importance_beta, scope=args.scope)
-            # first refresh at the end of phase 1, once the scores have history
-            configure(opt, method, ratio=args.ratio, refresh_interval=args.refresh_interval, seed=seed,
-                      delay=phase - 1)
-            curve = []
+    tok, new_model, nll = model_factory(args)
+    model = new_model(seed)
+    nll_before = nll(model) if nll else None
+    opt = EPIAdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
+                   importance_beta=settings["importance_beta"], scope=args.scope)
+    # first refresh at the end of phase 1, once the scores have history
+    configure(opt, method, ratio=args.ratio, refresh_interval=settings["refresh_interval"], seed=seed,
+              delay=phase - 1)
+    curve = []
 
-            def evaluate(step: int) -> None:
-                curve.append({"step": step, **{t.name: exact_match(model, tok, t.eval) for t in tasks}})
+    def evaluate(step: int) -> None:
+        curve.append({"step": step, **{t.name: exact_match(model, tok, t.eval) for t in tasks}})
 
-            start = time.perf_counter()
-            train(model, opt, tok, sampler([t.train for t in tasks], weights), args.steps, batch_size=args.batch,
-                  seed=seed, desc=f"{method} seed {seed}", progress=args.progress, every=args.eval_every,
-                  on_every=evaluate)
-            seconds = time.perf_counter() - start
-            final = curve[-1]
-            peak_drop = [max(c[t.name] for c in curve) - final[t.name] for t in tasks]
-            runs[method].append({"seed": seed, "curve": curve, "seconds": seconds,
-                                 "final": {t.name: final[t.name] for t in tasks},
-                                 "final_average": sum(final[t.name] for t in tasks) / len(tasks),
-                                 "mean_drop_from_peak": sum(peak_drop) / len(tasks)})
-    summary = {m: {"final_average": mean_std([r["final_average"] for r in rs]),
-                   "mean_drop_from_peak": mean_std([r["mean_drop_from_peak"] for r in rs]),
-                   **{t.name: mean_std([r["final"][t.name] for r in rs]) for t in tasks},
-                   "seconds": mean_std([r["seconds"] for r in rs])} for m, rs in runs.items()}
+    start = time.perf_counter()
+    train(model, opt, tok, sampler([t.train for t in tasks], weights), args.steps, batch_size=args.batch,
+          seed=seed, desc=f"{label} seed {seed}", progress=args.progress, every=args.eval_every, on_every=evaluate)
+    seconds = time.perf_counter() - start
+    final = {t.name: curve[-1][t.name] for t in tasks}
+    drops = {t.name: largest_drop([c[t.name] for c in curve]) for t in tasks}
+    worst = max(drops, key=drops.get)
+    record = {"seed": seed, "variant": label, "method": method, **settings, "curve": curve, "seconds": seconds,
+              "final": final, "final_average": sum(final.values()) / len(final),
+              "largest_drop": drops, "mean_largest_drop": sum(drops.values()) / len(drops),
+              "worst_drop": drops[worst], "worst_task": worst,
+              "heldout_nll_increase": nll(model) - nll_before if nll else None}
+    log(f"{label} seed {seed}: final average EM {record['final_average']:.3f}, worst-task drop "
+        f"{drops[worst]:.3f} ({worst}), {seconds:.0f} s")
+    return record
+
+
+def run(args, folder) -> tuple[dict, str]:
+    return run_variants(args, folder, [(m, m, {}) for m in args.methods], "multitask")
+
+
+def run_variants(args, folder, variants: list[tuple[str, str, dict]], experiment: str) -> tuple[dict, str]:
+    """Every (label, method, overrides) variant for every seed, in parallel runs (--jobs)."""
+    tasks = make_tasks(args)
+    _, phase = mix(len(tasks), args.steps)
+    seeds = range(args.seed, args.seed + args.seeds)
+    done = iter(run_many(one_run, [(args, tasks, label, method, over, s) for label, method, over in variants
+                                   for s in seeds], jobs=args.jobs, threads=args.threads))
+    runs = {label: [next(done) for _ in seeds] for label, _, _ in variants}
+    names = [t.name for t in tasks]
+    nll = runs[variants[0][0]][0]["heldout_nll_increase"] is not None
+    summary = {label: {"final_average": mean_std([r["final_average"] for r in rs]),
+                       "worst_drop": mean_std([r["worst_drop"] for r in rs]),
+                       "mean_largest_drop": mean_std([r["mean_largest_drop"] for r in rs]),
+                       **{n: mean_std([r["final"][n] for r in rs]) for n in names},
+                       "seconds": mean_std([r["seconds"] for r in rs]),
+                       **({"heldout_nll_increase": mean_std([r["heldout_nll_increase"] for r in rs])} if nll else {})}
+               for label, rs in runs.items()}
     differences, paired_text = paired_table(runs, {
         "final average EM": (lambda r: r["final_average"], True),
-        "drop from peak (lower is better)": (lambda r: r["mean_drop_from_peak"], False),
-        **{f"{t.name} EM": ((lambda r, n=t.name: r["final"][n]), True) for t in tasks}})
+        "worst-task drop (lower is better)": (lambda r: r["worst_drop"], False),
+        **{f"{n} EM": ((lambda r, n=n: r["final"][n]), True) for n in names}})
     baselines = {t.name: majority_baseline(t) for t in tasks}
-    best = {t.name: max(s[t.name]["mean"] for s in summary.values()) for t in tasks}
-    barely = [name for name, em in best.items() if em < baselines[name] + LEARNED_MARGIN]
+    best = {n: max(s[n]["mean"] for s in summary.values()) for n in names}
+    barely = [n for n, em in best.items() if em < baselines[n] + LEARNED_MARGIN]
     if barely:
         log("warning: barely learned by every method (final EM near the majority-answer baseline): "
             + ", ".join(barely))
-    results = {"experiment": "multitask", "config": vars(args), "tasks": [t.name for t in tasks],
-               "majority_baseline": baselines, "barely_learned": barely,
-               "phase_steps": phase, "runs": runs, "summary": summary, "paired": differences}
+    results = {"experiment": experiment, "config": vars(args), "tasks": names, "majority_baseline": baselines,
+               "barely_learned": barely, "phase_steps": phase, "runs": runs, "summary": summary,
+               "paired": differences}
     _plot(results, folder)
-    rows = [[m, *(fmt(s[t.name]) for t in tasks), fmt(s["final_average"]), fmt(s["mean_drop_from_peak"]),
-             f"{s['seconds']['mean']:.1f}"] for m, s in summary.items()]
-    text = (f"Multitask: {args.steps} steps, task mix shifting every {phase} steps "
-            f"({' -> '.join(t.name for t in tasks)} dominant, 0.8 of each batch), ratio {args.ratio}, "
-            f"refresh every {args.refresh_interval}, {args.seeds} seeds (mean ± std); final exact match per task "
-            f"(majority-answer baselines: {', '.join(f'{n} {b:.3f}' for n, b in baselines.items())})\n\n"
-            + table(["method", *(t.name for t in tasks), "final average", "drop from peak (mean over tasks)",
-                     "train s"], rows)
+    rows = [[label, *(fmt(s[n]) for n in names), fmt(s["final_average"]), fmt(s["worst_drop"]),
+             f"{s['seconds']['mean']:.1f}"] + ([fmt(s["heldout_nll_increase"])] if nll else [])
+            for label, s in summary.items()]
+    rows.append(["majority-answer baseline", *(f"{baselines[n]:.3f}" for n in names), "", "", ""]
+                + ([""] if nll else []))
+    text = (f"{experiment.capitalize()} ({args.model} model): {args.steps} steps, task mix shifting every {phase} "
+            f"steps ({' -> '.join(names)} dominant, 0.8 of each batch), ratio {args.ratio}, "
+            + ("" if experiment == "ablation" else
+               f"refresh every {args.refresh_interval}, importance beta {args.importance_beta}, ")
+            + f"{args.seeds} seeds (mean ± std); final exact match per task on {args.eval_items} held-out "
+              f"questions each; worst-task drop: the largest fall of any task's EM below its best so far, "
+              f"over the evaluations every {args.eval_every} steps\n\n"
+            + table(["variant" if experiment == "ablation" else "method", *names, "final average",
+                     "worst-task drop", "train s"] + (["held-out NLL increase"] if nll else []), rows)
             + "\n\nPaired by seed (same initialisation and data order): mean difference [95 % t interval; * "
               "where it excludes zero], seeds in which the method was better\n\n" + paired_text)
     return results, text
@@ -92,16 +131,18 @@ def _plot(r: dict, folder) -> None:
     tasks = r["tasks"]
     fig, axes = plt.subplots(1, len(tasks), figsize=(4 * len(tasks), 3.6), sharey=True)
     for ax, task in zip(axes, tasks):
-        for method, rs in r["runs"].items():
+        for label, rs in r["runs"].items():
             steps = [c["step"] for c in rs[0]["curve"]]
             mean = [sum(run["curve"][i][task] for run in rs) / len(rs) for i in range(len(steps))]
-            ax.plot(steps, mean, label=method)
+            ax.plot(steps, mean, label=label)
+        ax.axhline(r["majority_baseline"][task], color="k", lw=0.8, ls="--")
         for i in range(1, len(tasks)):
             ax.axvline(i * r["phase_steps"], color="gray", ls=":")
         ax.set_title(task, fontsize=9)
         ax.set_xlabel("step")
     axes[0].set_ylabel("exact match (mean over seeds)")
-    axes[0].legend(fontsize=8)
+    axes[0].legend(fontsize=7)
+    fig.suptitle("dotted: the dominant task changes; dashed: majority-answer baseline", fontsize=8)
     fig.tight_layout()
-    fig.savefig(folder / "multitask.png", dpi=120)
+    fig.savefig(folder / f"{r['experiment']}.png", dpi=120)
     plt.close(fig)

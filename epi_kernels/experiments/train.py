@@ -1,7 +1,10 @@
 """The training loop every experiment shares, and how each method configures EPIAdamW."""
 from __future__ import annotations
 
+import multiprocessing
+import os
 import random
+from concurrent.futures import ProcessPoolExecutor
 from typing import Callable
 
 import torch
@@ -83,3 +86,20 @@ def configure(opt: EPIAdamW, method: str, *, ratio: float, refresh_interval: int
                 chosen = torch.zeros(p.numel(), dtype=torch.bool)
                 chosen[torch.randperm(p.numel(), generator=g)[:isolation_k(ratio, p.numel())]] = True
                 opt.set_isolation_mask(p, chosen.view(p.shape))
+
+
+def cores() -> int:
+    """CPU cores this process may run on (the default number of parallel runs)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def run_many(fn: Callable, calls: list[tuple], *, jobs: int, threads: int) -> list:
+    """`fn(*call)` for every call, in `jobs` worker processes of `threads` torch threads each (in
+    this process when jobs is 1); results in the order of `calls`. Every call is a whole training
+    run that depends only on its arguments and seeds, so the results do not depend on `jobs`."""
+    if jobs == 1 or len(calls) <= 1:
+        return [fn(*call) for call in calls]
+    # spawn, not fork: a fork after torch has started its thread pools can deadlock
+    with ProcessPoolExecutor(min(jobs, len(calls)), mp_context=multiprocessing.get_context("spawn"),
+                             initializer=torch.set_num_threads, initargs=(threads,)) as pool:
+        return [future.result() for future in [pool.submit(fn, *call) for call in calls]]
