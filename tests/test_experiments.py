@@ -338,3 +338,11 @@ def test_largest_drop_is_the_deepest_fall_below_the_best_so_far():
 
     assert largest_drop([0.1, 0.4, 0.2, 0.5, 0.45]) == pytest.approx(0.2)  # 0.4 -> 0.2, though relearned after
     assert largest_drop([0.3, 0.2, 0.1]) == pytest.approx(0.2) and largest_drop([0.1, 0.2, 0.3]) == 0.0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA: --device cuda is valid here")
+def test_device_cuda_is_refused_without_a_gpu(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--device", "cuda", "--out", str(tmp_path / "runs")])
+    assert e.value.code == 2 and "cuda is not available" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()

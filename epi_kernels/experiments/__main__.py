@@ -27,9 +27,9 @@ DEFAULTS = {
                   seeds=1, snapshot_every=100),
     "frontier": dict(tasks=["numbers__place_value", "comparison__pair"], stage1_steps=800, stage2_steps=300,
                      seeds=3, ratios=[0.01, 0.03, 0.1, 0.3], methods=["adamw", "static", "random", "epi", "epi-global"]),
-    "multitask": dict(tasks=MAIN_TASKS, steps=960, seeds=5, eval_every=80, eval_items=300,
+    "multitask": dict(tasks=MAIN_TASKS, steps=960, seeds=5, eval_every=80,
                       methods=["adamw", "static", "epi", "epi-global"]),
-    "ablation": dict(tasks=MAIN_TASKS, steps=960, seeds=3, eval_every=80, eval_items=300, intervals=[5, 25, 100],
+    "ablation": dict(tasks=MAIN_TASKS, steps=960, seeds=3, eval_every=80, intervals=[5, 25, 100],
                      betas=[0.9, 0.99, 0.999]),
 }
 # about 2 s per step on 2 CPU cores: keep it short, one run at a time on both cores
@@ -77,6 +77,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
                          "one thread per run is the fastest for the tiny model (default: 1; smollm2 2)")
     ap.add_argument("--jobs", type=int, help="training runs in parallel, one process each; results do not depend "
                     f"on it (default: the CPU cores available, here {cores()}; smollm2 1)")
+    ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                    help="where models train (auto: cuda when available); EPIAdamW picks its backend from it; "
+                         "runs are deterministic on the CPU only")
     ap.add_argument("--cache-dir", default=default_cache_dir(),
                     help="generated tasks are cached here ('' for none)")
     ap.add_argument("--model", choices=("tiny", "smollm2"), default="tiny",
@@ -98,6 +101,12 @@ def parse(argv: list[str]) -> argparse.Namespace:
     for key, value in {**common, **DEFAULTS[args.experiment], **(TINY if args.tiny else {})}.items():
         if getattr(args, key, None) is None or (args.tiny and key in TINY and key not in _given(argv)):
             setattr(args, key, value)
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif args.device == "cuda" and not torch.cuda.is_available():
+        ap.error("argument --device: cuda is not available on this machine")
+    if args.device == "cuda" and "jobs" not in _given(argv):
+        args.jobs = 1  # one GPU: runs take turns (worker processes would each start a CUDA context)
     if args.jobs > 1:
         args.progress = False  # parallel runs log a line each instead of overwriting each other's bars
     if args.methods is None:

@@ -196,7 +196,8 @@ def mean_nll(model, hf_tokenizer, texts: list[str], max_tokens: int = 128) -> fl
     model.eval()
     total, count = 0.0, 0
     for text in texts:
-        ids = torch.tensor([hf_tokenizer.encode(text, add_special_tokens=False)[:max_tokens]])
+        ids = torch.tensor([hf_tokenizer.encode(text, add_special_tokens=False)[:max_tokens]],
+                           device=next(model.parameters()).device)
         out = model(input_ids=ids, labels=ids)
         total += out.loss.item() * (ids.shape[1] - 1)
         count += ids.shape[1] - 1

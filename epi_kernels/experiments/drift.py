@@ -35,7 +35,7 @@ def overlap(a: dict, b: dict) -> float:
 def run(args, folder) -> tuple[dict, str]:
     tok = CharTokenizer()
     tasks = make_tasks(args)
-    model = tiny_llama(tok.vocab_size, args.seed, max_len=args.max_len)
+    model = tiny_llama(tok.vocab_size, args.seed, max_len=args.max_len).to(args.device)
     named = {n: p for n, p in model.named_parameters() if p.dim() == 2}
     opt = EPIAdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, isolation_ratio=0.0,
                    importance_beta=args.importance_beta)

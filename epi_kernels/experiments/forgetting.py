@@ -104,7 +104,7 @@ def _plot(results: dict, folder) -> None:
     for ax, key, title in ((axes[0], "forgetting", "forgetting: task-1 EM lost (lower is better)"),
                            (axes[1], "em_t2", "plasticity: task-2 EM (higher is better)")):
         ax.bar(methods, [summary[m][key]["mean"] for m in methods], yerr=[summary[m][key]["std"] for m in methods],
-               capsize=4, color=["#888888", "#4c72b0", "#dd8452", "#55a868"][:len(methods)])
+               capsize=4, color=["#888888", "#4c72b0", "#dd8452", "#55a868", "#c44e52"][:len(methods)])
         for i, m in enumerate(methods):
             ax.scatter([i] * len(summary[m][key]["values"]), summary[m][key]["values"], color="k", s=10, zorder=3)
         ax.set_title(title, fontsize=10)

@@ -53,13 +53,15 @@ def smollm2():
 
 
 def model_factory(args):
-    """(tokenizer, new_model(seed), held-out NLL function or None) for --model tiny / smollm2: the
-    tiny model's initialisation depends on the seed, the pretrained one's does not."""
+    """(tokenizer, new_model(seed), held-out NLL function or None) for --model tiny / smollm2, on
+    --device (the optimizer then picks its CUDA backend): the tiny model's initialisation depends on
+    the seed (drawn on the CPU, so it is the same on every device), the pretrained one's does not."""
     from .data import CharTokenizer, PromptTokenizer, heldout_text, mean_nll  # noqa: PLC0415
 
     if args.model == "smollm2":
         base, hf_tok = smollm2()
         texts = heldout_text(args.heldout_chunks)
-        return PromptTokenizer(hf_tok), lambda seed: copy.deepcopy(base), lambda m: mean_nll(m, hf_tok, texts)
+        return (PromptTokenizer(hf_tok), lambda seed: copy.deepcopy(base).to(args.device),
+                lambda m: mean_nll(m, hf_tok, texts))
     tok = CharTokenizer()
-    return tok, lambda seed: tiny_llama(tok.vocab_size, seed, max_len=args.max_len), None
+    return tok, lambda seed: tiny_llama(tok.vocab_size, seed, max_len=args.max_len).to(args.device), None

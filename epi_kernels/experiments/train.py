@@ -41,8 +41,9 @@ def train(model, opt, tokenizer, draw, steps: int, *, batch_size: int, seed: int
     schedule = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / WARMUP) * max(FINAL_LR, 1.0 - s / steps))
     model.train()
+    device = next(model.parameters()).device
     for t in tqdm(range(1, steps + 1), desc=desc, disable=not progress, leave=False, dynamic_ncols=True):
-        batch = tokenizer.batch(draw(rng, t, batch_size))
+        batch = tokenizer.batch(draw(rng, t, batch_size), device)
         loss = model(**batch).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
