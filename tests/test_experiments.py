@@ -125,6 +125,8 @@ def test_each_experiment_runs_at_toy_size(experiment, tmp_path):
     folder = tmp_path / os.path.basename(results["folder"])
     saved = json.loads((folder / "results.json").read_text())
     assert saved["experiment"] == experiment and (folder / f"{experiment}.png").stat().st_size > 1000
+    if experiment != "drift":  # the forest plot of the paired differences
+        assert (folder / f"{experiment}-paired.png").stat().st_size > 1000
     assert (folder / "results.md").read_text().strip() == text.strip()
     in_unit = lambda x: math.isfinite(x) and 0.0 <= x <= 1.0  # noqa: E731
     if experiment == "forgetting":
@@ -258,6 +260,12 @@ def test_frontier_sweeps_ratios_with_paired_differences(tmp_path):
             assert p["vs_adamw"]["em_t2"]["diffs"] == pytest.approx(
                 [r["em_t2"] - a["em_t2"] for r, a in zip(runs, results["adamw"]["runs"])])
             assert all(r["ratio"] == p["ratio"] for r in runs)
+            if method == "static":
+                assert "vs_static" not in p
+            else:  # paired with static isolation at the same ratio
+                static = results["runs"]["static"][str(p["ratio"])]
+                assert p["vs_static"]["forgetting"]["diffs"] == pytest.approx(
+                    [r["forgetting"] - s["forgetting"] for r, s in zip(runs, static)])
     assert (tmp_path / os.path.basename(results["folder"]) / "frontier.png").stat().st_size > 1000
     assert "epi-global | 0.3" in text
 

@@ -1,7 +1,7 @@
 """python -m epi_kernels.experiments [multitask|forgetting|frontier|ablation|drift] [options]
 
 With no arguments: the main job, multi-task SFT with a shifting task mix (multitask), 5 seeds,
-AdamW, static isolation and EPI per tensor and global, paired by seed (about 10 minutes on 2 CPU
+AdamW, static isolation and EPI per tensor and global, paired by seed (about 11 minutes on 2 CPU
 cores). Every run writes results.json, results.md and PNG plots to a new folder under --out (runs/).
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ MAIN_TASKS = ["comparison__sort", "numbers__place_value", "algebra__linear_1d"]
 # defaults per experiment; --tiny shrinks every size for a smoke test (seconds)
 DEFAULTS = {
     "forgetting": dict(tasks=["numbers__place_value", "comparison__pair"], stage1_steps=800, stage2_steps=300,
-                       seeds=5),
+                       seeds=5, methods=list(METHODS)),
     "drift": dict(tasks=["numbers__place_value", "comparison__pair"], stage1_steps=1000, stage2_steps=1000,
                   seeds=1, snapshot_every=100),
     "frontier": dict(tasks=["numbers__place_value", "comparison__pair"], stage1_steps=800, stage2_steps=300,
@@ -46,12 +46,12 @@ def parse(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("experiment", nargs="?", default="multitask", choices=EXPERIMENTS)
     ap.add_argument("--tasks", nargs="+", help="mathematics-dataset modules, e.g. numbers__place_value")
     ap.add_argument("--methods", nargs="+", choices=METHODS,
-                    help="forgetting/multitask/frontier: methods to compare")
+                    help="multitask/forgetting/frontier: methods to compare")
     ap.add_argument("--seeds", type=int, help="number of seeds (stage 2 / runs)")
     ap.add_argument("--seed", type=int, default=0, help="first seed")
-    ap.add_argument("--stage1-steps", type=int, help="forgetting/drift: steps on task 1")
-    ap.add_argument("--stage2-steps", type=int, help="forgetting/drift: steps on task 2")
-    ap.add_argument("--steps", type=int, help="multitask: total steps")
+    ap.add_argument("--stage1-steps", type=int, help="forgetting/frontier/drift: steps on task 1")
+    ap.add_argument("--stage2-steps", type=int, help="forgetting/frontier/drift: steps on task 2")
+    ap.add_argument("--steps", type=int, help="multitask/ablation: total steps")
     ap.add_argument("--ratio", type=float, help="isolation_ratio (drift: the top-p of the masks)")
     ap.add_argument("--ratios", type=float, nargs="+", help="frontier: the isolation ratios swept")
     ap.add_argument("--refresh-interval", type=int, help="EPI: steps between mask refreshes")
@@ -71,7 +71,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--level", type=int, default=0, help="task difficulty: 0, 1 or 2 (thirds of "
                     "mathematics-dataset's entropy range, easiest first)")
     ap.add_argument("--snapshot-every", type=int, help="drift: steps between mask snapshots")
-    ap.add_argument("--eval-every", type=int, help="multitask: steps between evaluations")
+    ap.add_argument("--eval-every", type=int, help="multitask/ablation: steps between evaluations")
     ap.add_argument("--threads", type=int,
                     help="torch CPU threads per run; results are deterministic for a seed and a thread count, and "
                          "one thread per run is the fastest for the tiny model (default: 1; smollm2 2)")

@@ -10,7 +10,7 @@ import time
 from .. import EPIAdamW
 from .data import LEARNED_MARGIN, exact_match, majority_baseline, make_tasks
 from .model import model_factory
-from .report import fmt, log, mean_std, paired_table, pyplot, table
+from .report import fmt, log, mean_std, paired_table, plot_paired, pyplot, table
 from .train import configure, run_many, sampler, train
 
 
@@ -81,6 +81,7 @@ def run(args, folder) -> tuple[dict, str]:
     results = {"experiment": "forgetting", "config": vars(args), "tasks": [t1.name, t2.name],
                "stage1": first, "runs": runs, "summary": summary, "paired": differences}
     _plot(results, folder)
+    plot_paired(differences, folder / "forgetting-paired.png", "forgetting, paired by seed")
     rows = [[m, fmt(s["em_t1"]), fmt(s["forgetting"]), fmt(s["em_t2"]),
              f"{(s['em_t1']['mean'] + s['em_t2']['mean']) / 2:.3f}", f"{s['seconds']['mean']:.1f}"]
             + ([fmt(s["heldout_nll_increase"])] if nll else []) for m, s in summary.items()]

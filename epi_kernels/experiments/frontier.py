@@ -23,12 +23,17 @@ def run(args, folder) -> tuple[dict, str]:
     for method, by_ratio in curves.items():
         for ratio, rs in by_ratio.items():
             forgetting, em2 = mean_std([r["forgetting"] for r in rs]), mean_std([r["em_t2"] for r in rs])
-            vs = {key: paired([r[key] for r in rs], [r[key] for r in adamw], better)
-                  for key, better in (("forgetting", False), ("em_t2", True))}
+            bases = {"adamw": adamw}
+            if "static" in curves and method != "static":
+                bases["static"] = curves["static"][ratio]  # same ratio, same seeds
+            vs = {base: {key: paired([r[key] for r in rs], [r[key] for r in runs], better)
+                         for key, better in (("forgetting", False), ("em_t2", True))}
+                  for base, runs in bases.items()}
             points.setdefault(method, []).append({"ratio": ratio, "forgetting": forgetting, "em_t2": em2,
-                                                  "vs_adamw": vs})
-            rows.append([method, f"{ratio:g}", fmt(forgetting), fmt(em2), fmt_paired(vs["forgetting"]),
-                         fmt_paired(vs["em_t2"])])
+                                                  **{f"vs_{base}": d for base, d in vs.items()}})
+            rows.append([method, f"{ratio:g}", fmt(forgetting), fmt(em2),
+                         *(fmt_paired(vs[base][key]) if base in vs else "" for base in ("adamw", "static")
+                           for key in ("forgetting", "em_t2"))])
     base = {"forgetting": mean_std([r["forgetting"] for r in adamw]), "em_t2": mean_std([r["em_t2"] for r in adamw])}
     results = {"experiment": "frontier", "config": vars(args), "tasks": [ctx["t1"].name, t2.name],
                "stage1": ctx["stage1"], "adamw": {"runs": adamw, **base},
@@ -37,9 +42,10 @@ def run(args, folder) -> tuple[dict, str]:
     text = (f"Frontier: stage 1 = {ctx['t1'].name} ({args.stage1_steps} steps, EM {ctx['stage1']['em_t1']:.3f}), "
             f"stage 2 = {t2.name} ({args.stage2_steps} steps), ratios {' '.join(f'{r:g}' for r in args.ratios)}, "
             f"{args.seeds} seeds; AdamW: forgetting {fmt(base['forgetting'])}, {t2.name} EM {fmt(base['em_t2'])}. "
-            "Paired columns: difference to AdamW by seed, mean [95 % t interval; * where it excludes zero], "
-            "seeds better\n\n"
-            + table(["method", "ratio", "forgetting", f"{t2.name} EM", "forgetting - AdamW", "EM - AdamW"], rows))
+            "Paired columns: difference by seed to AdamW and to static isolation at the same ratio, mean "
+            "[95 % t interval; * where it excludes zero], seeds better\n\n"
+            + table(["method", "ratio", "forgetting", f"{t2.name} EM", "forgetting - AdamW", "EM - AdamW",
+                     "forgetting - static", "EM - static"], rows))
     return results, text
 
 

@@ -14,7 +14,7 @@ import time
 from .. import EPIAdamW
 from .data import LEARNED_MARGIN, exact_match, majority_baseline, make_tasks
 from .model import model_factory
-from .report import fmt, log, mean_std, paired_table, pyplot, table
+from .report import fmt, log, mean_std, paired_table, plot_paired, pyplot, table
 from .train import configure, run_many, sampler, train
 
 
@@ -107,6 +107,7 @@ def run_variants(args, folder, variants: list[tuple[str, str, dict]], experiment
                "barely_learned": barely, "phase_steps": phase, "runs": runs, "summary": summary,
                "paired": differences}
     _plot(results, folder)
+    plot_paired(differences, folder / f"{experiment}-paired.png", f"{experiment}, paired by seed")
     rows = [[label, *(fmt(s[n]) for n in names), fmt(s["final_average"]), fmt(s["worst_drop"]),
              f"{s['seconds']['mean']:.1f}"] + ([fmt(s["heldout_nll_increase"])] if nll else [])
             for label, s in summary.items()]

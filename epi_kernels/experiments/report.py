@@ -81,6 +81,34 @@ def paired_table(runs: dict[str, list[dict]], metrics: dict[str, tuple],
     return out, table(["paired difference", *metrics], rows)
 
 
+def plot_paired(differences: dict, path: Path, title: str) -> None:
+    """A forest plot of `paired_table`'s numbers: one panel per metric, one row per (method -
+    baseline), the mean difference with its 95 % interval and the zero line; filled where the
+    interval excludes zero."""
+    plt = pyplot()
+    rows = list(differences)
+    metrics = list(next(iter(differences.values())))
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics) + 1.5, 0.35 * len(rows) + 1.6),
+                             sharey=True, squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        for y, row in enumerate(rows):
+            d = differences[row][metric]
+            lo, hi = d["ci95"] or (d["mean"], d["mean"])
+            clear = lo > 0 or hi < 0
+            ax.plot([lo, hi], [y, y], color="k", lw=1)
+            ax.plot([d["mean"]], [y], "o", color="k", mfc="k" if clear else "w", ms=5)
+        ax.axvline(0, color="gray", ls=":")
+        ax.set_title(metric, fontsize=8)
+        ax.set_xlabel("paired difference (EM)", fontsize=8)
+        ax.tick_params(labelsize=7)
+    axes[0][0].set_yticks(range(len(rows)), rows)
+    axes[0][0].invert_yaxis()
+    fig.suptitle(f"{title}: mean and 95 % t interval over seeds (filled: excludes zero)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def table(header: list[str], rows: list[list[str]]) -> str:
     """A markdown table (prints well in a terminal and pastes into the README)."""
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
