@@ -244,6 +244,8 @@ def test_majority_baseline_and_the_learnability_warning(tmp_path, capsys):
                           "--no-progress", "--level", "1"])
     assert results["config"]["level"] == 1
     assert "majority-answer baseline" in text
+    assert results["paired"] == {}  # one method: nothing to pair, and no forest plot
+    assert not (tmp_path / os.path.basename(results["folder"]) / "forgetting-paired.png").exists()
     # a toy stage 1 learns nothing: the run says so
     assert results["stage1"]["em_t1"] < results["stage1"]["majority_baseline"] + 0.05
     assert "barely learned" in capsys.readouterr().out

@@ -84,7 +84,9 @@ def paired_table(runs: dict[str, list[dict]], metrics: dict[str, tuple],
 def plot_paired(differences: dict, path: Path, title: str) -> None:
     """A forest plot of `paired_table`'s numbers: one panel per metric, one row per (method -
     baseline), the mean difference with its 95 % interval and the zero line; filled where the
-    interval excludes zero."""
+    interval excludes zero. Nothing is drawn when no baseline was run next to another method."""
+    if not differences:
+        return
     plt = pyplot()
     rows = list(differences)
     metrics = list(next(iter(differences.values())))
