@@ -108,6 +108,8 @@ def main():
         description="AdamW with Evolving Parameter Isolation (EPI): fused score EMA, top-k threshold and masked step",
         long_description=open(os.path.join(ROOT, "README.md"), encoding="utf-8").read(),
         long_description_content_type="text/markdown",
+        license="BSD-3-Clause",
+        license_files=["LICENSE"],
         packages=find_packages(include=["epi_kernels", "epi_kernels.*"]),
         # No ext_modules when pure: setuptools then builds a py3-none-any wheel.
         ext_modules=[Extension("epi_kernels._C", sources=[])] if nvcc else [],
