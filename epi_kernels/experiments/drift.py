@@ -12,8 +12,8 @@ import torch
 
 from .. import EPIAdamW
 from ..threshold import exact_threshold, isolation_k, score_keys
-from .data import CharTokenizer, exact_match, make_tasks
-from .model import tiny_llama
+from .data import exact_match, make_tasks
+from .model import model_factory
 from .report import pyplot, table
 from .train import sampler, train
 
@@ -33,9 +33,9 @@ def overlap(a: dict, b: dict) -> float:
 
 
 def run(args, folder) -> tuple[dict, str]:
-    tok = CharTokenizer()
+    tok, new_model, _ = model_factory(args)
     tasks = make_tasks(args)
-    model = tiny_llama(tok.vocab_size, args.seed, max_len=args.max_len).to(args.device)
+    model = new_model(args.seed)
     named = {n: p for n, p in model.named_parameters() if p.dim() == 2}
     opt = EPIAdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, isolation_ratio=0.0,
                    importance_beta=args.importance_beta)

@@ -69,9 +69,8 @@ def run(args, folder) -> tuple[dict, str]:
     base_nll = first["base_heldout_nll"]
     nll = base_nll is not None
     seeds = range(args.seed, args.seed + args.seeds)
-    done = run_many(stage2, [(ctx, args, m, args.ratio, s) for m in args.methods for s in seeds], jobs=args.jobs,
+    runs = run_many(stage2, {m: (ctx, args, m, args.ratio) for m in args.methods}, seeds, jobs=args.jobs,
                     threads=args.threads)
-    runs = {m: done[i * len(seeds):(i + 1) * len(seeds)] for i, m in enumerate(args.methods)}
     keys = ("em_t1", "em_t2", "forgetting", "seconds") + (("heldout_nll_increase",) if nll else ())
     summary = {method: {key: mean_std([r[key] for r in rs]) for key in keys} for method, rs in runs.items()}
     differences, paired_text = paired_table(runs, {

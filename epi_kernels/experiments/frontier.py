@@ -13,10 +13,9 @@ def run(args, folder) -> tuple[dict, str]:
     ctx = stage1(args)
     t2 = ctx["t2"]
     seeds = range(args.seed, args.seed + args.seeds)
-    points = [("adamw", 0.0)] + [(m, r) for m in args.methods if m != "adamw" for r in args.ratios]
-    done = iter(run_many(stage2, [(ctx, args, m, r, s) for m, r in points for s in seeds], jobs=args.jobs,
-                         threads=args.threads))
-    by_point = {point: [next(done) for _ in seeds] for point in points}
+    grid = [("adamw", 0.0)] + [(m, r) for m in args.methods if m != "adamw" for r in args.ratios]
+    by_point = run_many(stage2, {(m, r): (ctx, args, m, r) for m, r in grid}, seeds, jobs=args.jobs,
+                        threads=args.threads)
     adamw = by_point.pop(("adamw", 0.0))
     curves = {m: {r: by_point[(m, r)] for r in args.ratios} for m in args.methods if m != "adamw"}
     rows, points = [], {}

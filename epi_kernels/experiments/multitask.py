@@ -81,9 +81,8 @@ def run_variants(args, folder, variants: list[tuple[str, str, dict]], experiment
     tasks = make_tasks(args)
     _, phase = mix(len(tasks), args.steps)
     seeds = range(args.seed, args.seed + args.seeds)
-    done = iter(run_many(one_run, [(args, tasks, label, method, over, s) for label, method, over in variants
-                                   for s in seeds], jobs=args.jobs, threads=args.threads))
-    runs = {label: [next(done) for _ in seeds] for label, _, _ in variants}
+    runs = run_many(one_run, {label: (args, tasks, label, method, over) for label, method, over in variants}, seeds,
+                    jobs=args.jobs, threads=args.threads)
     names = [t.name for t in tasks]
     nll = runs[variants[0][0]][0]["heldout_nll_increase"] is not None
     summary = {label: {"final_average": mean_std([r["final_average"] for r in rs]),

@@ -94,13 +94,17 @@ def cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def run_many(fn: Callable, calls: list[tuple], *, jobs: int, threads: int) -> list:
-    """`fn(*call)` for every call, in `jobs` worker processes of `threads` torch threads each (in
-    this process when jobs is 1); results in the order of `calls`. Every call is a whole training
-    run that depends only on its arguments and seeds, so the results do not depend on `jobs`."""
+def run_many(fn: Callable, groups: dict, seeds, *, jobs: int, threads: int) -> dict:
+    """`fn(*head, seed)` for every group's `head` tuple and every seed, in `jobs` worker processes of
+    `threads` torch threads each (in this process when jobs is 1): {group: [records in seed order]}.
+    Every call is a whole training run that depends only on its arguments and seed, so the results
+    do not depend on `jobs`."""
+    calls = [(*head, seed) for head in groups.values() for seed in seeds]
     if jobs == 1 or len(calls) <= 1:
-        return [fn(*call) for call in calls]
-    # spawn, not fork: a fork after torch has started its thread pools can deadlock
-    with ProcessPoolExecutor(min(jobs, len(calls)), mp_context=multiprocessing.get_context("spawn"),
-                             initializer=torch.set_num_threads, initargs=(threads,)) as pool:
-        return [future.result() for future in [pool.submit(fn, *call) for call in calls]]
+        done = [fn(*call) for call in calls]
+    else:  # spawn, not fork: a fork after torch has started its thread pools can deadlock
+        with ProcessPoolExecutor(min(jobs, len(calls)), mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=torch.set_num_threads, initargs=(threads,)) as pool:
+            done = [future.result() for future in [pool.submit(fn, *call) for call in calls]]
+    n = len(seeds)
+    return {group: done[i * n:(i + 1) * n] for i, group in enumerate(groups)}
