@@ -10,7 +10,6 @@ score. fp32 everywhere: AdamW 28 B, EPI 36.125 B (ideal EPI/AdamW time ratio 1.2
 """
 from __future__ import annotations
 
-import importlib
 import math
 import os
 import platform
@@ -24,11 +23,13 @@ import torch
 
 from epi_kernels import EPIAdamW, available_backends
 from epi_kernels import threshold as th
-from epi_kernels.backends import FUSED_BACKENDS, check_device
+from epi_kernels.backends import KERNEL_BACKENDS, check_device
 from epi_kernels.functional import refresh_ops
 from epi_kernels.refresh import refresh_masks
 from epi_kernels.state import init_epi_state
 from epi_kernels.threshold import isolation_k
+
+from bench.thresholds import radix_threshold, window_thresholds
 
 MiB = 1 << 20
 
@@ -74,8 +75,8 @@ def runnable_backends(device: str) -> list[str]:
 
 
 def kernel_backends() -> list[str]:
-    """The fused kernel backends installed here ("triton" if Triton is, "cuda" if the extension is)."""
-    return [b for b in available_backends() if b in FUSED_BACKENDS]
+    """The kernel backends installed here ("triton" if Triton is, "cuda" if the extension is)."""
+    return [b for b in available_backends() if b in KERNEL_BACKENDS]
 
 
 def dry_cases() -> list[Case]:
@@ -184,7 +185,7 @@ def threshold_contenders(n: int, device: str, backends) -> dict[str, Callable[[]
     scores = torch.randn(n, generator=torch.Generator().manual_seed(0)).pow(2).to(device)
     k = isolation_k(0.01, n)
     keys = th.score_keys(scores)
-    anchor = th.radix_threshold([keys], k)
+    anchor = radix_threshold([keys], k)
     state = {}
     init_epi_state(state, scores, torch.float32)
     state["importance"] = scores
@@ -194,13 +195,12 @@ def threshold_contenders(n: int, device: str, backends) -> dict[str, Callable[[]
         refresh_masks([state], isolation_ratio=0.01, scope="tensor", threshold="approx",
                       ops=refresh_ops(backend))
 
-    fns = {f"refresh ({b})": (lambda b=b: refresh(b)) for b in backends if b not in FUSED_BACKENDS}
-    for b in (b for b in backends if b in FUSED_BACKENDS):  # refresh inside the step: the threshold kernels alone
-        kernels = importlib.import_module(f"epi_kernels.{b}_backend")  # imports Triton / the extension
-        fns[f"threshold kernels ({b})"] = lambda kernels=kernels: kernels.window_thresholds([scores], [k], [anchor])
+    fns = {f"refresh ({b})": (lambda b=b: refresh(b)) for b in backends if b not in KERNEL_BACKENDS}
+    for b in (b for b in backends if b in KERNEL_BACKENDS):  # refresh inside the step: the threshold kernels alone
+        fns[f"threshold kernels ({b})"] = lambda b=b: window_thresholds(b, [scores], [k], [anchor])
     fns = {**fns,
            "window threshold": lambda: th.approx_threshold([keys], k, anchor),
-           "radix threshold (repair)": lambda: th.radix_threshold([keys], k),
+           "radix threshold (repair)": lambda: radix_threshold([keys], k),
            "torch.kthvalue": lambda: scores.kthvalue(n - k + 1),
            "torch.topk": lambda: scores.topk(k, sorted=False)}
     if device.startswith("cuda"):

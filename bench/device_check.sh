@@ -35,7 +35,7 @@ $PY -c "import epi_kernels._C as C; print('epi_kernels._C', C.__file__)" 2>&1 | 
 
 echo "== GPU tests (kernel backends on CUDA tensors: parity with mixed-magnitude gradients, tie cuts, capture)"
 if [ "$dry" = 1 ]; then sel=(-k "host-harness and (ties or c5)"); else sel=(-k "cuda and not host and not interpreter"); fi
-timeout 150 $PY -m pytest -q -p no:cacheprovider -rs tests/test_cuda_extension.py tests/test_fused_backends.py \
+timeout 150 $PY -m pytest -q -p no:cacheprovider -rs tests/test_cuda_extension.py tests/test_kernel_backends.py \
     tests/test_capturable.py tests/test_cuda_sass.py tests/test_triton_large_counts.py "${sel[@]}" \
     --junitxml="$OUT/tests.xml" > "$OUT/tests.log" 2>&1 || status=1
 tail -4 "$OUT/tests.log"

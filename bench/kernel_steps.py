@@ -1,4 +1,4 @@
-"""A fused kernel backend's step variants side by side ("triton" or "cuda"): what the histogram and
+"""A kernel backend's step variants side by side ("triton" or "cuda"): what the histogram and
 the refresh cost on top of the plain fused step (README target: histogram + threshold selection
 <= 5 % of the step).
 
@@ -8,18 +8,17 @@ the refresh cost on top of the plain fused step (README target: histogram + thre
               with nothing flagged, and the fused step writing the new mask
     repair    a refresh whose window misses for every tensor: three radix passes over the scores
     device    a plain step decided on the device (capturable=True): what deciding on the device
-              costs (scalars per tensor, select launched with the repair path gated off, gated stores)
+              costs (select launched with the repair path gated off, gated stores)
     graph     the same step captured once in a CUDA graph and replayed (CUDA only): no host work
 """
 from __future__ import annotations
 
-import importlib
 from typing import Callable
 
 import torch
 
 from epi_kernels import EPIAdamW
-from epi_kernels.fused_refresh import FusedRefresh
+from epi_kernels.step_driver import RefreshPlan, kernel_epi_adamw
 from epi_kernels.threshold import KEY_NONE
 
 RATIO = 0.01
@@ -27,8 +26,9 @@ RATIO = 0.01
 
 def step_variants(params: list[torch.nn.Parameter], backend: str) -> dict[str, Callable[[], None]]:
     """Callables for each variant over `params` (with gradients), sharing one optimizer state."""
-    # imports Triton or the extension, only when used
-    fused_step = getattr(importlib.import_module(f"epi_kernels.{backend}_backend"), f"{backend}_epi_adamw")
+    def fused_step(*args, **kwargs):
+        kernel_epi_adamw(backend, *args, **kwargs)
+
     opt = EPIAdamW(params, backend=backend, isolation_ratio=RATIO, refresh_interval=1, warmup_steps=1)
     for _ in range(3):  # state, then real scores, then a threshold from real scores
         opt.step()
@@ -44,10 +44,10 @@ def step_variants(params: list[torch.nn.Parameter], backend: str) -> dict[str, C
 
     def run(refresh: bool, collect: bool, pending: dict | None = None) -> None:
         # handed the collected histograms (of the same score tensors), this refresh uses them
-        fr = FusedRefresh(states, RATIO, refresh, collect, dict(pending or {}))
-        fused_step(params, *lists, **hyper, fused_refresh=fr)
+        plan = RefreshPlan(states, RATIO, refresh, collect, dict(pending or {}))
+        fused_step(params, *lists, **hyper, plan=plan)
         if collect and not collected:
-            collected.update(fr.pending)
+            collected.update(plan.histograms)
 
     def repair() -> None:
         for st in states:
@@ -58,7 +58,7 @@ def step_variants(params: list[torch.nn.Parameter], backend: str) -> dict[str, C
     buffers: dict = {}
 
     def device() -> None:
-        fused_step(params, *lists, **hyper, fused_refresh=FusedRefresh(states, RATIO, True, True, buffers, control))
+        fused_step(params, *lists, **hyper, plan=RefreshPlan(states, RATIO, True, True, buffers, control))
 
     run(False, True)  # fills `collected`
     variants = {"plain": lambda: run(False, False), "histogram": lambda: run(False, True),

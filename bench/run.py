@@ -29,7 +29,7 @@ if "--dry" in sys.argv:  # before anything imports Triton: triton.jit reads it w
     os.environ["EPI_CUDA_HOST"] = "1"  # the CUDA backend's host harness on CPU tensors
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from bench import common  # noqa: E402
-from epi_kernels.backends import FUSED_BACKENDS  # noqa: E402
+from epi_kernels.backends import KERNEL_BACKENDS  # noqa: E402
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 BASELINES = ("adamw-fused", "adamw-foreach")
@@ -202,14 +202,14 @@ def targets(res) -> list[dict]:
 
 
 def gpu_targets(res) -> list[dict]:
-    """The GPU targets (README "Benchmarks and performance") for each fused kernel backend, from this run's medians,
+    """The GPU targets (README "Benchmarks and performance") for each kernel backend, from this run's medians,
     and the CUDA backend at least as fast as the Triton one on every benchmarked size."""
     out = []
     copy = res.get("copy_gb_per_s")
     normal = {(r["contender"], r["case"], r["dtype"]): r for r in res["steps"] if r["step"] == "normal"}
     for (contender, case, dtype), r in normal.items():
         backend = contender.removeprefix("epi-")
-        if backend not in FUSED_BACKENDS:
+        if backend not in KERNEL_BACKENDS:
             continue
         if backend == "cuda" and ("epi-triton", case, dtype) in normal:
             ratio = r["median_ms"] / normal["epi-triton", case, dtype]["median_ms"]
@@ -324,7 +324,7 @@ def main(argv=None) -> dict:
             torch.set_num_threads(threads[0])
         res["steps"] += bench_steps(args.device, cases, dtypes, backends, reps, threads[0])
         res["threshold"] += bench_threshold(args.device, sizes, reps, threads[0], backends)
-    fused = [b for b in backends if b in FUSED_BACKENDS]
+    fused = [b for b in backends if b in KERNEL_BACKENDS]
     res["kernel_variants"] = bench_kernel_variants(args.device, cases, dtypes, reps, fused) if cuda or args.dry else []
     res["memory"] = bench_memory(args.device)
     res["targets"] = gpu_targets(res) if cuda else [] if args.dry else targets(res)

@@ -107,8 +107,8 @@ struct F16 {
   }
 };
 
-// Per-step scalars, computed once on the host (epi_kernels.step_scalars) and rounded to fp32 once;
-// with STEP_DEVICE read per tensor from device memory instead (SCALAR_COUNT floats, same order).
+// Per-step scalars of one tensor, read from device memory (float [T, SCALAR_COUNT], computed on the
+// device from each tensor's step counter by epi_kernels.step_scalars; order: epi_kernels/abi.py SCALARS).
 struct StepScalars {
   float decay, step_size, one_minus_beta1, beta2, one_minus_beta2, bc2_sqrt, eps, ibeta, one_minus_ibeta;
 };
@@ -118,24 +118,26 @@ EPI_HD StepScalars scalars_row(const float* r) {
   return {r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8]};
 }
 
+// Bit i is epi_kernels/abi.py FLAGS[i]. REFRESH and COLLECT say what the host allows this step to do;
+// the control words in device memory say whether it does (a host-decided step passes words that
+// agree, a capturable one sets both flags and lets the words decide).
 enum StepFlags : unsigned {
   STEP_SQ = 1,        // score signal g*g (else |g|)
   STEP_MAXIMIZE = 2,
   STEP_AMSGRAD = 4,
   STEP_REFRESH = 8,   // set the mask from the start-of-step score against `tau` and the tie cut
-  STEP_HIST = 16,     // count the new scores into the window histogram
-  STEP_DEVICE = 32,   // capturable: scalars and control words from device memory, REFRESH/HIST only "may"
+  STEP_COLLECT = 16,  // count the new scores into the window histogram
 };
 
-// The control words of a STEP_DEVICE launch (int32, on the device, set by the step's own kernels):
-// whether this step refreshes, collects histograms, or is skipped whole (GradScaler found inf/NaN).
-enum Control : int { CTRL_REFRESH = 0, CTRL_HIST = 1, CTRL_SKIP = 2, CONTROL_WORDS = 3 };
+// The control words of every launch (int32 [CONTROL_WORDS] in device memory; epi_kernels/abi.py
+// CONTROL): whether this step refreshes, collects histograms, or is skipped whole (GradScaler found
+// inf/NaN).
+enum Control : int { CTRL_REFRESH = 0, CTRL_COLLECT = 1, CTRL_SKIP = 2, CONTROL_WORDS = 3 };
 
-// The flags in force: STEP_DEVICE turns REFRESH and HIST from "compiled in" into what `control` says.
+// The flags in force: REFRESH and COLLECT where both the flags and the control words allow them.
 EPI_HD unsigned flags_in_force(unsigned flags, const int32_t* control) {
-  if (!(flags & STEP_DEVICE)) return flags;
   if (!control[CTRL_REFRESH]) flags &= ~static_cast<unsigned>(STEP_REFRESH);
-  if (!control[CTRL_HIST]) flags &= ~static_cast<unsigned>(STEP_HIST);
+  if (!control[CTRL_COLLECT]) flags &= ~static_cast<unsigned>(STEP_COLLECT);
   return flags;
 }
 

@@ -2,7 +2,8 @@
 // No torch or Python headers: python/bindings.cpp wraps these for epi_kernels._C.
 //
 // A launch covers many tensors through two small device tables, built on the host
-// (epi_kernels/fused_driver.py builds and documents them; the Triton kernels read the same tables):
+// (epi_kernels/launch.py builds them; their layout is the kernel ABI of epi_kernels/abi.py, which
+// the package checks against constants() below when it loads the extension; DESIGN.md "Kernel ABI"):
 //   tensor table int64 [T, TABLE_WIDTH]: addresses of param, grad, exp_avg, exp_avg_sq,
 //     max_exp_avg_sq (0 without amsgrad), importance, packed mask, then numel;
 //   chunk table int32 [programs, 2]: (tensor index, chunk index); a chunk is CHUNK elements.
@@ -39,22 +40,22 @@ cudaError_t device_count(int* count);
 
 // What a fused step reads besides the tables (unused pointers may be null).
 struct StepInputs {
-  StepScalars scalars;          // the step's scalars (without STEP_DEVICE)
-  const float* device_scalars;  // STEP_DEVICE: float [T, SCALAR_COUNT], per tensor
-  const int32_t* control;       // STEP_DEVICE: int32 [CONTROL_WORDS]
+  const float* scalars;         // float [T, SCALAR_COUNT]: each tensor's step scalars
+  const int32_t* control;       // int32 [CONTROL_WORDS]
   const int32_t* tau;           // REFRESH: int32 [T]
   const int64_t* cut;           // REFRESH: int64 [T], tie cuts (TIE_NONE: none)
-  const int32_t* origin;        // HIST: int32 [T]
-  int64_t* hist;                // HIST: int64 [T, WINDOW_BINS]
-  int64_t* over;                // HIST: int64 [T]
+  const int32_t* origin;        // COLLECT: int32 [T]
+  int64_t* hist;                // COLLECT: int64 [T, WINDOW_BINS]
+  int64_t* over;                // COLLECT: int64 [T]
   int64_t* counts;              // REFRESH: int64 [T, 2] (isolated, kept)
 };
 
 // The fused step (element math in element.h): REFRESH sets the masks from `tau` and `cut` (element i
 // of tensor t: key >= tie_threshold(tau[t], i, cut[t]), threshold_math.h) and adds
-// (isolated, kept) counts to `counts`; HIST counts the new scores into `hist` and `over` for windows
-// starting at `origin` (0: no window). STEP_DEVICE: scalars per tensor from `device_scalars`, and
-// `control` decides whether REFRESH and HIST apply this time and whether the step runs at all.
+// (isolated, kept) counts to `counts`; COLLECT counts the new scores into `hist` and `over` for windows
+// starting at `origin` (0: no window). Every launch reads its scalars per tensor from `scalars` and
+// its control words from `control`: they decide whether REFRESH and COLLECT apply this time and
+// whether the step runs at all, so one launch (and one captured graph) serves every step.
 cudaError_t fused_step(Tables t, DType param, DType score, unsigned flags, const StepInputs& in, cudaStream_t stream);
 
 // Window histograms of the stored scores (when the previous step did not collect them).

@@ -5,9 +5,9 @@
 // column is aligned. Per group: step_group (element.h) does the score EMA, the moments and the
 // masked parameter update in fp32; on a refresh step the new mask byte (from the tensor's threshold
 // and tie cut) is written and counted; on the step before a refresh the new scores go into a
-// shared-memory window histogram, flushed once per block with integer atomics. Capturable launches
-// (STEP_DEVICE) read the scalars and the refresh/histogram/skip decisions from device memory, so one
-// captured launch serves every step.
+// shared-memory window histogram, flushed once per block with integer atomics. Every launch reads
+// its scalars and the refresh/collect/skip decisions from device memory (the host only says what a
+// step may do), so one captured launch serves every step.
 #include "device_utils.cuh"
 
 namespace epi {
@@ -23,7 +23,7 @@ struct BlockState {
   int32_t tau, origin;
   int cut;         // the tensor's tie cut as an offset in the chunk: below_cut(first, cut, CHUNK)
   int tensor;
-  unsigned flags;  // in force (STEP_DEVICE resolved)
+  unsigned flags;  // in force (the control words applied)
   int vec;         // every column 16-byte aligned
 };
 
@@ -55,23 +55,22 @@ __device__ __forceinline__ void store_group(const volatile BlockState& b, int pa
 
 template <class P, class S, bool HIST>
 __global__ void __launch_bounds__(THREADS, 4)
-fused_step_kernel(Tables t, unsigned flags, StepScalars host_scalars, const float* device_scalars,
-                  const int32_t* control, const int32_t* tau_of, const int64_t* cut_of, const int32_t* origin_of,
+fused_step_kernel(Tables t, unsigned flags, const float* scalars, const int32_t* control, const int32_t* tau_of, const int64_t* cut_of, const int32_t* origin_of,
                   int64_t* hist_out, int64_t* over_out, int64_t* counts) {
   using PR = typename P::raw;
   using SR = typename S::raw;
   __shared__ int hist[HIST ? WINDOW_BINS + 1 : 1];  // + 1: `over` (slot OVER), counted like a bin
   __shared__ BlockState state;
-  if ((flags & STEP_DEVICE) && control[CTRL_SKIP]) return;  // the whole launch: a uniform exit
+  if (control[CTRL_SKIP]) return;  // the whole launch: a uniform exit
   flags = flags_in_force(flags, control);
-  const bool hist_on = HIST && (flags & STEP_HIST);  // uniform over the launch
+  const bool hist_on = HIST && (flags & STEP_COLLECT);  // uniform over the launch
   const bool amsgrad = flags & STEP_AMSGRAD, refresh = flags & STEP_REFRESH;
   const Chunk ch = load_chunk(t.table, t.chunks);
   if (threadIdx.x == 0) {
     state.row = ch.row;
     state.first = ch.first;
     state.end = ch.first + CHUNK < ch.numel ? ch.first + CHUNK : ch.numel;
-    state.scalars = (flags & STEP_DEVICE) ? scalars_row(device_scalars + ch.tensor * SCALAR_COUNT) : host_scalars;
+    state.scalars = scalars_row(scalars + ch.tensor * SCALAR_COUNT);
     state.tau = refresh ? tau_of[ch.tensor] : KEY_NONE;
     state.cut = below_cut(ch.first, refresh ? cut_of[ch.tensor] : TIE_NONE, static_cast<int>(CHUNK));
     state.origin = hist_on ? origin_of[ch.tensor] : 0;
@@ -119,7 +118,7 @@ fused_step_kernel(Tables t, unsigned flags, StepScalars host_scalars, const floa
       step_group<P, S>(pv, gv, mv, vv, xv, sv, bits, valid, b.scalars, f, keys);
       store_group<P, S>(b, pass, pv, mv, vv, xv, sv, bits);
     }
-    if (HIST && (b.flags & STEP_HIST)) {  // uniform over the launch
+    if (HIST && (b.flags & STEP_COLLECT)) {  // uniform over the launch
       const int32_t origin = b.origin;
       const int valid = group_size(b.end - (b.first + 8 * (threadIdx.x + pass * THREADS)));
 #pragma unroll
@@ -138,7 +137,7 @@ fused_step_kernel(Tables t, unsigned flags, StepScalars host_scalars, const floa
       add_count(counts + 2 * tensor + 1, kept);
     }
   }
-  if (HIST && (b.flags & STEP_HIST)) {
+  if (HIST && (b.flags & STEP_COLLECT)) {
     flush_histogram(hist_out + tensor * WINDOW_BINS, hist, WINDOW_BINS);  // (syncs the block first)
     if (threadIdx.x == 0 && hist[OVER]) add_count(over_out + tensor, hist[OVER]);
   }
@@ -146,13 +145,13 @@ fused_step_kernel(Tables t, unsigned flags, StepScalars host_scalars, const floa
 
 template <class P, class S>
 void launch(Tables t, unsigned flags, const StepInputs& in, cudaStream_t stream) {
-  if (flags & STEP_HIST)
+  if (flags & STEP_COLLECT)
     fused_step_kernel<P, S, true><<<t.programs, THREADS, 0, stream>>>(
-        t, flags, in.scalars, in.device_scalars, in.control, in.tau, in.cut, in.origin, in.hist, in.over,
+        t, flags, in.scalars, in.control, in.tau, in.cut, in.origin, in.hist, in.over,
         in.counts);
   else
     fused_step_kernel<P, S, false><<<t.programs, THREADS, 0, stream>>>(
-        t, flags, in.scalars, in.device_scalars, in.control, in.tau, in.cut, in.origin, in.hist, in.over,
+        t, flags, in.scalars, in.control, in.tau, in.cut, in.origin, in.hist, in.over,
         in.counts);
 }
 

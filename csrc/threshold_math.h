@@ -5,7 +5,8 @@
 // BIN_WIDTH keys starts one octave below the previous threshold, the bin holding the k-th largest
 // key is found by a scan from the top, the threshold is interpolated inside it with integer math,
 // and tensors the window cannot answer get an exact MSB-first radix select. The constants must
-// equal threshold.py's: _C.constants() exposes them and a test compares the two.
+// equal epi_kernels/abi.py's: _C.constants() exposes them and the package checks them when it loads
+// the extension (epi_kernels/kernel_sets/cuda_kernels.py).
 #pragma once
 #include <cstdint>
 #include <cstring>
@@ -24,7 +25,7 @@ constexpr int WINDOW_BINS = WINDOW_OCTAVES << MANTISSA_BITS;
 constexpr int32_t WINDOW_KEYS = WINDOW_BINS << BIN_SHIFT;  // keys spanned by the window (2^25)
 
 // Repair digits, most significant first: (shift, bits) of the 31-bit key. Any exact radix split
-// gives the same integer as threshold.radix_threshold; 11/10/10 bits keep the scratch histogram of
+// gives the same integer as threshold.radix_thresholds; 11/10/10 bits keep the scratch histogram of
 // a tensor at 2048 counters.
 constexpr int RADIX_LEVELS = 3;
 EPI_HD constexpr int radix_shift(int level) { return level == 0 ? 20 : level == 1 ? 10 : 0; }
@@ -109,8 +110,11 @@ EPI_HD bool slice_holds_kth(int64_t beyond, int64_t sum, int64_t above, int64_t 
   return k >= 1 && above < k && beyond < k && beyond + sum >= k;
 }
 
-// threshold.tolerance: the largest count error accepted from interpolation.
-EPI_HD int64_t tolerance(int64_t k) { return k / 200 > 4 ? k / 200 : 4; }
+// threshold.tolerance: the largest count error accepted from interpolation, max(k / 200, 4).
+constexpr int64_t TOLERANCE_DIVISOR = 200, TOLERANCE_MIN = 4;
+EPI_HD int64_t tolerance(int64_t k) {
+  return k / TOLERANCE_DIVISOR > TOLERANCE_MIN ? k / TOLERANCE_DIVISOR : TOLERANCE_MIN;
+}
 
 // threshold.window_threshold after select_bin: the interpolated threshold, or KEY_NONE when the
 // window cannot answer (no window, k-th largest outside it, or a bin too coarse) and the tensor

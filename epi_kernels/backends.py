@@ -5,7 +5,8 @@ torch.compile (opt-in: the first step pays the compile time); "triton" is the fu
 (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``, the interpreter the tests use);
 "cuda" is the same flow with the CUDA C++ kernels of the compiled extension ``epi_kernels._C``
 (CUDA tensors, or CPU tensors under ``EPI_CUDA_HOST=1``, which runs the kernels' host harness:
-see :mod:`epi_kernels.cuda_backend`). Nothing here imports Triton or loads the extension.
+see :mod:`epi_kernels.kernel_sets.cuda_kernels`). Nothing here imports Triton; the extension is
+loaded when a backend is first resolved.
 """
 from __future__ import annotations
 
@@ -16,10 +17,10 @@ from functools import lru_cache
 
 import torch
 
-__all__ = ["BACKENDS", "FUSED_BACKENDS", "available_backends", "check_backend", "check_device", "resolve_backend"]
+__all__ = ["BACKENDS", "KERNEL_BACKENDS", "available_backends", "check_backend", "check_device", "resolve_backend"]
 
 BACKENDS = ("auto", "torch", "compiled", "triton", "cuda")
-FUSED_BACKENDS = ("triton", "cuda")  # one fused pass per step, refreshes inside it (fused_driver.py)
+KERNEL_BACKENDS = ("triton", "cuda")  # one fused pass per step, refreshes inside it (step_driver.py)
 
 
 @lru_cache(maxsize=None)
@@ -36,7 +37,7 @@ def _has_extension() -> bool:
     if importlib.util.find_spec("epi_kernels._C") is None:
         return False
     try:
-        importlib.import_module("epi_kernels.cuda_backend")
+        importlib.import_module("epi_kernels.kernel_sets.cuda_kernels")
     except ImportError as e:
         warnings.warn(f"epi_kernels._C is installed but does not load ({e}); backend='cuda' is unavailable",
                       RuntimeWarning, stacklevel=2)

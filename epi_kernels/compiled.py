@@ -151,13 +151,16 @@ def compiled_epi_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, st
                        masks, *, importance_beta, importance, amsgrad, beta1, beta2, lr, weight_decay, eps,
                        maximize) -> None:
     """Step each tensor with the compiled kernel (state in place, like the eager backend)."""
+    if not params:
+        return
+    torch._foreach_add_(state_steps, 1)
+    scalars = step_scalars(state_steps, state_steps[0].device, lr=lr, beta1=beta1, beta2=beta2,
+                           weight_decay=weight_decay, eps=eps, importance_beta=importance_beta)
     for i, p in enumerate(params):
-        state_steps[i] += 1
         if not p.numel():
             continue
-        hp = torch.tensor(step_scalars(lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps,
-                                       importance_beta=importance_beta, step=state_steps[i].item()),
-                          dtype=torch.float32, device=p.device)
+        # a tensor of its own: a row view's storage offset would be a symbolic input of the compiled step
+        hp = scalars[i].to(p.device, non_blocking=True, copy=True)
         tensors = [p, grads[i], exp_avgs[i], exp_avg_sqs[i], importances[i], max_exp_avg_sqs[i] if amsgrad else None]
         if all(t is None or t.is_contiguous() for t in tensors):
             tensors = [None if t is None else t.view(-1) for t in tensors]  # one graph for every shape

@@ -1,7 +1,9 @@
 """Functional EPI-AdamW step: score EMA + AdamW in which isolated elements do not change.
 
-``epi_adamw`` is the entry point (like ``torch.optim.adamw.adamw``); it dispatches to one function
-per backend. The pure-PyTorch backend is the reference the kernels are held to:
+``epi_adamw`` is the entry point (like ``torch.optim.adamw.adamw``); it dispatches once on the
+backend to one function per implementation: the eager reference here, the torch.compile'd loop
+(:mod:`epi_kernels.compiled`), or the kernel backends' step path (:mod:`epi_kernels.step_driver`).
+The pure-PyTorch backend is the reference the kernels are held to:
 
 * scores:  ``s <- beta * s + (1 - beta) * f(g)``, ``f(g) = g * g`` ("sq") or ``|g|`` ("abs"), computed
   in fp32 in the kernels' order (:mod:`epi_kernels.score`) and rounded once to the score dtype;
@@ -20,13 +22,14 @@ from .compiled import COMPILED_REFRESH_OPS, compiled_epi_adamw
 from .mask import unpack_mask
 from .refresh import EAGER_OPS, RefreshOps
 from .score import score_ema_
+from .step_driver import RefreshPlan, kernel_epi_adamw
 
 __all__ = ["epi_adamw", "refresh_ops", "update_importance", "isolated_indices"]
 
 
 def refresh_ops(backend: str) -> RefreshOps:
     """The elementwise passes a backend's refreshes use (same integers out for every backend; the
-    fused kernel backends refresh inside their step and use the eager passes only for scope="global"
+    kernel backends refresh inside their step and use the eager passes only for scope="global"
     or threshold="exact")."""
     return COMPILED_REFRESH_OPS if backend == "compiled" else EAGER_OPS
 
@@ -78,15 +81,15 @@ def epi_adamw(
     foreach: bool | None = None,
     capturable: bool = False,
     fused: bool | None = None,
-    fused_refresh=None,
+    plan: RefreshPlan | None = None,
 ) -> None:
     """One EPI-AdamW step over lists of tensors (the optimizer's state, updated in place).
 
     `masks` are the packed isolation masks in force (refreshes happen before this call);
     `isolated` optionally gives their flat isolated indices (a cache the eager backend uses),
     else they are unpacked. backend: "torch" (eager; AdamW itself is torch's), "compiled", "triton" or
-    "cuda" (the fused kernels, which alone take `fused_refresh`, a
-    :class:`~epi_kernels.fused_refresh.FusedRefresh`: they then refresh the masks inside the step
+    "cuda" (the kernel backends, which alone take a `plan`, a
+    :class:`~epi_kernels.step_driver.RefreshPlan`: they then refresh the masks inside the step
     instead of being handed refreshed ones).
     """
     kwargs = dict(importance_beta=importance_beta, importance=importance, amsgrad=amsgrad, beta1=beta1,
@@ -96,14 +99,8 @@ def epi_adamw(
         _torch_epi_adamw(*lists, isolated, foreach=foreach, capturable=capturable, fused=fused, **kwargs)
     elif backend == "compiled":
         compiled_epi_adamw(*lists, **kwargs)
-    elif backend == "triton":
-        from .triton_backend import triton_epi_adamw  # noqa: PLC0415 - imports Triton, only when used
-
-        triton_epi_adamw(*lists, **kwargs, fused_refresh=fused_refresh)
-    elif backend == "cuda":
-        from .cuda_backend import cuda_epi_adamw  # noqa: PLC0415 - loads the extension, only when used
-
-        cuda_epi_adamw(*lists, **kwargs, fused_refresh=fused_refresh)
+    elif backend in ("triton", "cuda"):
+        kernel_epi_adamw(backend, *lists, **kwargs, plan=plan)
     else:
         raise ValueError(f"epi_adamw: unknown backend {backend!r}")
 

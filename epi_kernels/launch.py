@@ -1,11 +1,6 @@
-"""What the fused kernel backends launch over: address and chunk tables, launch groups, and the
-kernel-level threshold steps (window histogram, select + repair) shared by both kernel sets.
-
-Tables (read by both kernel sets):
-  tensor table int64 [T, 8]: per tensor the addresses of param, grad, exp_avg, exp_avg_sq,
-  max_exp_avg_sq (0 without amsgrad), importance and packed mask, then its numel;
-  chunk table int32 [P, 2]: per program the tensor index and the chunk index within that tensor;
-  a chunk is CHUNK consecutive elements (logical order), so no two programs share a mask byte.
+"""What the kernel sets launch over: the address and chunk tables of a launch group (their layout
+is :mod:`epi_kernels.abi`'s), and the kernel-level threshold steps (window histogram, select +
+repair) written once for both kernel sets against the :class:`Kernels` protocol.
 """
 from __future__ import annotations
 
@@ -15,38 +10,26 @@ from typing import NamedTuple, Protocol
 import torch
 from torch import Tensor
 
-from .threshold import KEY_NONE, TIE_NONE, WINDOW_BINS, window_origin
+from .abi import CHUNK, COLUMNS, FLAGS, TIE_NONE, WINDOW_BINS
+from .threshold import KEY_NONE, window_origin
 
-__all__ = ["COLUMNS", "CHUNK", "CONTROL", "SCALAR_COUNT", "StepFlags", "DeviceInputs", "Kernels", "Launch", "kernel_window_histograms", "kernel_select",
-           "score_launch", "origins", "window_thresholds"]
-
-COLUMNS = ("param", "grad", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "importance", "mask", "numel")
-CHUNK = 8192  # elements per program (the CUDA kernels check theirs against it: _C.constants())
-
-
-CONTROL = ("refresh", "hist", "skip")  # the control words of a capturable step (int32 each), in order
-SCALAR_COUNT = 9  # per-step scalars (step_scalars.step_scalars), per tensor in a capturable step
+__all__ = ["StepFlags", "Kernels", "Launch", "kernel_window_histograms", "kernel_select", "score_launch",
+           "origins", "to_device"]
 
 
 class StepFlags(NamedTuple):
-    """What a fused step does. Both kernel sets take it as one int32 bit set (:meth:`bits`: field i
-    is bit 1 << i, the values of csrc/element.h's StepFlags) read at run time, so a flag costs no
-    compiled variant; only dtypes, amsgrad and alignment select one."""
+    """What a fused step may do (abi.FLAGS). Both kernel sets take it as one int32 bit set
+    (:meth:`bits`) read at run time, so a flag costs no compiled variant; only dtypes, amsgrad and
+    alignment select one. refresh/collect happen where the control words allow them too."""
     sq: bool  # score signal g*g (else |g|)
     maximize: bool
     amsgrad: bool
     refresh: bool  # set the masks from `tau`, count (isolated, kept) into `counts`
-    hist: bool  # count the new scores into window histograms
-    device: bool = False  # capturable: scalars and control words from device memory; refresh/hist: "may"
+    collect: bool  # count the new scores into window histograms
 
     def bits(self) -> int:
+        assert self._fields == FLAGS  # the ABI's order
         return sum(1 << i for i, on in enumerate(self) if on)
-
-
-class DeviceInputs(NamedTuple):
-    """What a capturable step reads from device memory instead of host arguments."""
-    scalars: Tensor  # float32 [T, SCALAR_COUNT]: each tensor's step scalars
-    control: Tensor  # int32 [len(CONTROL)]: whether this step refreshes, collects, is skipped
 
 
 class Kernels(Protocol):
@@ -65,11 +48,12 @@ class Kernels(Protocol):
         filled with TIE_NONE and is written only for those. A 0-dim int32 `gate` of 0 turns the
         repair path off (a capturable step that does not refresh)."""
 
-    def fused_step(self, launch: Launch, scalars: tuple[float, ...], flags: StepFlags, tau: Tensor | None,
+    def fused_step(self, launch: Launch, flags: StepFlags, scalars: Tensor, control: Tensor, tau: Tensor | None,
                    cut: Tensor | None, origin: Tensor | None, hist: Tensor | None, over: Tensor | None,
-                   counts: Tensor | None, device: DeviceInputs | None = None) -> None:
-        """The fused step of every element of the launch; a refresh sets mask bit i of tensor t
-        to ``key > tau[t] or (key == tau[t] and i < cut[t])``."""
+                   counts: Tensor | None) -> None:
+        """The fused step of every element of the launch, with each tensor's scalars (float32
+        [T, len(abi.SCALARS)]) and the control words (int32 [len(abi.CONTROL)]) from device memory;
+        a refresh sets mask bit i of tensor t to ``key > tau[t] or (key == tau[t] and i < cut[t])``."""
 
 
 def chunk_rows(numels: list[int], chunk: int) -> list[tuple[int, int]]:
@@ -125,13 +109,13 @@ def _chunk_table(device: torch.device, numels: tuple[int, ...]) -> tuple[_Cached
 
 
 class Launch:
-    """The tensors of one launch group as the kernels see them: contiguous (non-contiguous ones are
-    stepped in contiguous copies, written back by :meth:`finish`) and listed in address tables."""
+    """The tensors of one launch group as the kernels see them: one row of abi.COLUMNS tensors each
+    (None for an unused column), contiguous (non-contiguous ones are stepped in contiguous copies,
+    written back by :meth:`finish`) and listed in address tables."""
 
-    def __init__(self, idx: list[int], columns: list[list[Tensor | None]]) -> None:
-        self.idx = idx
+    def __init__(self, rows: list[list[Tensor | None]]) -> None:
+        self.tensors = len(rows)
         self.copies: list[tuple[Tensor, Tensor]] = []
-        rows = [columns[i] for i in idx]
         if not all(t is None or t.is_contiguous() for row in rows for t in row):
             rows = [self._contiguous(row) for row in rows]
         p = rows[0][0]
@@ -156,7 +140,7 @@ class Launch:
         return row
 
     def zeros(self, *shape: int, dtype=torch.int32) -> Tensor:
-        return torch.zeros(len(self.idx), *shape, dtype=dtype, device=self.device)
+        return torch.zeros(self.tensors, *shape, dtype=dtype, device=self.device)
 
     def finish(self) -> None:
         for t, c in self.copies:
@@ -176,7 +160,7 @@ def kernel_select(kernels: Kernels, launch: Launch, hist: Tensor, over: Tensor, 
     """(tau int32 [T], repaired bool [T], cut int64 [T]): window select, then the repair path and
     the tie cuts for flagged tensors."""
     tau, repair = launch.zeros(), launch.zeros()
-    cut = torch.full((len(launch.idx),), TIE_NONE, dtype=torch.int64, device=launch.device)
+    cut = torch.full((launch.tensors,), TIE_NONE, dtype=torch.int64, device=launch.device)
     kernels.select(launch, hist, over, origin, k, tau, repair, cut, gate)
     return tau, repair != 0, cut
 
@@ -184,21 +168,9 @@ def kernel_select(kernels: Kernels, launch: Launch, hist: Tensor, over: Tensor, 
 def score_launch(scores: list[Tensor]) -> Launch:
     """A launch over score tensors alone, for the kernels that only read scores (the param column,
     which only gives the launch its device and dtype, holds the scores too)."""
-    return Launch(list(range(len(scores))), [[s, None, None, None, None, s, None] for s in scores])
+    return Launch([[s, None, None, None, None, s, None] for s in scores])
 
 
 def origins(anchor: Tensor) -> Tensor:
     """Window origin per tensor from its previous threshold; 0 where there is none."""
     return torch.where(anchor < KEY_NONE, window_origin(anchor), 0).to(torch.int32)
-
-
-def window_thresholds(kernels: Kernels, scores: list[Tensor], ks: list[int],
-                      anchors: list[int]) -> tuple[Tensor, Tensor, Tensor]:
-    """Thresholds of score tensors (one launch group) by the kernels alone: window histograms of the
-    scores, select, repair, tie cuts. Returns (tau int32 [T], repaired bool [T], cut int64 [T]).
-    For tests and benchmarks."""
-    launch = score_launch(scores)
-    origin = origins(torch.tensor(anchors, dtype=torch.int32, device=launch.device))
-    hist, over = kernel_window_histograms(kernels, launch, origin)
-    k = torch.tensor(ks, dtype=torch.int64, device=launch.device)
-    return kernel_select(kernels, launch, hist, over, origin, k)

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from .threshold import score_keys
 
-__all__ = ["packed_numel", "pack_mask", "threshold_mask", "score_mask", "unpack_mask", "popcount", "jaccard", "jaccard_counts"]
+__all__ = ["packed_numel", "pack_mask", "threshold_mask", "score_mask", "unpack_mask", "popcount", "jaccard_counts"]
 
 assert sys.byteorder == "little", "packed masks assume a little-endian host"
 _BIT_WEIGHTS = torch.tensor([1 << i for i in range(8)], dtype=torch.uint8)
@@ -66,13 +66,6 @@ def popcount(packed: Tensor) -> Tensor:
     x = (x & 0x3333333333333333) + ((x >> 2) & 0x3333333333333333)
     x = (x + (x >> 4)) & 0x0F0F0F0F0F0F0F0F
     return ((x * 0x0101010101010101) >> 56).sum()  # per word: the byte counts summed in the top byte
-
-
-def jaccard(a: Tensor, b: Tensor, count_a: Tensor | None = None, count_b: Tensor | None = None) -> Tensor:
-    """|a & b| / |a | b| of two packed masks as a 0-dim float32 tensor; 1.0 when both are empty.
-    Known set sizes may be passed to save their counting."""
-    return jaccard_counts(popcount(a & b), popcount(a) if count_a is None else count_a,
-                          popcount(b) if count_b is None else count_b)
 
 
 def jaccard_counts(inter: Tensor, count_a: Tensor, count_b: Tensor) -> Tensor:

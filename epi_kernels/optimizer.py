@@ -1,4 +1,4 @@
-"""EPIAdamW: torch.optim.AdamW with Evolving Parameter Isolation (README "Semantics").
+"""EPIAdamW: torch.optim.AdamW with Evolving Parameter Isolation (DESIGN.md, "Semantics").
 
 The class owns arguments, state and the step counter; the math lives in
 :mod:`epi_kernels.functional` (step), :mod:`epi_kernels.refresh` (masks) and
@@ -14,13 +14,13 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from .backends import BACKENDS, FUSED_BACKENDS, check_backend, check_device, resolve_backend
+from .backends import BACKENDS, KERNEL_BACKENDS, check_backend, check_device, resolve_backend
 from .functional import epi_adamw, isolated_indices, refresh_ops
-from .fused_refresh import FusedRefresh
 from .mask import pack_mask, unpack_mask
 from .refresh import is_refresh_step, refresh_due, refresh_masks
 from .sharding import is_sharded, local, shard_of
 from .state import IMPORTANCE_DTYPES, init_epi_state, protect_epi_entries, restore_epi_entries
+from .step_driver import RefreshPlan
 
 __all__ = ["EPIAdamW"]
 
@@ -308,7 +308,7 @@ class EPIAdamW(Optimizer):
                                    f"of supported devices, got {p.dtype} on {p.device.type}")
         devices = {p.device for p in params}
         backend = resolve_backend(group["backend"], params[0].device) if params else None
-        if (group["capturable"] and backend not in FUSED_BACKENDS and not torch.compiler.is_compiling()
+        if (group["capturable"] and backend not in KERNEL_BACKENDS and not torch.compiler.is_compiling()
                 and any(d.type == "cpu" for d in devices)):  # (kernel backends: their CPU emulations)
             raise RuntimeError("capturable=True requires parameters on an accelerator, got cpu")
         for device in devices:
@@ -365,8 +365,8 @@ class EPIAdamW(Optimizer):
 
     def _decides_on_device(self, group: dict, params: list[Tensor]) -> bool:
         """Whether this group's step decides refreshes (and GradScaler skips) on the device: a
-        capturable step of a fused kernel backend that refreshes inside its kernels."""
-        return (group["capturable"] and resolve_backend(group["backend"], params[0].device) in FUSED_BACKENDS
+        capturable step of a kernel backend that refreshes inside its kernels."""
+        return (group["capturable"] and resolve_backend(group["backend"], params[0].device) in KERNEL_BACKENDS
                 and group["scope"] == "tensor" and group["threshold"] == "approx"
                 and not any(is_sharded(p) for p in params))
 
@@ -445,17 +445,16 @@ class EPIAdamW(Optimizer):
         # histograms kept between steps: host-decided steps keep those the next step needs, device-
         # decided ones reusable buffers; a step of one kind drops the other's (they would be stale)
         pending = self._histograms.setdefault(id(group), {"host": {}, "device": {}})
-        refresh = False
+        refresh, plan = False, None
         if on_device:  # capturable: the kernels refresh when the device says
             pending["host"].clear()
-            fused_refresh = FusedRefresh(states, group["isolation_ratio"], True, True, pending["device"],
-                                         self._device_control(group, states, skip))
+            plan = RefreshPlan(states, group["isolation_ratio"], True, True, pending["device"],
+                               self._device_control(group, states, skip))
         else:
             pending["device"].clear()
             refresh, collect = self._advance(group, states)
-            fused_refresh = None
-            if backend in FUSED_BACKENDS and group["scope"] == "tensor" and group["threshold"] == "approx" and not sharded:
-                fused_refresh = FusedRefresh(states, group["isolation_ratio"], refresh, collect, pending["host"])
+            if backend in KERNEL_BACKENDS and group["scope"] == "tensor" and group["threshold"] == "approx" and not sharded:
+                plan = RefreshPlan(states, group["isolation_ratio"], refresh, collect, pending["host"])
             elif refresh:
                 self._refresh_masks(group, states, params, backend, sharded)
         if refresh:
@@ -474,7 +473,7 @@ class EPIAdamW(Optimizer):
             importance=group["importance"], amsgrad=group["amsgrad"], beta1=beta1, beta2=beta2,
             lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"],
             maximize=group["maximize"], foreach=group["foreach"], capturable=group["capturable"],
-            fused=group["fused"], fused_refresh=fused_refresh,
+            fused=group["fused"], plan=plan,
         )
 
     # ------------------------------------------------------------------ introspection

@@ -1,44 +1,37 @@
-"""The per-step scalars of the fused AdamW update, computed once on the host in float64 (the
-compiled and Triton steps both take them; the kernels round them to fp32 once), or for a
-capturable step on the device, per tensor, by the same float64 formulas."""
+"""The per-step scalars of the fused AdamW update (abi.SCALARS), per tensor, computed from each
+tensor's step counter where the counters live, in float64 by the formulas of torch's for-loop
+AdamW, and rounded to fp32 once: no step count, tensor lr or beta is ever read on the host."""
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-__all__ = ["as_float", "step_scalars", "device_step_scalars"]
-
-
-def as_float(x) -> float:
-    """A hyperparameter as a Python float (a Tensor lr or beta is read with .item())."""
-    return x.item() if isinstance(x, Tensor) else float(x)
-
-
-def step_scalars(*, lr, beta1, beta2, weight_decay: float, eps: float, importance_beta: float,
-                 step: float) -> tuple[float, ...]:
-    """(weight-decay factor, step size, 1 - beta1, beta2, 1 - beta2, sqrt(bias correction 2), eps,
-    importance beta, 1 - importance beta) for a tensor at optimizer step `step` (counted from 1),
-    as torch's for-loop AdamW computes them. Tensor lr/betas are read with .item()."""
-    lr, beta1, beta2 = as_float(lr), as_float(beta1), as_float(beta2)
-    return _formulas(lr, beta1, beta2, weight_decay, eps, importance_beta, step)
+__all__ = ["step_scalars"]
 
 
 def _formulas(lr, beta1, beta2, weight_decay, eps, importance_beta, step) -> tuple:
+    # abi.SCALARS, in order
     return (1 - lr * weight_decay, lr / (1 - beta1 ** step), 1 - beta1, beta2, 1 - beta2,
             (1 - beta2 ** step) ** 0.5, eps, importance_beta, 1 - importance_beta)
 
 
-def device_step_scalars(steps: list[Tensor], *, lr, beta1, beta2, weight_decay: float, eps: float,
-                        importance_beta: float) -> Tensor:
-    """step_scalars of each tensor as float32 [T, 9] on the steps' device, without a host read:
-    steps and Tensor lr/betas are read on the device (so an LR scheduler's tensor lr applies to
-    every replay of a captured step)."""
-    step = torch.stack(steps).to(torch.float64)
+def step_scalars(steps: list[Tensor], device: torch.device, *, lr, beta1, beta2, weight_decay: float, eps: float,
+                 importance_beta: float) -> Tensor:
+    """float32 [len(steps), len(abi.SCALARS)] on `device`: row t holds the scalars of the tensor whose
+    step counter (counted from 1, already advanced) is steps[t]. Computed where a tensor lr or beta
+    lives (so an LR scheduler's tensor lr applies to every replay of a captured step), else where
+    the counters live (on the CPU, as torch's AdamW keeps them unless fused or capturable); the
+    result reaches `device` by an asynchronous copy when that is elsewhere."""
+    step = torch.stack(steps)
+    # where a tensor hyperparameter lives, if one does (bringing it to the counters would be a host read)
+    where = next((x.device for x in (lr, beta1, beta2) if isinstance(x, Tensor)), step.device)
+    step = step.to(where, torch.float64, non_blocking=True)
 
     def f64(x):
         return x.to(device=step.device, dtype=torch.float64) if isinstance(x, Tensor) else x
 
     cols = _formulas(f64(lr), f64(beta1), f64(beta2), weight_decay, eps, importance_beta, step)
     # Python numbers become fills, not host-to-device copies (which a CUDA graph capture refuses)
-    return torch.stack([c.expand(step.shape) if isinstance(c, Tensor) else torch.full_like(step, c)
-                        for c in cols], dim=1).to(torch.float32)
+    out = torch.stack([c.expand(step.shape) if isinstance(c, Tensor) else torch.full_like(step, c)
+                       for c in cols], dim=1).to(torch.float32)
+    return out if out.device == device else out.to(device, non_blocking=True)

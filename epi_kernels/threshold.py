@@ -1,7 +1,8 @@
 """Per-tensor top-k thresholds from integer histograms of the scores' fp32 bit patterns.
 
 This module is the reference for every backend: the Triton and CUDA kernels build the same
-histograms and must reach the same threshold, bit for bit (README, "The threshold engine", C2).
+histograms and must reach the same threshold, bit for bit (DESIGN.md, "The threshold contract").
+Its integer constants are the kernel ABI's (:mod:`epi_kernels.abi`).
 Everything after the histogram is integer arithmetic, so no rounding can differ between devices.
 
 The algorithm
@@ -30,7 +31,7 @@ The algorithm
    selected is then within ``count - 1`` of k for any input. If that bound exceeds
    :func:`tolerance` (a coarse bin: ties, very flat data), the result is not accepted.
 
-5. **Repair** (:func:`radix_threshold`): on a miss, a coarse bin, or with no previous threshold,
+5. **Repair** (:func:`radix_thresholds`): on a miss, a coarse bin, or with no previous threshold,
    an exact two-level radix select. Level 1 counts ``key >> 15`` (65536 buckets) and picks the
    bucket of the k-th largest; level 2 counts the low 15 bits of the keys in that bucket. The result
    is exactly the k-th largest eligible key (k clipped to the number of eligible keys, so a tensor
@@ -53,20 +54,16 @@ from typing import Callable, Iterator, Sequence
 import torch
 from torch import Tensor
 
+from .abi import (BIN_SHIFT, BIN_WIDTH, KEY_NONE, MANTISSA_BITS, TIE_NONE, TOLERANCE_DIVISOR, TOLERANCE_MIN,
+                  WINDOW_BINS, WINDOW_OCTAVES)
+
 __all__ = [
     "KEY_NONE", "TIE_NONE", "MANTISSA_BITS", "WINDOW_OCTAVES", "BIN_SHIFT", "BIN_WIDTH", "WINDOW_BINS",
     "RADIX_SHIFT", "RADIX_BATCH", "UNDER_SLOTS", "identity", "score_keys", "isolation_k", "tolerance", "window_origin", "window_bins", "window_histogram",
-    "select_bin", "window_threshold", "radix_threshold", "radix_thresholds", "approx_threshold",
+    "select_bin", "window_threshold", "radix_thresholds", "approx_threshold",
     "approx_thresholds", "exact_threshold", "needs_tie_cut", "tie_counts", "tie_cuts", "tie_cut", "SLICE", "slices", "score_slots",
 ]
 
-KEY_NONE = 0x7F800000  # key of +inf: above every eligible key, so `key >= KEY_NONE` selects nothing
-TIE_NONE = (1 << 63) - 1  # tie cut that cuts nothing: every key equal to tau is isolated
-MANTISSA_BITS = 10  # m: 2**m window bins per octave
-WINDOW_OCTAVES = 4  # window spans [anchor / 2, 8 * anchor)
-BIN_SHIFT = 23 - MANTISSA_BITS
-BIN_WIDTH = 1 << BIN_SHIFT  # keys per window bin
-WINDOW_BINS = WINDOW_OCTAVES << MANTISSA_BITS
 RADIX_SHIFT = 15  # repair: level 1 = key >> 15 (2**16 buckets), level 2 = low 15 bits
 RADIX_BATCH = 32  # tensors whose repairs share one reduce per level (approx_thresholds)
 
@@ -87,7 +84,7 @@ def isolation_k(ratio: float, numel: int) -> int:
 
 def tolerance(k: int) -> int:
     """Largest count error accepted from interpolation: max(floor(k / 200), 4) (C4's 0.5 % slack)."""
-    return max(k // 200, 4)
+    return max(k // TOLERANCE_DIVISOR, TOLERANCE_MIN)
 
 
 def window_origin(anchor: int | Tensor) -> int | Tensor:
@@ -256,8 +253,11 @@ def window_threshold(counts: Tensor, over: int, k: int, origin: int) -> int | No
 def radix_thresholds(values: Sequence[Sequence[Tensor]], ks: Sequence[int],
                      reduce: Callable[[Tensor], Tensor] = identity,
                      keys: Callable[[Tensor], Tensor] = identity) -> list[int]:
-    """:func:`radix_threshold` of several tensors at once: each level's counts of all of them go
-    through one `reduce` (one collective per level for sharded tensors). `keys` maps values to keys
+    """Exact k-th largest eligible key of each tensor by a two-level radix select (the repair path).
+
+    k is clipped to the number of eligible keys; KEY_NONE when k = 0 or none is eligible. Each
+    level's counts of all the tensors go through one `reduce`, which sums counts over the shards of
+    a tensor (one collective per level; see :func:`window_histogram`). `keys` maps values to keys
     (identity: they are keys), slice by slice."""
     n_hi, n_lo = 1 << (31 - RADIX_SHIFT), 1 << RADIX_SHIFT
     hi, zeros = [], []
@@ -286,15 +286,6 @@ def radix_thresholds(values: Sequence[Sequence[Tensor]], ks: Sequence[int],
     for (i, bucket, need), counts in zip(level2, reduce(torch.stack(lo)) if lo else []):
         taus[i] = (bucket << RADIX_SHIFT) | select_bin(counts, 0, need)[0]
     return taus
-
-
-def radix_threshold(keys: Sequence[Tensor], k: int, reduce: Callable[[Tensor], Tensor] = identity) -> int:
-    """Exact k-th largest eligible key by a two-level radix select (the repair path).
-
-    k is clipped to the number of eligible keys; returns KEY_NONE when k = 0 or none is eligible.
-    `reduce` sums counts over the shards of a tensor (see :func:`window_histogram`).
-    """
-    return radix_thresholds([keys], [k], reduce)[0]
 
 
 def approx_thresholds(values: Sequence[Sequence[Tensor]], ks: Sequence[int], anchors: Sequence[int],

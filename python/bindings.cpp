@@ -6,7 +6,6 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
-#include <array>
 #include <stdexcept>
 #include <string>
 
@@ -40,13 +39,9 @@ epi::DType dtype(int code) {
 
 }  // namespace
 
-epi::StepInputs step_inputs(const std::array<double, epi::SCALAR_COUNT>& s, uintptr_t device_scalars,
-                            uintptr_t control, uintptr_t tau, uintptr_t cut, uintptr_t origin, uintptr_t hist,
-                            uintptr_t over, uintptr_t counts) {
-  const epi::StepScalars sc{static_cast<float>(s[0]), static_cast<float>(s[1]), static_cast<float>(s[2]),
-                            static_cast<float>(s[3]), static_cast<float>(s[4]), static_cast<float>(s[5]),
-                            static_cast<float>(s[6]), static_cast<float>(s[7]), static_cast<float>(s[8])};
-  return {sc, ptr<const float>(device_scalars), ptr<const int32_t>(control), ptr<const int32_t>(tau),
+epi::StepInputs step_inputs(uintptr_t scalars, uintptr_t control, uintptr_t tau, uintptr_t cut, uintptr_t origin,
+                            uintptr_t hist, uintptr_t over, uintptr_t counts) {
+  return {ptr<const float>(scalars), ptr<const int32_t>(control), ptr<const int32_t>(tau),
           ptr<const int64_t>(cut), ptr<const int32_t>(origin), ptr<int64_t>(hist), ptr<int64_t>(over),
           ptr<int64_t>(counts)};
 }
@@ -70,6 +65,9 @@ PYBIND11_MODULE(_C, m) {
     d["BIN_WIDTH"] = epi::BIN_WIDTH;
     d["WINDOW_BINS"] = epi::WINDOW_BINS;
     d["RADIX_BINS"] = epi::RADIX_BINS;
+    d["TOLERANCE_DIVISOR"] = epi::TOLERANCE_DIVISOR;
+    d["TOLERANCE_MIN"] = epi::TOLERANCE_MIN;
+    d["THREADS"] = epi::THREADS;
     py::list levels;
     for (int l = 0; l < epi::RADIX_LEVELS; ++l) levels.append(py::make_tuple(epi::radix_shift(l), epi::radix_bits(l)));
     d["RADIX_LEVELS"] = levels;
@@ -82,27 +80,25 @@ PYBIND11_MODULE(_C, m) {
     d["STEP_MAXIMIZE"] = static_cast<int>(epi::STEP_MAXIMIZE);
     d["STEP_AMSGRAD"] = static_cast<int>(epi::STEP_AMSGRAD);
     d["STEP_REFRESH"] = static_cast<int>(epi::STEP_REFRESH);
-    d["STEP_HIST"] = static_cast<int>(epi::STEP_HIST);
-    d["STEP_DEVICE"] = static_cast<int>(epi::STEP_DEVICE);
+    d["STEP_COLLECT"] = static_cast<int>(epi::STEP_COLLECT);
     d["SCALAR_COUNT"] = epi::SCALAR_COUNT;
     d["CTRL_REFRESH"] = static_cast<int>(epi::CTRL_REFRESH);
-    d["CTRL_HIST"] = static_cast<int>(epi::CTRL_HIST);
+    d["CTRL_COLLECT"] = static_cast<int>(epi::CTRL_COLLECT);
     d["CTRL_SKIP"] = static_cast<int>(epi::CTRL_SKIP);
     d["CONTROL_WORDS"] = static_cast<int>(epi::CONTROL_WORDS);
     return d;
-  }, "The constants the kernels were compiled with (tests compare them with epi_kernels.threshold).");
+  }, "The constants the kernels were compiled with (epi_kernels.abi is checked against them on load).");
 
   m.def("fused_step", [](uintptr_t table, uintptr_t chunks, int programs, int param_dtype, int score_dtype,
-                         unsigned flags, const std::array<double, epi::SCALAR_COUNT>& scalars,
-                         uintptr_t device_scalars, uintptr_t control, uintptr_t tau, uintptr_t cut, uintptr_t origin,
-                         uintptr_t hist, uintptr_t over, uintptr_t counts, uintptr_t stream) {
+                         unsigned flags, uintptr_t scalars, uintptr_t control, uintptr_t tau, uintptr_t cut,
+                         uintptr_t origin, uintptr_t hist, uintptr_t over, uintptr_t counts, uintptr_t stream) {
     check(epi::fused_step(tables(table, chunks, programs), dtype(param_dtype), dtype(score_dtype), flags,
-                          step_inputs(scalars, device_scalars, control, tau, cut, origin, hist, over, counts),
+                          step_inputs(scalars, control, tau, cut, origin, hist, over, counts),
                           stream_of(stream)),
           "fused_step");
   }, "The fused EPI-AdamW step over a launch group (see csrc/epi_kernels.h).",
         py::arg("table"), py::arg("chunks"), py::arg("programs"), py::arg("param_dtype"), py::arg("score_dtype"),
-        py::arg("flags"), py::arg("scalars"), py::arg("device_scalars"), py::arg("control"), py::arg("tau"),
+        py::arg("flags"), py::arg("scalars"), py::arg("control"), py::arg("tau"),
         py::arg("cut"), py::arg("origin"), py::arg("hist"), py::arg("over"), py::arg("counts"), py::arg("stream"));
 
   m.def("window_histogram", [](uintptr_t table, uintptr_t chunks, int programs, int score_dtype, uintptr_t origin,

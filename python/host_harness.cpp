@@ -2,13 +2,12 @@
 // after another, over the same tensor and chunk tables (addresses of CPU tensors). Each block does
 // what its CUDA block does with the same __host__ __device__ functions (element.h, threshold_math.h);
 // only the parallel decomposition (vector loads, shared-memory histograms, block scans) is left
-// out. Run through epi_kernels.fused_driver, this is the CUDA backend minus the GPU, so the tests
+// out. Run through epi_kernels.step_driver, this is the CUDA backend minus the GPU, so the tests
 // hold its arithmetic to the pure-PyTorch reference on machines without one. Compiled with
 // -ffp-contract=off: no multiply-add is fused here either.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
-#include <array>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -17,8 +16,7 @@
 
 namespace py = pybind11;
 
-epi::StepInputs step_inputs(const std::array<double, epi::SCALAR_COUNT>& s, uintptr_t device_scalars,
-                            uintptr_t control, uintptr_t tau, uintptr_t cut, uintptr_t origin, uintptr_t hist,
+epi::StepInputs step_inputs(uintptr_t scalars, uintptr_t control, uintptr_t tau, uintptr_t cut, uintptr_t origin, uintptr_t hist,
                             uintptr_t over, uintptr_t counts);  // bindings.cpp
 
 namespace {
@@ -53,15 +51,14 @@ template <class P, class S>
 void fused_step(uintptr_t table, uintptr_t chunks, int programs, unsigned flags, const epi::StepInputs& in) {
   using PR = typename P::raw;
   using SR = typename S::raw;
-  if ((flags & epi::STEP_DEVICE) && in.control[epi::CTRL_SKIP]) return;
+  if (in.control[epi::CTRL_SKIP]) return;
   flags = epi::flags_in_force(flags, in.control);
   const int32_t *tau = in.tau, *origin = in.origin;
   const int64_t* cut = in.cut;
   int64_t *hist = in.hist, *over = in.over, *counts = in.counts;
   for (int b = 0; b < programs; ++b) {
     const HostChunk c = chunk(table, chunks, b);
-    const epi::StepScalars sc = (flags & epi::STEP_DEVICE)
-        ? epi::scalars_row(in.device_scalars + c.tensor * epi::SCALAR_COUNT) : in.scalars;
+    const epi::StepScalars sc = epi::scalars_row(in.scalars + c.tensor * epi::SCALAR_COUNT);
     PR* vmax = (flags & epi::STEP_AMSGRAD) ? column<PR>(c, epi::COL_MAX_EXP_AVG_SQ) : nullptr;
     uint8_t* mask = column<uint8_t>(c, epi::COL_MASK);
     const bool refresh = flags & epi::STEP_REFRESH;
@@ -84,7 +81,7 @@ void fused_step(uintptr_t table, uintptr_t chunks, int programs, unsigned flags,
         counts[2 * c.tensor] += __builtin_popcount(bits);
         counts[2 * c.tensor + 1] += __builtin_popcount(bits & old);
       }
-      if (flags & epi::STEP_HIST)
+      if (flags & epi::STEP_COLLECT)
         for (int j = 0; j < valid; ++j)
           count_window(keys[j], origin[c.tensor], hist + static_cast<int64_t>(c.tensor) * epi::WINDOW_BINS,
                        over + c.tensor);
@@ -255,10 +252,9 @@ void radix_repair(uintptr_t table, uintptr_t chunks, int programs, int tensors, 
 
 void bind_host_harness(py::module_& m) {
   m.def("fused_step", [](uintptr_t table, uintptr_t chunks, int programs, int param_dtype, int score_dtype,
-                         unsigned flags, const std::array<double, epi::SCALAR_COUNT>& scalars,
-                         uintptr_t device_scalars, uintptr_t control, uintptr_t tau, uintptr_t cut, uintptr_t origin,
-                         uintptr_t hist, uintptr_t over, uintptr_t counts) {
-    const epi::StepInputs in = step_inputs(scalars, device_scalars, control, tau, cut, origin, hist, over, counts);
+                         unsigned flags, uintptr_t scalars, uintptr_t control, uintptr_t tau, uintptr_t cut,
+                         uintptr_t origin, uintptr_t hist, uintptr_t over, uintptr_t counts) {
+    const epi::StepInputs in = step_inputs(scalars, control, tau, cut, origin, hist, over, counts);
     auto run = [&](auto param) { fused_step<decltype(param)>(score_dtype, table, chunks, programs, flags, in); };
     switch (param_dtype) {
       case epi::DTYPE_F32: run(epi::F32{}); break;
@@ -268,7 +264,7 @@ void bind_host_harness(py::module_& m) {
     }
   }, "_C.fused_step on CPU tensors.", py::arg("table"), py::arg("chunks"), py::arg("programs"),
         py::arg("param_dtype"), py::arg("score_dtype"), py::arg("flags"), py::arg("scalars"),
-        py::arg("device_scalars"), py::arg("control"), py::arg("tau"), py::arg("cut"), py::arg("origin"),
+        py::arg("control"), py::arg("tau"), py::arg("cut"), py::arg("origin"),
         py::arg("hist"), py::arg("over"), py::arg("counts"));
   m.def("window_histogram", [](uintptr_t table, uintptr_t chunks, int programs, int score_dtype, uintptr_t origin,
                                uintptr_t hist, uintptr_t over) {

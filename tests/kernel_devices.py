@@ -22,7 +22,7 @@ TRITON_DEVICES = [
 
 NO_EXTENSION = "the CUDA extension epi_kernels._C is not built (no CUDA toolchain at install time, or EPI_BUILD_CUDA=0)"
 
-# (backend, device) of every fused kernel backend
+# (backend, device) of every kernel backend
 KERNEL_BACKENDS = [
     pytest.param(("triton", "cpu"), id="triton-cpu-interpreter", marks=TRITON_DEVICES[0].marks),
     pytest.param(("triton", "cuda"), id="triton-cuda", marks=TRITON_DEVICES[1].marks),
@@ -33,6 +33,6 @@ KERNEL_BACKENDS = [
         not (HAS_EXTENSION and HAS_CUDA), reason="no CUDA device" if HAS_EXTENSION else NO_EXTENSION)),
 ]
 
-# the fused kernel backends that step CPU tensors here (by name; for tests written for CPU tensors)
+# the kernel backends that step CPU tensors here (by name; for tests written for CPU tensors)
 CPU_KERNEL_BACKENDS = [pytest.param(p.values[0][0], id=p.values[0][0], marks=p.marks)
                        for p in KERNEL_BACKENDS if p.values[0][1] == "cpu"]

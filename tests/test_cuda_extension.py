@@ -2,14 +2,14 @@
 a missing GPU or driver is a clear RuntimeError (never a silent no-op), and its fp32 <-> bf16/fp16
 conversions (csrc/element.h, run through the host harness) are torch's to the bit.
 
-The kernels' arithmetic against the pure-PyTorch reference is tested in test_fused_backends.py
+The kernels' arithmetic against the pure-PyTorch reference is tested in test_kernel_backends.py
 (the "cuda-host-harness" cases without a GPU, "cuda" with one)."""
 import sys
 
 import pytest
 import torch
 
-from epi_kernels import launch
+from epi_kernels import abi
 from epi_kernels import threshold as th
 from kernel_devices import HAS_CUDA, HAS_EXTENSION, NO_EXTENSION
 from large_histograms import large_histograms, reference_window_select
@@ -29,12 +29,21 @@ def test_constants_are_the_reference_engines(C):
     for name in ("KEY_NONE", "TIE_NONE", "MANTISSA_BITS", "WINDOW_OCTAVES", "BIN_SHIFT", "BIN_WIDTH", "WINDOW_BINS"):
         assert k[name] == getattr(th, name), name
     assert k["TIE_NONE"] == 2**63 - 1
-    assert (k["CHUNK"], k["TABLE_WIDTH"]) == (launch.CHUNK, len(launch.COLUMNS))
+    assert (k["CHUNK"], k["TABLE_WIDTH"]) == (abi.CHUNK, len(abi.COLUMNS))
+    abi.check_cuda_constants(k)  # the check the package runs when it loads the extension
     # the repair digits tile the 31-bit key from the top, and fit the scratch row
     levels = k["RADIX_LEVELS"]
     assert levels[0][0] + levels[0][1] == 31 and levels[-1][0] == 0
     assert all(a[0] == b[0] + b[1] for a, b in zip(levels, levels[1:]))
     assert max(bits for _, bits in levels) <= k["RADIX_BINS"].bit_length() - 1
+
+
+@pytest.mark.parametrize("name", ["CHUNK", "CTRL_SKIP", "STEP_COLLECT", "RADIX_LEVELS", "TOLERANCE_DIVISOR"])
+def test_a_build_for_another_abi_is_refused(C, name):
+    k = dict(C.constants())
+    k[name] = [(0, 31)] if name == "RADIX_LEVELS" else k[name] + 1
+    with pytest.raises(ImportError, match=f"another kernel ABI.*{name}="):
+        abi.check_cuda_constants(k)
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="checks the error without a GPU")
@@ -81,7 +90,7 @@ def test_storage_rounding_and_widening_match_torch(C, dtype):
 def test_extension_that_does_not_load_is_reported_and_not_used(monkeypatch):
     from epi_kernels import backends
 
-    monkeypatch.setitem(sys.modules, "epi_kernels.cuda_backend", None)  # import now fails
+    monkeypatch.setitem(sys.modules, "epi_kernels.kernel_sets.cuda_kernels", None)  # import now fails
     backends._has_extension.cache_clear()
     try:
         with pytest.warns(RuntimeWarning, match="epi_kernels._C is installed but does not load"):
@@ -168,9 +177,15 @@ STEP_SCALARS = (1.0, 0.01, 0.1, 0.999, 0.001, 1.0, 1e-8, 0.5, 0.5)
 
 
 def _kernels(device):
-    from epi_kernels import cuda_backend
+    from epi_kernels.kernel_sets.cuda_kernels import kernels_for
 
-    return cuda_backend.HOST_KERNELS if device == "cpu" else cuda_backend.KERNELS
+    return kernels_for(torch.device(device))
+
+
+def _step_inputs(tensors, device, refresh=True, collect=False):
+    """(scalars [T, 9], control words) of a step that may refresh / collect."""
+    scalars = torch.tensor([STEP_SCALARS] * tensors, dtype=torch.float32, device=device)
+    return scalars, torch.tensor([int(refresh), int(collect), 0], dtype=torch.int32, device=device)
 
 
 def _tie_oracle(scores, k):
@@ -200,7 +215,7 @@ def _select(device, scores, ks, anchors=None, gate=None):
 
     kernels = _kernels(device)
     scores = [s.to(device) for s in scores]
-    launch = Launch(list(range(len(scores))), [[s, None, None, None, None, s, None] for s in scores])
+    launch = Launch([[s, None, None, None, None, s, None] for s in scores])
     n = len(scores)
     origin = torch.zeros(n, dtype=torch.int32, device=device)
     hist = torch.zeros(n, th.WINDOW_BINS, dtype=torch.int64, device=device)
@@ -236,9 +251,9 @@ def _refresh_step(device, scores, taus, cuts, seed=0):
         old.append(_unpack(mask, n))
         rows.append([p.to(device), grad.to(device), torch.zeros(n, device=device), torch.zeros(n, device=device),
                      None, s.clone().to(device), mask.to(device)])
-    launch = Launch(list(range(len(rows))), rows)
+    launch = Launch(rows)
     counts = torch.zeros(len(rows), 2, dtype=torch.int64, device=device)
-    _kernels(device).fused_step(launch, STEP_SCALARS, StepFlags(False, False, False, True, False),
+    _kernels(device).fused_step(launch, StepFlags(False, False, False, True, False), *_step_inputs(len(rows), device),
                                 torch.tensor(taus, dtype=torch.int32, device=device),
                                 torch.tensor(cuts, dtype=torch.int64, device=device), None, None, None, counts)
     launch.finish()
@@ -371,8 +386,8 @@ def test_refresh_without_a_cut_buffer_is_refused():
     from epi_kernels.launch import Launch, StepFlags
 
     p = torch.zeros(8)
-    launch = Launch([0], [[p, p.clone(), p.clone(), p.clone(), None, p.clone(), torch.zeros(1, dtype=torch.uint8)]])
-    with pytest.raises(ValueError, match="tau and cut"):
-        _kernels("cpu").fused_step(launch, STEP_SCALARS, StepFlags(False, False, False, True, False),
+    launch = Launch([[p, p.clone(), p.clone(), p.clone(), None, p.clone(), torch.zeros(1, dtype=torch.uint8)]])
+    with pytest.raises(ValueError, match="tau, cut and counts"):
+        _kernels("cpu").fused_step(launch, StepFlags(False, False, False, True, False), *_step_inputs(1, "cpu"),
                                    torch.zeros(1, dtype=torch.int32), None, None, None, None,
                                    torch.zeros(1, 2, dtype=torch.int64))

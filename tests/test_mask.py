@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from epi_kernels.mask import jaccard, pack_mask, packed_numel, popcount, unpack_mask
+from epi_kernels.mask import jaccard_counts, pack_mask, packed_numel, popcount, unpack_mask
 
 
 def test_bit_layout_is_lsb_first_by_hand():
@@ -31,6 +31,11 @@ def test_pack_matches_a_plain_loop_on_random_masks():
     m = torch.rand(1000, generator=torch.Generator().manual_seed(1)) < 0.5
     want = [sum(int(m[i]) << (i % 8) for i in range(j, min(j + 8, 1000))) for j in range(0, 1000, 8)]
     assert pack_mask(m).tolist()[: len(want)] == want
+
+
+def jaccard(a, b):
+    """|a & b| / |a | b| of two packed masks (the overlap a refresh records)."""
+    return jaccard_counts(popcount(a & b), popcount(a), popcount(b))
 
 
 def test_popcount_and_jaccard():

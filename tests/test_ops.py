@@ -4,13 +4,13 @@ tracing), and the fused host flow traced whole by torch.compile (fullgraph) givi
 import pytest
 import torch
 
-from epi_kernels import fused_driver, ops
-from epi_kernels.fused_refresh import FusedRefresh
+from epi_kernels import ops, step_driver
 from epi_kernels.launch import origins
 from epi_kernels.mask import packed_numel
 from epi_kernels.state import init_epi_state
-from epi_kernels.step_scalars import device_step_scalars
-from epi_kernels.threshold import WINDOW_BINS, score_keys
+from epi_kernels.step_driver import RefreshPlan
+from epi_kernels.step_scalars import step_scalars
+from epi_kernels.threshold import WINDOW_BINS, isolation_k, score_keys
 from kernel_devices import CPU_KERNEL_BACKENDS
 
 SIZES = (300, 17, 1)  # sizes the interpreter and the host harness step quickly; one odd mask byte
@@ -28,8 +28,7 @@ def _lists(seed: int = 0):
     return params, grads, exp_avgs, exp_avg_sqs, [], steps, scores, masks
 
 
-HYPER = dict(lr=1e-2, beta1=0.9, beta2=0.999, weight_decay=0.01, eps=1e-8, importance_beta=0.99, sq=True,
-             maximize=False, amsgrad=False)
+HYPER = dict(lr=1e-2, beta1=0.9, beta2=0.999, weight_decay=0.01, eps=1e-8, importance_beta=0.99)
 
 
 def _opcheck(op, args, kwargs=None):
@@ -44,24 +43,25 @@ def _median_keys(scores):
 
 
 @pytest.mark.parametrize("kernels", CPU_KERNEL_BACKENDS)
-@pytest.mark.parametrize("mode", ["plain", "refresh", "collect", "device"])
+@pytest.mark.parametrize("mode", ["plain", "refresh", "collect", "both"])
 def test_opcheck_fused_step(kernels, mode):
-    lists = _lists()
+    params, grads, exp_avgs, exp_avg_sqs, vmax, steps, scores, masks = _lists()
     t = len(SIZES)
-    tau = cut = origin = hist = over = counts = scalars = control = None
-    median = _median_keys(lists[6])
-    if mode in ("refresh", "device"):
+    tau = cut = origin = hist = over = counts = None
+    median = _median_keys(scores)
+    refresh, collect = mode in ("refresh", "both"), mode in ("collect", "both")
+    if refresh:
         tau, counts = median, torch.zeros(t, 2, dtype=torch.int64)
         cut = torch.tensor([n // 3 for n in SIZES], dtype=torch.int64)  # tie cuts inside the tensors
-    if mode in ("collect", "device"):
+    if collect:
         origin = origins(median)  # a window the new scores fall in: the histograms get counts
         hist, over = torch.zeros(t, WINDOW_BINS, dtype=torch.int64), torch.zeros(t, dtype=torch.int64)
-    if mode == "device":  # capturable: refresh and collect decided by the control words
-        scalars = device_step_scalars(lists[5], lr=1e-2, beta1=0.9, beta2=0.999, weight_decay=0.01, eps=1e-8,
-                                      importance_beta=0.99)
-        control = torch.tensor([1, 1, 0], dtype=torch.int32)
+    scalars = step_scalars(steps, torch.device("cpu"), **HYPER)
+    control = torch.tensor([int(refresh), int(collect), 0], dtype=torch.int32)
     _opcheck(torch.ops.epi_kernels.fused_step_.default,
-             (*lists, tau, cut, origin, hist, over, counts, scalars, control, kernels), HYPER)
+             (params, grads, exp_avgs, exp_avg_sqs, vmax, scores, masks, scalars, control, tau, cut, origin, hist,
+              over, counts, kernels),
+             dict(sq=True, maximize=False, amsgrad=False, refresh=refresh, collect=collect))
 
 
 @pytest.mark.parametrize("kernels", CPU_KERNEL_BACKENDS)
@@ -71,7 +71,9 @@ def test_opcheck_threshold_ops(kernels):
     _opcheck(torch.ops.epi_kernels.window_histogram.default, (scores, origin, kernels))
     hist, over = ops.window_histogram(scores, origin, kernels)
     assert int(hist.sum() + over.sum()) <= sum(SIZES) and int(hist.sum()) > 0
-    _opcheck(torch.ops.epi_kernels.select_thresholds.default, (scores, hist, over, origin, 0.1, kernels))
+    k = torch.tensor([isolation_k(0.1, s.numel()) for s in scores])
+    _opcheck(torch.ops.epi_kernels.select_thresholds.default,
+             (scores, hist, over, origin, k, torch.tensor(1, dtype=torch.int32), kernels))
 
 
 def test_unknown_kernel_set_is_named():
@@ -91,7 +93,7 @@ def _state(lists):
 
 
 @pytest.mark.parametrize("kernels", CPU_KERNEL_BACKENDS)
-def test_fused_flow_traces_whole_and_matches_eager(kernels):
+def test_kernel_step_traces_whole_and_matches_eager(kernels):
     # a step that collects histograms, then the refresh step that uses them: traced with
     # fullgraph=True (any graph break fails), results bit-identical to the eager flow
     def run(compiled: bool):
@@ -101,10 +103,10 @@ def test_fused_flow_traces_whole_and_matches_eager(kernels):
         pending: dict = {}
 
         def step(refresh: bool, collect: bool):
-            fused_driver.fused_epi_adamw(
+            step_driver.kernel_epi_adamw(
                 kernels, *lists, importance_beta=0.99, importance="sq", amsgrad=False, beta1=0.9, beta2=0.999,
                 lr=1e-2, weight_decay=0.01, eps=1e-8, maximize=False,
-                fused_refresh=FusedRefresh(states, 0.1, refresh, collect, pending))
+                plan=RefreshPlan(states, 0.1, refresh, collect, pending))
 
         fn = torch.compile(step, fullgraph=True, backend="aot_eager") if compiled else step
         fn(False, True)
@@ -130,7 +132,8 @@ def test_fake_tensors_reach_the_fake_implementations():
     with FakeTensorMode():
         scores = [torch.empty(n) for n in SIZES]
         hist, over = ops.window_histogram(scores, torch.zeros(len(SIZES), dtype=torch.int32), "cuda")
-        tau, repaired, k, cut = ops.select_thresholds(scores, hist, over, torch.zeros(len(SIZES), dtype=torch.int32),
-                                                 0.1, "triton")
-    assert hist.shape == (len(SIZES), WINDOW_BINS) and over.shape == tau.shape == k.shape == cut.shape == (len(SIZES),)
+        tau, repaired, cut = ops.select_thresholds(scores, hist, over, torch.zeros(len(SIZES), dtype=torch.int32),
+                                                   torch.zeros(len(SIZES), dtype=torch.int64),
+                                                   torch.ones((), dtype=torch.int32), "triton")
+    assert hist.shape == (len(SIZES), WINDOW_BINS) and over.shape == tau.shape == cut.shape == (len(SIZES),)
     assert repaired.dtype == torch.bool

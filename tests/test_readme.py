@@ -32,3 +32,40 @@ def test_the_license_ships_with_the_package_metadata():
     meta = metadata.metadata("epi-kernels")  # what pip installed from setup.py
     assert "BSD-3-Clause" in (meta.get("License-Expression") or meta.get("License") or "")
     assert any(f.name == "LICENSE" for f in metadata.files("epi-kernels") or ())
+
+
+DOCS = ("README.md", "DESIGN.md", "bench/README.md", "epi_kernels/experiments/README.md", "csrc/README.md",
+        "python/README.md")
+
+
+def _relative_links(text: str) -> list[str]:
+    """Targets of the markdown links and images of `text` outside code, without #anchors; http(s),
+    mailto and in-page links left out."""
+    text = re.sub(r"^(```|~~~).*?^\1[^\n]*$", "", text, flags=re.S | re.M)  # fenced code blocks
+    text = re.sub(r"`[^`\n]*`", "", text)  # inline code
+    targets = re.findall(r"!?\[[^\]]*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)", text)
+    targets += re.findall(r"^\s*\[[^\]]+\]:\s*<?(\S+?)>?(?:\s+\"[^\"]*\")?\s*$", text, flags=re.M)  # reference definitions
+    out = []
+    for target in targets:
+        if re.match(r"[a-z][a-z0-9+.-]*:", target, re.I) or target.startswith("#"):
+            continue
+        out.append(target.split("#", 1)[0])
+    return out
+
+
+def test_relative_links_point_to_files_that_exist():
+    root = README.parent
+    broken = []
+    for doc in DOCS:
+        path = root / doc
+        assert path.is_file(), doc
+        for target in _relative_links(path.read_text()):
+            if not (path.parent / target).exists():
+                broken.append(f"{doc}: {target}")
+    assert not broken, broken
+
+
+def test_the_link_check_finds_links():
+    text = ("[a](x.md) ![b](img/y.png) [c](https://e.org/z) [d](#here) [e](f.md#sec)\n"
+            "`[g](in_code.md)`\n```\n[h](in_block.md)\n```\n[r]: ref/t.md\n")
+    assert _relative_links(text) == ["x.md", "img/y.png", "f.md", "ref/t.md"]

@@ -2,13 +2,13 @@
 gradients (random fp32 of mixed magnitudes) scores, thresholds, tie cuts and masks stay bit-identical
 across the four backends for hundreds of steps and a dozen refreshes, with fp32 and bf16 scores.
 Parameters agree to rounding only (the torch backend's AdamW is torch's own), and are not compared:
-test_fused_backends.py does that."""
+test_kernel_backends.py does that."""
 import pytest
 import torch
 
 from epi_kernels import EPIAdamW
 from kernel_devices import CPU_KERNEL_BACKENDS
-from test_fused_backends import mixed_gradient
+from test_kernel_backends import mixed_gradient
 
 STEPS, SHAPES = 300, [(60, 50), (700,), (1,)]
 ENTRIES = ("importance", "isolation_mask", "threshold_bits", "isolated_count", "threshold_exact", "isolation_k")

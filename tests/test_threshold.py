@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from bench.thresholds import radix_threshold
 from epi_kernels import threshold as th
 from score_inputs import DISTS, RATIOS, SLACK, adversarial, gen, kth_largest, n_selected, tau_value, tie_inputs
 
@@ -91,7 +92,7 @@ def test_threshold_is_independent_of_element_order_and_of_splitting():
     perm = keys[torch.randperm(keys.numel(), generator=g)]
     assert th.approx_threshold([perm], k, anchor) == ref
     assert th.approx_threshold([keys[:1000], keys[1000:20000], keys[20000:]], k, anchor) == ref
-    assert th.radix_threshold([keys[:7], keys[7:]], k) == th.radix_threshold([keys], k)
+    assert radix_threshold([keys[:7], keys[7:]], k) == radix_threshold([keys], k)
 
 
 # ---------------------------------------------------------------- C3 bracketing on any input
@@ -211,7 +212,7 @@ def test_radix_repair_equals_kthvalue_oracle():
         keys = th.score_keys(s)
         for ratio in (0.003, 0.1, 0.7):
             k = th.isolation_k(ratio, s.numel())
-            assert th.radix_threshold([keys], k) == th.exact_threshold([keys], k), (name, ratio)
+            assert radix_threshold([keys], k) == th.exact_threshold([keys], k), (name, ratio)
 
 
 def test_batched_thresholds_equal_single_ones_with_one_reduce_per_phase():

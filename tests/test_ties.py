@@ -16,6 +16,7 @@ from epi_kernels import threshold as th
 from epi_kernels.mask import pack_mask, threshold_mask, unpack_mask
 from epi_kernels.refresh import Shard, refresh_masks
 from epi_kernels.state import init_epi_state
+from bench.thresholds import window_thresholds
 from kernel_devices import CPU_KERNEL_BACKENDS
 
 BACKENDS = ["torch", "compiled"] + CPU_KERNEL_BACKENDS
@@ -136,9 +137,6 @@ def test_tie_cut_by_hand():
 
 @pytest.mark.parametrize("backend", CPU_KERNEL_BACKENDS)
 def test_kernel_tie_cuts_equal_the_reference(backend):
-    import importlib
-
-    window_thresholds = importlib.import_module(f"epi_kernels.{backend}_backend").window_thresholds
     g = torch.Generator().manual_seed(3)
     cases = [(torch.full((1000,), 0.25), 10), (torch.ones(20000), 300),  # the cut in the 2nd and 3rd chunk
              (torch.cat([torch.full((9000,), 2.0), torch.full((9000,), 1.0)]), 9500),  # tied below a block
@@ -152,7 +150,7 @@ def test_kernel_tie_cuts_equal_the_reference(backend):
     cut_seen = 0
     for items in by_dtype.values():
         scores, ks = [s for s, _ in items], [k for _, k in items]
-        tau, repaired, cut = window_thresholds(scores, ks, [th.KEY_NONE] * len(scores))
+        tau, repaired, cut = window_thresholds(backend, scores, ks, [th.KEY_NONE] * len(scores))
         for i, (s, k) in enumerate(items):
             keys = th.score_keys(s)
             want_tau, want_repaired = th.approx_threshold([keys], k, th.KEY_NONE)
@@ -265,14 +263,12 @@ def test_any_shard_split_reaches_the_unsharded_masks(n, levels, ratio, cuts, see
 def test_cuda_kernels_equal_the_reference_on_random_ties(backend, n, levels, ratio, seed, bf16, anchored):
     # the CUDA kernels' host harness is fast enough for property testing (Triton's interpreter is
     # not: it is held to the same reference on fixed cases above)
-    from epi_kernels.cuda_backend import window_thresholds
-
     g = torch.Generator().manual_seed(seed)
     s = tie_scores(g, n, levels)
     s = s.bfloat16() if bf16 else s
     keys, k = th.score_keys(s), th.isolation_k(ratio, n)
     anchor = th.exact_threshold([keys], max(k, 1)) if anchored else th.KEY_NONE
-    tau, repaired, cut = window_thresholds([s], [k], [anchor])
+    tau, repaired, cut = window_thresholds("cuda", [s], [k], [anchor])
     want_tau, want_repaired = th.approx_threshold([keys], k, anchor)
     want_cut = th.tie_cut(keys, want_tau, k) if want_repaired else th.TIE_NONE
     assert (int(tau[0]), bool(repaired[0]), int(cut[0])) == (want_tau, want_repaired, want_cut)

@@ -11,7 +11,7 @@ from large_histograms import large_histograms, reference_window_select
 @pytest.mark.parametrize("device", TRITON_DEVICES)
 @pytest.mark.parametrize("seed", range(4))
 def test_select_kernel_with_counts_beyond_int32(device, seed):
-    from epi_kernels.triton_backend import KERNELS, SELECT_TILE
+    from epi_kernels.kernel_sets.triton_kernels import KERNELS, SELECT_TILE
     from epi_kernels.kernels.select import select_kernel
 
     hist, over, origin, k = large_histograms(seed)

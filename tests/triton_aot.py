@@ -1,7 +1,7 @@
 """Compile every Triton kernel variant that the "triton" backend's launchers can produce, ahead of
 time, for real GPU targets, and report what the compilers made of it (no GPU needed).
 
-The variants are not listed here: the real launchers (:class:`epi_kernels.triton_backend.TritonKernels`)
+The variants are not listed here: the real launchers (:class:`epi_kernels.kernel_sets.triton_kernels.TritonKernels`)
 are driven over every input they accept (storage dtypes, score dtypes, every StepFlags combination,
 aligned and misaligned columns, with and without a repair gate), with their one launch point
 ``run`` recording instead of launching. Each recorded launch is bound by the JIT's own argument
@@ -35,8 +35,9 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource, make_backend  # noqa: E402
 from triton.runtime.jit import create_function_from_signature  # noqa: E402
 
-from epi_kernels import triton_backend  # noqa: E402
-from epi_kernels.launch import CONTROL, SCALAR_COUNT, DeviceInputs, Launch, StepFlags  # noqa: E402
+from epi_kernels.abi import CONTROL, SCALARS  # noqa: E402
+from epi_kernels.kernel_sets import triton_kernels  # noqa: E402
+from epi_kernels.launch import Launch, StepFlags  # noqa: E402
 from epi_kernels.state import IMPORTANCE_DTYPES  # noqa: E402
 from epi_kernels.threshold import WINDOW_BINS  # noqa: E402
 
@@ -45,14 +46,14 @@ BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin"
 
 # ---- the launches the launchers make ---------------------------------------------------------
 
-class Recorder(triton_backend.TritonKernels):
+class Recorder(triton_kernels.TritonKernels):
     """The Triton kernel set with its launch point recording (kernel, args, keyword args)."""
 
     def __init__(self) -> None:
         self.launches = []
 
     def run(self, kernel, programs, *args, **constexprs):
-        self.launches.append((kernel, args, {**constexprs, **triton_backend.OPTIONS}))
+        self.launches.append((kernel, args, {**constexprs, **triton_kernels.OPTIONS}))
 
 
 def _launch(param_dtype, score_dtype, aligned: bool, amsgrad: bool) -> Launch:
@@ -61,7 +62,7 @@ def _launch(param_dtype, score_dtype, aligned: bool, amsgrad: bool) -> Launch:
     g = torch.zeros(n, dtype=param_dtype) if aligned else torch.zeros(n + 1, dtype=param_dtype)[1:]  # misaligned view
     vmax = torch.zeros(n, dtype=param_dtype) if amsgrad else None
     s, mask = torch.zeros(n, dtype=score_dtype), torch.zeros(2, dtype=torch.uint8)
-    launch = Launch([0], [[p, g, m, v, vmax, s, mask]])
+    launch = Launch([[p, g, m, v, vmax, s, mask]])
     assert launch.aligned == aligned
     return launch
 
@@ -69,17 +70,16 @@ def _launch(param_dtype, score_dtype, aligned: bool, amsgrad: bool) -> Launch:
 def recorded_launches():
     """Every launch the launchers make, over every input they accept."""
     rec = Recorder()
-    for param_dtype, score_dtype, aligned in itertools.product(triton_backend.STORAGE_TYPES, IMPORTANCE_DTYPES,
+    for param_dtype, score_dtype, aligned in itertools.product(triton_kernels.STORAGE_TYPES, IMPORTANCE_DTYPES,
                                                                (True, False)):
         for flags in itertools.starmap(StepFlags, itertools.product((False, True), repeat=len(StepFlags._fields))):
             launch = _launch(param_dtype, score_dtype, aligned, flags.amsgrad)
             i32, i64 = launch.zeros(), launch.zeros(dtype=torch.int64)
-            device = DeviceInputs(torch.zeros(1, SCALAR_COUNT), torch.zeros(len(CONTROL), dtype=torch.int32)) \
-                if flags.device else None
-            rec.fused_step(launch, (0.5,) * SCALAR_COUNT, flags, i32 if flags.refresh else None,
-                           i64 if flags.refresh else None, i32 if flags.hist else None, launch.zeros(WINDOW_BINS, dtype=torch.int64) if flags.hist else None,
-                           i64 if flags.hist else None, launch.zeros(2, dtype=torch.int64) if flags.refresh else None,
-                           device)
+            scalars, control = torch.zeros(1, len(SCALARS)), torch.zeros(len(CONTROL), dtype=torch.int32)
+            rec.fused_step(launch, flags, scalars, control, i32 if flags.refresh else None,
+                           i64 if flags.refresh else None, i32 if flags.collect else None,
+                           launch.zeros(WINDOW_BINS, dtype=torch.int64) if flags.collect else None,
+                           i64 if flags.collect else None, launch.zeros(2, dtype=torch.int64) if flags.refresh else None)
         launch = _launch(param_dtype, score_dtype, aligned, False)
         hist, over = launch.zeros(WINDOW_BINS, dtype=torch.int64), launch.zeros(dtype=torch.int64)
         rec.window_histogram(launch, launch.zeros(), hist, over)

@@ -17,21 +17,21 @@ tests/test_triton_compile.py:
   of a tensor and misaligned views take the masked path;
 * every load of a tile is issued before its first store: the compiler cannot prove that the
   columns do not alias, so it would not move a load above a store by itself;
-* the flags (launch.StepFlags.bits) are read at run time, so they cost no compiled variant, and the
-  histogram (global atomics, see threshold_math.count_in_window) is in a loop of its own that a
-  step which does not collect never enters, whether the decision came from the host or, for a
-  capturable step (DEVICE), from the control words in device memory.
+* the flags (abi.FLAGS) are read at run time, so they cost no compiled variant, and the histogram
+  (global atomics, see threshold_math.count_in_window) is in a loop of its own that a step which
+  does not collect never enters.
+
+Every launch reads its scalars (one row per tensor) and its control words from device memory
+(abi.SCALARS, abi.CONTROL): the host never turns a step count or a tensor lr into a number, and
+a capturable step differs from a host-decided one only in who wrote the control words.
 """
 import triton
 import triton.language as tl
 
 from .rounding import to_storage
-from .tensor_table import (CTRL_HIST, CTRL_REFRESH, CTRL_SKIP, EXP_AVG, EXP_AVG_SQ, GRAD, IMPORTANCE, MASK,
-                           MAX_EXP_AVG_SQ, PARAM, SCALARS, column, load_chunk)
+from .tensor_table import (COLLECT, CTRL_COLLECT, CTRL_REFRESH, CTRL_SKIP, EXP_AVG, EXP_AVG_SQ, GRAD, IMPORTANCE,
+                           MASK, MAX_EXP_AVG_SQ, MAXIMIZE, PARAM, REFRESH, SCALARS, SQ, column, load_chunk)
 from .threshold_math import WINDOW_BINS, count_in_window, score_key
-
-# launch.StepFlags.bits
-SQ, MAXIMIZE, REFRESH, HIST, DEVICE = (tl.constexpr(1 << i) for i in (0, 1, 3, 4, 5))
 
 
 @triton.jit
@@ -157,24 +157,20 @@ def fused_step_kernel(
     tau_ptr, cut_ptr,  # refresh: the new threshold (int32 [T]) and tie cut (int64 [T]) of each tensor
     origin_ptr, hist_ptr, over_ptr,  # hist: window origins int32 [T] (0: none), outputs int64 [T, NB], [T]
     count_ptr,  # refresh: int64 [T, 2] += (isolated count, |old mask & new mask|)
-    scalars_ptr, control_ptr,  # device: float32 [T, SCALARS] (the arguments below, per tensor), int32 [3]
-    flags,  # int32: launch.StepFlags.bits (not specialised: one compiled kernel for every value)
-    decay, step_size, one_minus_beta1, beta2, one_minus_beta2, bc2_sqrt, eps, ibeta, one_minus_ibeta,
+    scalars_ptr, control_ptr,  # float32 [T, SCALARS] (abi.SCALARS, per tensor), int32 [3] (abi.CONTROL)
+    flags,  # int32: abi.FLAGS bits (not specialised: one compiled kernel for every value)
     P_TYPE: tl.constexpr, S_TYPE: tl.constexpr, AMSGRAD: tl.constexpr, ALIGNED: tl.constexpr,
     BLOCK: tl.constexpr, TILES: tl.constexpr,
 ):
     tid, row, first, n = load_chunk(table_ptr, chunk_ptr, BLOCK * TILES)
     count = tl.minimum(n - first, BLOCK * TILES)  # elements of this chunk
-    refresh = (flags & REFRESH) != 0
-    collect = (flags & HIST) != 0
-    if (flags & DEVICE) != 0:  # capturable: the decisions and scalars come from device memory
-        count = tl.where(tl.load(control_ptr + CTRL_SKIP) != 0, 0, count)  # skipped: nothing is touched
-        refresh = refresh & (tl.load(control_ptr + CTRL_REFRESH) != 0)
-        collect = collect & (tl.load(control_ptr + CTRL_HIST) != 0)
-        sc = scalars_ptr + tid * SCALARS
-        decay, step_size, one_minus_beta1 = tl.load(sc), tl.load(sc + 1), tl.load(sc + 2)
-        beta2, one_minus_beta2, bc2_sqrt = tl.load(sc + 3), tl.load(sc + 4), tl.load(sc + 5)
-        eps, ibeta, one_minus_ibeta = tl.load(sc + 6), tl.load(sc + 7), tl.load(sc + 8)
+    count = tl.where(tl.load(control_ptr + CTRL_SKIP) != 0, 0, count)  # skipped: nothing is touched
+    refresh = ((flags & REFRESH) != 0) & (tl.load(control_ptr + CTRL_REFRESH) != 0)
+    collect = ((flags & COLLECT) != 0) & (tl.load(control_ptr + CTRL_COLLECT) != 0)
+    sc = scalars_ptr + tid * SCALARS
+    decay, step_size, one_minus_beta1 = tl.load(sc), tl.load(sc + 1), tl.load(sc + 2)
+    beta2, one_minus_beta2, bc2_sqrt = tl.load(sc + 3), tl.load(sc + 4), tl.load(sc + 5)
+    eps, ibeta, one_minus_ibeta = tl.load(sc + 6), tl.load(sc + 7), tl.load(sc + 8)
     sq = (flags & SQ) != 0
     maximize = (flags & MAXIMIZE) != 0
     p_ptr = column(row, PARAM, P_TYPE, ALIGNED)

@@ -1,6 +1,7 @@
 """The repair path: the exact k-th largest eligible key of each flagged tensor, by an MSB-first
-radix select over the stored scores (threshold.radix_threshold defines the result; any exact
-split into digits gives the same integer). Digits are 6 then 5 bits of the 31-bit key, so a level
+radix select over the stored scores (threshold.radix_thresholds defines the result; any exact
+split into digits gives the same integer). Digits (abi.TRITON_RADIX_LEVELS) are 6 then 5 bits of
+the 31-bit key, so a level
 counts into at most 64 bins: tl.histogram then costs a few instructions per key on every Triton
 version (3.6 lowers it to ballots and one popcount per bin and lane, so its cost grows with the
 bins). Six passes over the scores, on the rare refreshes the window cannot answer. Unflagged
@@ -12,10 +13,10 @@ than k + tolerance keys would be selected), and tie_cut_kernel then finds the cu
 import triton
 import triton.language as tl
 
+from ..abi import TRITON_RADIX_LEVELS as LEVELS
 from .tensor_table import IMPORTANCE, NUMEL, WIDTH, column, load_chunk
 from .threshold_math import KEY_NONE, flush_histogram, score_key, select_bin, tolerance
 
-LEVELS = ((25, 6), (20, 5), (15, 5), (10, 5), (5, 5), (0, 5))  # (shift, bits) of each digit, most significant first
 SCRATCH = tl.constexpr(1 << max(bits for _, bits in LEVELS))  # int64 counters per tensor
 
 

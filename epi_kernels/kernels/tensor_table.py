@@ -1,16 +1,17 @@
-"""How one launch reaches many tensors: the address and chunk tables that
-:mod:`epi_kernels.launch` builds (and documents), read from Triton; also the layout of a
-capturable step's device inputs (control words, per-tensor scalars)."""
+"""How one launch reaches many tensors, read from Triton: the address and chunk tables that
+:mod:`epi_kernels.launch` builds, the control words and per-tensor scalars every fused step reads,
+and the step flags, all laid out by :mod:`epi_kernels.abi`."""
 import triton
 import triton.language as tl
 
-from ..launch import COLUMNS, CONTROL, SCALAR_COUNT
+from .. import abi
 
 PARAM, GRAD, EXP_AVG, EXP_AVG_SQ, MAX_EXP_AVG_SQ, IMPORTANCE, MASK, NUMEL = (
-    tl.constexpr(i) for i in range(len(COLUMNS)))
-WIDTH = tl.constexpr(len(COLUMNS))
-CTRL_REFRESH, CTRL_HIST, CTRL_SKIP = (tl.constexpr(CONTROL.index(w)) for w in ("refresh", "hist", "skip"))
-SCALARS = tl.constexpr(SCALAR_COUNT)
+    tl.constexpr(abi.COLUMNS.index(c)) for c in abi.COLUMNS)
+WIDTH = tl.constexpr(len(abi.COLUMNS))
+CTRL_REFRESH, CTRL_COLLECT, CTRL_SKIP = (tl.constexpr(abi.CONTROL.index(w)) for w in ("refresh", "collect", "skip"))
+SCALARS = tl.constexpr(len(abi.SCALARS))
+SQ, MAXIMIZE, REFRESH, COLLECT = (tl.constexpr(abi.flag_bit(f)) for f in ("sq", "maximize", "refresh", "collect"))
 
 
 @triton.jit

@@ -1,5 +1,5 @@
 """Triton forms of the threshold engine's integer steps (:mod:`epi_kernels.threshold` documents the
-algorithm; the constants come from there, so the two cannot drift apart).
+algorithm; the constants come from the kernel ABI, :mod:`epi_kernels.abi`, as the reference's do).
 
 Every function here is integer math on int32 keys and int64 counts: given the same scores, the
 kernels reach the same thresholds as the reference, bit for bit (contract C2). Counts are int64
@@ -8,13 +8,15 @@ because a tensor may hold more than 2**31 elements (and so a bin more than 2**31
 import triton
 import triton.language as tl
 
-from .. import threshold as _th
+from .. import abi
 
-KEY_NONE = tl.constexpr(_th.KEY_NONE)
-BIN_SHIFT = tl.constexpr(_th.BIN_SHIFT)
-BIN_WIDTH = tl.constexpr(_th.BIN_WIDTH)
-WINDOW_BINS = tl.constexpr(_th.WINDOW_BINS)
-WINDOW_KEYS = tl.constexpr(_th.WINDOW_BINS << _th.BIN_SHIFT)  # keys spanned by the window
+KEY_NONE = tl.constexpr(abi.KEY_NONE)
+BIN_SHIFT = tl.constexpr(abi.BIN_SHIFT)
+BIN_WIDTH = tl.constexpr(abi.BIN_WIDTH)
+WINDOW_BINS = tl.constexpr(abi.WINDOW_BINS)
+WINDOW_KEYS = tl.constexpr(abi.WINDOW_KEYS)  # keys spanned by the window
+TOLERANCE_DIVISOR = tl.constexpr(abi.TOLERANCE_DIVISOR)
+TOLERANCE_MIN = tl.constexpr(abi.TOLERANCE_MIN)
 
 
 @triton.jit
@@ -27,7 +29,7 @@ def score_key(s):
 @triton.jit
 def tolerance(k):
     """threshold.tolerance: the count error a selection may have, max(k // 200, 4)."""
-    return tl.maximum(k // 200, 4)
+    return tl.maximum(k // TOLERANCE_DIVISOR, TOLERANCE_MIN)
 
 
 @triton.jit

@@ -1,6 +1,6 @@
-"""backend="cuda": the CUDA C++ kernel set (the extension ``epi_kernels._C``, built from csrc/ and
-python/) of the fused flow in :mod:`epi_kernels.fused_driver`, reached through the custom ops of
-:mod:`epi_kernels.ops`.
+"""The "cuda" kernel set (backend="cuda"): :class:`epi_kernels.launch.Kernels` with the CUDA C++
+kernels of the extension ``epi_kernels._C`` (built from csrc/ and python/), run by the custom ops
+of :mod:`epi_kernels.ops`.
 
 The extension takes raw device addresses and the current CUDA stream, so it needs no torch headers;
 every call raises RuntimeError with the CUDA error when a launch fails. Its submodule ``_C.host`` is
@@ -11,35 +11,22 @@ interpreter does for the "triton" backend.
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 from torch import Tensor
 
-from . import _C, fused_driver
-from .launch import CHUNK, COLUMNS, CONTROL, SCALAR_COUNT, DeviceInputs, Launch, StepFlags
-from .launch import window_thresholds as launch_window_thresholds
-from .threshold import KEY_NONE, TIE_NONE, WINDOW_BINS
+from .. import _C
+from ..abi import check_cuda_constants
+from ..launch import Launch, StepFlags
 
-__all__ = ["CudaKernels", "cuda_epi_adamw", "kernels_on", "window_thresholds", "DTYPE_CODES", "KERNELS",
-           "HOST_KERNELS"]
+__all__ = ["CudaKernels", "kernels_for", "DTYPE_CODES", "KERNELS", "HOST_KERNELS"]
 
 _K = _C.constants()
+check_cuda_constants(_K)  # the one check of the compiled constants against the kernel ABI
 DTYPE_CODES = {torch.float32: _K["DTYPE_F32"], torch.bfloat16: _K["DTYPE_BF16"], torch.float16: _K["DTYPE_F16"]}
-if (_K["CHUNK"], _K["TABLE_WIDTH"], _K["WINDOW_BINS"], _K["SCALAR_COUNT"], _K["CONTROL_WORDS"], _K.get("KEY_NONE"),
-        _K.get("TIE_NONE")) != (CHUNK, len(COLUMNS), WINDOW_BINS, SCALAR_COUNT, len(CONTROL), KEY_NONE, TIE_NONE) or any(
-        _K[f"CTRL_{name.upper()}"] != i for i, name in enumerate(CONTROL)):
-    raise ImportError(f"epi_kernels._C was built for other tables than this package: {_K} (a stale build?)")
 
 
 def _address(t: Tensor | None) -> int:
     return 0 if t is None else t.data_ptr()
-
-
-def step_flags(flags: StepFlags) -> int:
-    """The extension's bit set for `flags`."""
-    names = ("STEP_SQ", "STEP_MAXIMIZE", "STEP_AMSGRAD", "STEP_REFRESH", "STEP_HIST", "STEP_DEVICE")
-    return sum(_K[name] for name, on in zip(names, flags) if on)
 
 
 def _require_int64(what: str, **counts: Tensor | None) -> None:
@@ -71,27 +58,32 @@ class CudaKernels:
         caller) gets the tie cut of each tensor the repair path answered with too many keys tied at tau."""
         _require_int64("select", hist=hist, over=over, k=k, cut=cut)
         stream = self._stream(launch.device)
-        self.ops.window_select(len(launch.idx), hist.data_ptr(), over.data_ptr(), origin.data_ptr(), k.data_ptr(),
+        self.ops.window_select(launch.tensors, hist.data_ptr(), over.data_ptr(), origin.data_ptr(), k.data_ptr(),
                                tau.data_ptr(), repair.data_ptr(), *stream)
         flags = repair.clone() if gate is None else repair * gate  # the repair kernels clear flags as tensors finish
         # int64 counts (k, need, scratch; a tensor may exceed 2^31 elements), int32 prefix; the tie pass's
         # per-chunk counts (at most CHUNK each) and first programs: int32, written before they are read
         prefix, need, scratch = launch.zeros(), k.clone(), launch.zeros(_K["RADIX_BINS"], dtype=torch.int64)
-        ties = torch.empty(launch.programs + len(launch.idx), dtype=torch.int32, device=launch.device)
-        self.ops.radix_repair(launch.table.data_ptr(), launch.chunks.data_ptr(), launch.programs, len(launch.idx),
+        ties = torch.empty(launch.programs + launch.tensors, dtype=torch.int32, device=launch.device)
+        self.ops.radix_repair(launch.table.data_ptr(), launch.chunks.data_ptr(), launch.programs, launch.tensors,
                               DTYPE_CODES[launch.score_dtype], k.data_ptr(), flags.data_ptr(), prefix.data_ptr(),
                               need.data_ptr(), scratch.data_ptr(), tau.data_ptr(), cut.data_ptr(), ties.data_ptr(),
                               *stream)
 
-    def fused_step(self, launch: Launch, scalars: tuple[float, ...], flags: StepFlags, tau, cut, origin, hist, over,
-                   counts, device: DeviceInputs | None = None) -> None:
+    def fused_step(self, launch: Launch, flags: StepFlags, scalars: Tensor, control: Tensor, tau, cut, origin, hist,
+                   over, counts) -> None:
         """`cut` (int64 [T], or None when not refreshing): the tie cuts a refresh applies with `tau`."""
         _require_int64("fused_step", hist=hist, over=over, counts=counts, cut=cut)
-        if flags.refresh and (tau is None or cut is None):  # the kernel would read through a null address
-            raise ValueError("fused_step: a refreshing step needs tau and cut")
+        # the kernel would read through a null address
+        if flags.refresh and (tau is None or cut is None or counts is None):
+            raise ValueError("fused_step: a refreshing step needs tau, cut and counts")
+        if flags.collect and (origin is None or hist is None or over is None):
+            raise ValueError("fused_step: a collecting step needs origin, hist and over")
+        if scalars.dtype != torch.float32 or control.dtype != torch.int32:
+            raise TypeError(f"fused_step: scalars must be float32 and control int32, got {scalars.dtype}, {control.dtype}")
         self.ops.fused_step(launch.table.data_ptr(), launch.chunks.data_ptr(), launch.programs,
-                            DTYPE_CODES[launch.param_dtype], DTYPE_CODES[launch.score_dtype], step_flags(flags),
-                            scalars, *(_address(t) for t in (device or (None, None))),
+                            DTYPE_CODES[launch.param_dtype], DTYPE_CODES[launch.score_dtype], flags.bits(),
+                            scalars.data_ptr(), control.data_ptr(),
                             *(_address(t) for t in (tau, cut, origin, hist, over, counts)), *self._stream(launch.device))
 
 
@@ -99,20 +91,6 @@ KERNELS = CudaKernels(_C, on_gpu=True)
 HOST_KERNELS = CudaKernels(_C.host, on_gpu=False)
 
 
-def kernels_on(device: torch.device):
-    """The kernel set for tensors on `device` and the context to launch in."""
-    if device.type == "cuda":
-        return KERNELS, torch.cuda.device(device)
-    return HOST_KERNELS, contextlib.nullcontext()
-
-
-def cuda_epi_adamw(*args, **kwargs) -> None:
-    """The EPI-AdamW step of epi_adamw(backend="cuda")."""
-    fused_driver.fused_epi_adamw("cuda", *args, **kwargs)
-
-
-def window_thresholds(scores: list[Tensor], ks: list[int], anchors: list[int]) -> tuple[Tensor, Tensor, Tensor]:
-    """launch.window_thresholds with the CUDA kernels (tests and benchmarks): (tau, repaired, cut)."""
-    kernels, context = kernels_on(scores[0].device)
-    with context:
-        return launch_window_thresholds(kernels, scores, ks, anchors)
+def kernels_for(device: torch.device) -> CudaKernels:
+    """The kernel set for tensors on `device`: the extension on CUDA tensors, its host harness on CPU ones."""
+    return KERNELS if device.type == "cuda" else HOST_KERNELS

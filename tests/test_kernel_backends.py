@@ -1,4 +1,4 @@
-"""The fused kernel backends, "triton" and "cuda" (fused step, window histogram, select and repair
+"""The kernel backends, "triton" and "cuda" (fused step, window histogram, select and repair
 kernels), against the pure-PyTorch reference.
 
 Without a GPU they run on CPU tensors: Triton's kernels in its interpreter, the CUDA backend in its
@@ -10,15 +10,16 @@ kernel optimizer's own start-of-step scores against the reference engine (C1, C2
 dtypes.
 """
 import copy
-import importlib
 
 import pytest
 import torch
 
 from epi_kernels import EPIAdamW
 from epi_kernels import threshold as th
-from epi_kernels.backends import FUSED_BACKENDS, resolve_backend
+from epi_kernels import backends
+from epi_kernels.backends import resolve_backend
 from epi_kernels.mask import threshold_mask, unpack_mask
+from bench.thresholds import window_thresholds
 from kernel_devices import HAS_EXTENSION, KERNEL_BACKENDS
 from score_inputs import DISTS, adversarial, gen, kth_largest, tie_inputs
 
@@ -80,7 +81,7 @@ def _run(backend, device, dtype, steps=6, skip=None, spike=None, **kw):
         anchors = [int(s["threshold_bits"]) if s else th.KEY_NONE for s in st]
         before = [p.detach().clone() for p in params]
         opt.step()
-        if backend in FUSED_BACKENDS and kw.get("scope", "tensor") == "tensor" and kw.get("threshold", "approx") == "approx":
+        if backend in backends.KERNEL_BACKENDS and kw.get("scope", "tensor") == "tensor" and kw.get("threshold", "approx") == "approx":
             _check_refresh(opt, params, [s if p.grad is not None else None for s, p in zip(start, params)],
                            anchors, before)
     return params, opt
@@ -209,7 +210,6 @@ def _anchors(s, k):
 
 def test_window_select_and_repair_kernels_match_the_reference_engine(kernel):
     backend, device = kernel
-    window_thresholds = importlib.import_module(f"epi_kernels.{backend}_backend").window_thresholds
 
     g = torch.Generator().manual_seed(11)
     inputs = [gen(d, 4096, g) for d in DISTS] + [s for _, s in adversarial(g)] + [s for _, s in tie_inputs(g)]
@@ -222,7 +222,7 @@ def test_window_select_and_repair_kernels_match_the_reference_engine(kernel):
     for dtype, scores in by_dtype.items():
         ss, ks, anchors = _thresholds_case(scores, (0.0, 0.01, 0.2), _anchors)
         ss, ks, anchors = ss + scores, ks + [s.numel() for s in scores], anchors + [th.KEY_NONE] * len(scores)
-        tau, repaired, cut = window_thresholds([s.to(device) for s in ss], ks, anchors)
+        tau, repaired, cut = window_thresholds(backend, [s.to(device) for s in ss], ks, anchors)
         for i, (s, k, anchor) in enumerate(zip(ss, ks, anchors)):
             want = th.approx_threshold([th.score_keys(s)], k, anchor)
             want_cut = th.tie_cut(th.score_keys(s), want[0], k) if want[1] else th.TIE_NONE

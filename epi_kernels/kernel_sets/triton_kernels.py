@@ -1,5 +1,6 @@
-"""backend="triton": the Triton kernel set of the fused flow in :mod:`epi_kernels.fused_driver`,
-reached through the custom ops of :mod:`epi_kernels.ops`.
+"""The "triton" kernel set (backend="triton"): :class:`epi_kernels.launch.Kernels` with the Triton
+kernels, run by the custom ops of :mod:`epi_kernels.ops` on CUDA tensors (or CPU tensors in
+Triton's interpreter, ``TRITON_INTERPRET=1``).
 
 Kernels in :mod:`epi_kernels.kernels`: the fused step, the window histogram of stored scores, the
 window select (one program per tensor) and the repair path (radix count + select per digit).
@@ -13,15 +14,14 @@ import triton.language as tl
 import torch
 from torch import Tensor
 
-from . import fused_driver
-from .launch import CHUNK, DeviceInputs, Launch, StepFlags
-from .launch import window_thresholds as launch_window_thresholds
-from .kernels.fused_step import fused_step_kernel
-from .kernels.histogram import histogram_kernel
-from .kernels.repair import LEVELS, SCRATCH, radix_count_kernel, radix_select_kernel, tie_cut_kernel
-from .kernels.select import select_kernel
+from ..abi import CHUNK
+from ..kernels.fused_step import fused_step_kernel
+from ..kernels.histogram import histogram_kernel
+from ..kernels.repair import LEVELS, SCRATCH, radix_count_kernel, radix_select_kernel, tie_cut_kernel
+from ..kernels.select import select_kernel
+from ..launch import Launch, StepFlags
 
-__all__ = ["TritonKernels", "triton_epi_adamw", "window_thresholds", "STORAGE_TYPES", "OPTIONS"]
+__all__ = ["TritonKernels", "KERNELS", "kernels_for", "STORAGE_TYPES", "OPTIONS"]
 
 BLOCK = 512  # elements per tile: 4 per thread at 4 warps (one 128-bit access per fp32 column)
 TILES = CHUNK // BLOCK  # tiles per program
@@ -31,8 +31,8 @@ STORAGE_TYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.f
 # Every launch: 4 warps, and no FMA contraction (a*b + c rounded twice, as the reference and the
 # CUDA kernels compute it: a contracted score EMA differs by an ulp and can move a mask bit).
 OPTIONS = {"num_warps": 4, "enable_fp_fusion": False}
-# tau, cut, origin, hist, over, counts, device scalars, control words
-_STEP_BUFFER_TYPES = (torch.int32, torch.int64, torch.int32, torch.int64, torch.int64, torch.int64, torch.float32, torch.int32)
+# tau, cut, origin, hist, over, counts
+_STEP_BUFFER_TYPES = (torch.int32, torch.int64, torch.int32, torch.int64, torch.int64, torch.int64)
 
 
 class TritonKernels:
@@ -49,7 +49,7 @@ class TritonKernels:
 
     def select(self, launch: Launch, hist: Tensor, over: Tensor, origin: Tensor, k: Tensor,
                tau: Tensor, repair: Tensor, cut: Tensor, gate: Tensor | None = None) -> None:
-        self.run(select_kernel, len(launch.idx), hist, over, origin, k, tau, repair, TILE=SELECT_TILE)
+        self.run(select_kernel, launch.tensors, hist, over, origin, k, tau, repair, TILE=SELECT_TILE)
         if not launch.programs:
             return
         flags = repair.clone() if gate is None else repair * gate  # the repair kernels clear flags as tensors finish
@@ -58,33 +58,27 @@ class TritonKernels:
         for level, (shift, bits) in enumerate(LEVELS):
             self.run(radix_count_kernel, launch.programs, launch.table, launch.chunks, flags, prefix, scratch,
                      S_TYPE=STORAGE_TYPES[launch.score_dtype], SHIFT=shift, BITS=bits, BLOCK=BLOCK, TILES=TILES)
-            self.run(radix_select_kernel, len(launch.idx), scratch, flags, prefix, need, tau, k, tie, SHIFT=shift,
+            self.run(radix_select_kernel, launch.tensors, scratch, flags, prefix, need, tau, k, tie, SHIFT=shift,
                      BITS=bits, FIRST=level == 0, LAST=level == len(LEVELS) - 1)
-        self.run(tie_cut_kernel, len(launch.idx), launch.table, tie, tau, cut,
+        self.run(tie_cut_kernel, launch.tensors, launch.table, tie, tau, cut,
                  S_TYPE=STORAGE_TYPES[launch.score_dtype], TILE=TIE_TILE)
 
-    def fused_step(self, launch: Launch, scalars: tuple[float, ...], flags: StepFlags, tau, cut, origin, hist,
-                   over, counts, device: DeviceInputs | None = None) -> None:
-        buffers = (tau, cut, origin, hist, over, counts) + ((None, None) if device is None else device)
-        # unused buffers are never read (the run-time flags turn them off) but must have the right
-        # element type, as one compiled kernel serves every flag combination: the launch's own
-        # tables (int32 chunks, int64 addresses, and those viewed as float32) stand in, no allocation
-        stand_in = {torch.int32: launch.chunks, torch.int64: launch.table,
-                    torch.float32: launch.table.view(torch.float32)}
+    def fused_step(self, launch: Launch, flags: StepFlags, scalars: Tensor, control: Tensor, tau, cut, origin,
+                   hist, over, counts) -> None:
+        buffers = (tau, cut, origin, hist, over, counts)
+        # unused buffers are never read (the flags turn them off) but must have the right element
+        # type, as one compiled kernel serves every flag combination: the launch's own tables
+        # (int32 chunks, int64 addresses) stand in, no allocation
+        stand_in = {torch.int32: launch.chunks, torch.int64: launch.table}
         buffers = [stand_in[dtype] if t is None else t for t, dtype in zip(buffers, _STEP_BUFFER_TYPES)]
-        self.run(fused_step_kernel, launch.programs, launch.table, launch.chunks, *buffers, flags.bits(), *scalars,
-                 P_TYPE=STORAGE_TYPES[launch.param_dtype], S_TYPE=STORAGE_TYPES[launch.score_dtype],
+        self.run(fused_step_kernel, launch.programs, launch.table, launch.chunks, *buffers, scalars, control,
+                 flags.bits(), P_TYPE=STORAGE_TYPES[launch.param_dtype], S_TYPE=STORAGE_TYPES[launch.score_dtype],
                  AMSGRAD=flags.amsgrad, ALIGNED=launch.aligned, BLOCK=BLOCK, TILES=TILES)
 
 
 KERNELS = TritonKernels()
 
 
-def triton_epi_adamw(*args, **kwargs) -> None:
-    """The EPI-AdamW step of epi_adamw(backend="triton")."""
-    fused_driver.fused_epi_adamw("triton", *args, **kwargs)
-
-
-def window_thresholds(scores: list[Tensor], ks: list[int], anchors: list[int]) -> tuple[Tensor, Tensor]:
-    """launch.window_thresholds with the Triton kernels (tests and benchmarks)."""
-    return launch_window_thresholds(KERNELS, scores, ks, anchors)
+def kernels_for(device: torch.device) -> TritonKernels:
+    """The kernel set for tensors on `device` (one for all: Triton launches on the current device)."""
+    return KERNELS
