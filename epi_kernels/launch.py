@@ -108,6 +108,9 @@ def _chunk_table(device: torch.device, numels: tuple[int, ...]) -> tuple[_Cached
     return _Cached(to_device(rows or [(0, 0)], torch.int32, device)), len(rows)
 
 
+_MASK = COLUMNS.index("mask")
+
+
 class Launch:
     """The tensors of one launch group as the kernels see them: one row of abi.COLUMNS tensors each
     (None for an unused column), contiguous (non-contiguous ones are stepped in contiguous copies,
@@ -116,14 +119,16 @@ class Launch:
     def __init__(self, rows: list[list[Tensor | None]]) -> None:
         self.tensors = len(rows)
         self.copies: list[tuple[Tensor, Tensor]] = []
-        if not all(t is None or t.is_contiguous() for row in rows for t in row):
+        # one flat pass per question: this runs for every tensor of every step (host time)
+        flat = [t for row in rows for t in row if t is not None]
+        if not all([t.is_contiguous() for t in flat]):
             rows = [self._contiguous(row) for row in rows]
         p = rows[0][0]
         self.device, self.param_dtype, self.score_dtype = p.device, p.dtype, rows[0][5].dtype
-        self.numels = tuple(row[0].numel() for row in rows)
-        addresses = tuple(tuple(0 if t is None else t.data_ptr() for t in row) for row in rows)
+        self.numels = tuple([row[0].numel() for row in rows])
+        addresses = tuple([tuple([0 if t is None else t.data_ptr() for t in row]) for row in rows])
         # 16-byte aligned element columns (the mask is read bytewise): the kernels' vector path
-        self.aligned = all(a % 16 == 0 for row in addresses for a in row[:COLUMNS.index("mask")])
+        self.aligned = not any([a & 15 for row in addresses for a in row[:_MASK]])
         self.table = _address_table(self.device, addresses, self.numels).get()
         chunks, self.programs = _chunk_table(self.device, self.numels)
         self.chunks = chunks.get()

@@ -34,4 +34,8 @@ def step_scalars(steps: list[Tensor], device: torch.device, *, lr, beta1, beta2,
     # Python numbers become fills, not host-to-device copies (which a CUDA graph capture refuses)
     out = torch.stack([c.expand(step.shape) if isinstance(c, Tensor) else torch.full_like(step, c)
                        for c in cols], dim=1).to(torch.float32)
-    return out if out.device == device else out.to(device, non_blocking=True)
+    if out.device == device:
+        return out
+    if out.device.type == "cpu" and device.type == "cuda":
+        out = out.pin_memory()  # an asynchronous copy, the buffer kept alive by the caching host allocator
+    return out.to(device, non_blocking=True)
