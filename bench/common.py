@@ -107,12 +107,13 @@ def make_params(case: Case, dtype: torch.dtype, device: str, seed: int = 0) -> l
 
 # ------------------------------------------------------------------------------------ bytes model
 
-def bytes_per_element(param_dtype: torch.dtype, score_dtype: torch.dtype | None) -> float:
-    """Bytes moved per element by one step (module docstring); score_dtype None = plain AdamW."""
+def bytes_per_element(param_dtype: torch.dtype, score_dtype: torch.dtype | None, mask: bool = True) -> float:
+    """Bytes moved per element by one step (module docstring); score_dtype None: no score of its
+    own (plain AdamW, or with `mask` EPI with importance="exp_avg_sq": AdamW + the mask bit)."""
     P = torch.empty((), dtype=param_dtype).element_size()
     adamw = 2 * P + P + 4 * P
     if score_dtype is None:
-        return adamw
+        return adamw + (1 / 8 if mask else 0)
     return adamw + 2 * torch.empty((), dtype=score_dtype).element_size() + 1 / 8
 
 
@@ -161,7 +162,8 @@ class HandWrittenEPI:
 
 
 def contender(kind: str, params, refresh: bool):
-    """An optimizer over `params`: "adamw-foreach", "adamw-fused", "unfused", or "epi-<backend>".
+    """An optimizer over `params`: "adamw-foreach", "adamw-fused", "unfused", "epi-<backend>", or
+    "epi-<backend>-v" (importance="exp_avg_sq": AdamW's second moment is the score).
 
     EPI runs with isolation_ratio=0.01 ("epi-torch" with foreach=True, as its AdamW baseline). Normal steps: one refresh happened at step 2 (so a real
     mask is applied) and none follows. Refresh steps: refresh_interval=1, every step refreshes."""
@@ -172,8 +174,10 @@ def contender(kind: str, params, refresh: bool):
     schedule = dict(refresh_interval=1, warmup_steps=1) if refresh else dict(refresh_interval=10**9, warmup_steps=2)
     if kind == "unfused":
         return HandWrittenEPI(params, **schedule)
-    backend = kind.removeprefix("epi-")
+    backend = kind.removeprefix("epi-").removesuffix("-v")
     impl = dict(foreach=True) if backend == "torch" else {}  # eager: torch's foreach AdamW inside
+    if kind.endswith("-v"):
+        impl["importance"] = "exp_avg_sq"
     return EPIAdamW(params, isolation_ratio=0.01, backend=backend, **impl, **schedule)
 
 

@@ -127,6 +127,7 @@ enum StepFlags : unsigned {
   STEP_AMSGRAD = 4,
   STEP_REFRESH = 8,   // set the mask from the start-of-step score against `tau` and the tie cut
   STEP_COLLECT = 16,  // count the new scores into the window histogram
+  STEP_V_SCORES = 32, // the scores are exp_avg_sq itself (importance="exp_avg_sq"): no score EMA
 };
 
 // The control words of every launch (int32 [CONTROL_WORDS] in device memory; epi_kernels/abi.py
@@ -158,8 +159,9 @@ EPI_UNROLL
 // force for this step (on a refresh the new one, refresh_bits of the start-of-step scores). Updates
 // the storage values in place and returns the keys of the new scores (0 for invalid lanes); lanes
 // whose mask bit is set keep their parameter. Isolated parameters keep their raw bits, so writing
-// them back unchanged is the same as not writing them.
-template <class P, class S, class Scalars>
+// them back unchanged is the same as not writing them. Without SCORE (STEP_V_SCORES) `s` is not
+// touched and the keys are those of the new v (before the amsgrad maximum: the EMA, which decays).
+template <class P, class S, bool SCORE, class Scalars>
 EPI_HD void step_group(typename P::raw* p, const typename P::raw* g, typename P::raw* m, typename P::raw* v,
                        typename P::raw* vmax, typename S::raw* s, unsigned mask, int valid, Scalars& c,
                        unsigned flags, int32_t* keys) {
@@ -167,16 +169,19 @@ EPI_UNROLL
   for (int j = 0; j < 8; ++j) {
     keys[j] = 0;
     if (j >= valid) continue;
-    float s32 = S::load(s[j]);
     float g32 = P::load(g[j]);
-    float f = (flags & STEP_SQ) ? mul_rn(mul_rn(c.one_minus_ibeta, g32), g32) : mul_rn(c.one_minus_ibeta, fabsf(g32));
-    s[j] = S::store(add_rn(mul_rn(s32, c.ibeta), f));
-    keys[j] = score_key(S::load(s[j]));
+    if constexpr (SCORE) {
+      float s32 = S::load(s[j]);
+      float f = (flags & STEP_SQ) ? mul_rn(mul_rn(c.one_minus_ibeta, g32), g32) : mul_rn(c.one_minus_ibeta, fabsf(g32));
+      s[j] = S::store(add_rn(mul_rn(s32, c.ibeta), f));
+      keys[j] = score_key(S::load(s[j]));
+    }
     if (flags & STEP_MAXIMIZE) g32 = -g32;
     float m32 = add_rn(P::load(m[j]), mul_rn(sub_rn(g32, P::load(m[j])), c.one_minus_beta1));
     float v32 = add_rn(mul_rn(P::load(v[j]), c.beta2), mul_rn(mul_rn(c.one_minus_beta2, g32), g32));
     m[j] = P::store(m32);
     v[j] = P::store(v32);
+    if constexpr (!SCORE) keys[j] = score_key(P::load(v[j]));
     if (flags & STEP_AMSGRAD) {
       v32 = max_nan(P::load(vmax[j]), v32);
       vmax[j] = P::store(v32);

@@ -35,7 +35,7 @@ __device__ __forceinline__ T* column_at(const volatile BlockState& b, int col) {
 
 // The stores of a group after step_group. Its index, size and alignment are read again from the
 // block state rather than kept in registers through the arithmetic.
-template <class P, class S>
+template <class P, class S, bool SCORE>
 __device__ __forceinline__ void store_group(const volatile BlockState& b, int pass, const typename P::raw* pv,
                                             const typename P::raw* mv, const typename P::raw* vv,
                                             const typename P::raw* xv, const typename S::raw* sv, unsigned bits) {
@@ -49,11 +49,13 @@ __device__ __forceinline__ void store_group(const volatile BlockState& b, int pa
   store8(column_at<PR>(b, COL_EXP_AVG), mv, i, valid, vec);
   store8(column_at<PR>(b, COL_EXP_AVG_SQ), vv, i, valid, vec);
   if (f & STEP_AMSGRAD) store8(column_at<PR>(b, COL_MAX_EXP_AVG_SQ), xv, i, valid, vec);
-  store8(column_at<SR>(b, COL_IMPORTANCE), sv, i, valid, vec);
+  if constexpr (SCORE) store8(column_at<SR>(b, COL_IMPORTANCE), sv, i, valid, vec);
   if (f & STEP_REFRESH) column_at<uint8_t>(b, COL_MASK)[i >> 3] = static_cast<uint8_t>(bits);
 }
 
-template <class P, class S, bool HIST>
+// SCORE: the importance column is a score EMA of its own; without it (STEP_V_SCORES, S = P) the
+// scores are exp_avg_sq: no score is loaded or stored, and v's new values are what COLLECT counts.
+template <class P, class S, bool HIST, bool SCORE>
 __global__ void __launch_bounds__(THREADS, 4)
 fused_step_kernel(Tables t, unsigned flags, const float* scalars, const int32_t* control, const int32_t* tau_of, const int64_t* cut_of, const int32_t* origin_of,
                   int64_t* hist_out, int64_t* over_out, int64_t* counts) {
@@ -105,18 +107,23 @@ fused_step_kernel(Tables t, unsigned flags, const float* scalars, const int32_t*
       load8(mv, column_at<const PR>(b, COL_EXP_AVG), i, valid, vec);
       load8(vv, column_at<const PR>(b, COL_EXP_AVG_SQ), i, valid, vec);
       if (f & STEP_AMSGRAD) load8(xv, column_at<const PR>(b, COL_MAX_EXP_AVG_SQ), i, valid, vec);
-      load8(sv, column_at<const SR>(b, COL_IMPORTANCE), i, valid, vec);
+      if constexpr (SCORE) load8(sv, column_at<const SR>(b, COL_IMPORTANCE), i, valid, vec);
       // the mask byte in force: on a refresh the new one (the tie cut as the number of this group's
       // lanes below it), counted at once, so that the old byte is not held through the arithmetic
       unsigned bits = column_at<const uint8_t>(b, COL_MASK)[i >> 3];
       if (f & STEP_REFRESH) {
         const int lanes = below_cut(8 * (static_cast<int>(threadIdx.x) + pass * THREADS), static_cast<int>(b.cut), 8);
         const unsigned old = bits;
-        bits = refresh_bits<S>(sv, valid, b.tau, lanes);
+        if constexpr (SCORE) bits = refresh_bits<S>(sv, valid, b.tau, lanes);
+        else bits = refresh_bits<P>(vv, valid, b.tau, lanes);  // the start-of-step v
         isolated_kept += __popc(bits) + (__popc(bits & old) << 16);
       }
-      step_group<P, S>(pv, gv, mv, vv, xv, sv, bits, valid, b.scalars, f, keys);
-      store_group<P, S>(b, pass, pv, mv, vv, xv, sv, bits);
+      step_group<P, S, SCORE>(pv, gv, mv, vv, xv, sv, bits, valid, b.scalars, f, keys);
+      store_group<P, S, SCORE>(b, pass, pv, mv, vv, xv, sv, bits);
+      if constexpr (!SCORE) {  // (S = P) the histogram below counts the new v
+EPI_UNROLL
+        for (int j = 0; j < 8; ++j) sv[j] = vv[j];
+      }
     }
     if (HIST && (b.flags & STEP_COLLECT)) {  // uniform over the launch
       const int32_t origin = b.origin;
@@ -143,24 +150,26 @@ fused_step_kernel(Tables t, unsigned flags, const float* scalars, const int32_t*
   }
 }
 
-template <class P, class S>
+template <class P, class S, bool SCORE>
 void launch(Tables t, unsigned flags, const StepInputs& in, cudaStream_t stream) {
   if (flags & STEP_COLLECT)
-    fused_step_kernel<P, S, true><<<t.programs, THREADS, 0, stream>>>(
+    fused_step_kernel<P, S, true, SCORE><<<t.programs, THREADS, 0, stream>>>(
         t, flags, in.scalars, in.control, in.tau, in.cut, in.origin, in.hist, in.over,
         in.counts);
   else
-    fused_step_kernel<P, S, false><<<t.programs, THREADS, 0, stream>>>(
+    fused_step_kernel<P, S, false, SCORE><<<t.programs, THREADS, 0, stream>>>(
         t, flags, in.scalars, in.control, in.tau, in.cut, in.origin, in.hist, in.over,
         in.counts);
 }
 
 template <class P>
 void launch(DType score, Tables t, unsigned flags, const StepInputs& in, cudaStream_t stream) {
-  if (score == DTYPE_BF16)
-    launch<P, BF16>(t, flags, in, stream);
+  if (flags & STEP_V_SCORES)
+    launch<P, P, false>(t, flags, in, stream);  // the scores are exp_avg_sq: the param dtype
+  else if (score == DTYPE_BF16)
+    launch<P, BF16, true>(t, flags, in, stream);
   else
-    launch<P, F32>(t, flags, in, stream);
+    launch<P, F32, true>(t, flags, in, stream);
 }
 
 }  // namespace

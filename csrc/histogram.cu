@@ -27,6 +27,8 @@ cudaError_t window_histogram(Tables t, DType score, const int32_t* origin, int64
   if (t.programs <= 0) return cudaGetLastError();
   if (score == DTYPE_BF16)
     window_histogram_kernel<BF16><<<t.programs, THREADS, 0, stream>>>(t, origin, hist, over);
+  else if (score == DTYPE_F16)  // importance="exp_avg_sq" with fp16 params
+    window_histogram_kernel<F16><<<t.programs, THREADS, 0, stream>>>(t, origin, hist, over);
   else
     window_histogram_kernel<F32><<<t.programs, THREADS, 0, stream>>>(t, origin, hist, over);
   return cudaGetLastError();

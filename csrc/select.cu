@@ -176,6 +176,8 @@ cudaError_t radix_repair(Tables t, int tensors, DType score, const int64_t* k, i
     if (t.programs > 0) {
       if (score == DTYPE_BF16)
         radix_count_kernel<BF16><<<t.programs, THREADS, 0, stream>>>(t, level, repair, prefix, scratch);
+      else if (score == DTYPE_F16)  // importance="exp_avg_sq" with fp16 params
+        radix_count_kernel<F16><<<t.programs, THREADS, 0, stream>>>(t, level, repair, prefix, scratch);
       else
         radix_count_kernel<F32><<<t.programs, THREADS, 0, stream>>>(t, level, repair, prefix, scratch);
     }
@@ -188,6 +190,9 @@ cudaError_t radix_repair(Tables t, int tensors, DType score, const int64_t* k, i
     if (score == DTYPE_BF16) {
       if (t.programs > 0) tie_count_kernel<BF16><<<t.programs, THREADS, 0, stream>>>(t, repair, tau, chunk_ties, first_program);
       tie_find_kernel<BF16><<<tensors, THREADS, 0, stream>>>(t.table, chunk_ties, first_program, repair, need, tau, cut);
+    } else if (score == DTYPE_F16) {
+      if (t.programs > 0) tie_count_kernel<F16><<<t.programs, THREADS, 0, stream>>>(t, repair, tau, chunk_ties, first_program);
+      tie_find_kernel<F16><<<tensors, THREADS, 0, stream>>>(t.table, chunk_ties, first_program, repair, need, tau, cut);
     } else {
       if (t.programs > 0) tie_count_kernel<F32><<<t.programs, THREADS, 0, stream>>>(t, repair, tau, chunk_ties, first_program);
       tie_find_kernel<F32><<<tensors, THREADS, 0, stream>>>(t.table, chunk_ties, first_program, repair, need, tau, cut);

@@ -37,10 +37,12 @@ SCALARS = ("decay", "step_size", "one_minus_beta1", "beta2", "one_minus_beta2", 
 # found inf/NaN). A refresh or a collection happens where its flag below is set and its word is.
 CONTROL = ("refresh", "collect", "skip")
 # Step flags, one int32 bit set (bit i is FLAGS[i]) chosen by the host: the score signal (g*g, else
-# |g|), maximize, amsgrad, and what the step may do (refresh, collect). A host-decided step sets
-# refresh/collect as decided and passes control words that agree; a capturable step sets both and
-# lets its control words decide.
-FLAGS = ("sq", "maximize", "amsgrad", "refresh", "collect")
+# |g|), maximize, amsgrad, what the step may do (refresh, collect; a host-decided step sets them as
+# decided and passes control words that agree; a capturable step sets both and lets its control
+# words decide), and v_scores: the scores are the exp_avg_sq column itself (importance="exp_avg_sq";
+# the importance column holds exp_avg_sq's address), so there is no score EMA to load or store.
+# v_scores selects a compiled variant; the others are read at run time.
+FLAGS = ("sq", "maximize", "amsgrad", "refresh", "collect", "v_scores")
 
 
 def flag_bit(name: str) -> int:

@@ -101,17 +101,19 @@ def _is_compile_error(err: Exception) -> bool:
     return isinstance(err, (BackendCompilerFailed, OSError, ImportError)) or mod.startswith("torch._inductor")
 
 
-def _tensor_step(p: Tensor, g: Tensor, m: Tensor, v: Tensor, s: Tensor, vmax: Tensor | None,
+def _tensor_step(p: Tensor, g: Tensor, m: Tensor, v: Tensor, s: Tensor | None, vmax: Tensor | None,
                  words: Tensor, hp: Tensor, sq: bool, maximize: bool) -> None:
     """One tensor's step. hp (fp32[9]): weight-decay factor, step size, 1-beta1, beta2, 1-beta2,
-    sqrt(bias correction 2), eps, importance beta, 1-importance beta."""
+    sqrt(bias correction 2), eps, importance beta, 1-importance beta. No score pass without `s`
+    (importance="exp_avg_sq": the scores are `v`)."""
     decay, step_size, one_minus_b1, b2, one_minus_b2, bc2_sqrt, eps, ib, one_minus_ib = hp.unbind(0)
     shifts = torch.arange(64, dtype=torch.int64, device=p.device)
     isolated = (((words.view(-1, 1) >> shifts) & 1).view(-1)[: p.numel()] != 0).view(p.shape)
     g32 = g.float()
-    s32 = s.float()
-    score_ema_([s32], [g32], ib, one_minus_ib, sq)
-    s.copy_(s32)
+    if s is not None:
+        s32 = s.float()
+        score_ema_([s32], [g32], ib, one_minus_ib, sq)
+        s.copy_(s32)
     if maximize:
         g32 = -g32
     m32 = m.float()
@@ -161,7 +163,8 @@ def compiled_epi_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, st
             continue
         # a tensor of its own: a row view's storage offset would be a symbolic input of the compiled step
         hp = scalars[i].to(p.device, non_blocking=True, copy=True)
-        tensors = [p, grads[i], exp_avgs[i], exp_avg_sqs[i], importances[i], max_exp_avg_sqs[i] if amsgrad else None]
+        score = None if importance == "exp_avg_sq" else importances[i]  # (else the scores are exp_avg_sqs)
+        tensors = [p, grads[i], exp_avgs[i], exp_avg_sqs[i], score, max_exp_avg_sqs[i] if amsgrad else None]
         if all(t is None or t.is_contiguous() for t in tensors):
             tensors = [None if t is None else t.view(-1) for t in tensors]  # one graph for every shape
         _step_kernel(*tensors, masks[i].view(torch.int64), hp, importance == "sq", maximize)

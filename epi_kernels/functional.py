@@ -7,6 +7,7 @@ The pure-PyTorch backend is the reference the kernels are held to:
 
 * scores:  ``s <- beta * s + (1 - beta) * f(g)``, ``f(g) = g * g`` ("sq") or ``|g|`` ("abs"), computed
   in fp32 in the kernels' order (:mod:`epi_kernels.score`) and rounded once to the score dtype;
+  with importance="exp_avg_sq" the scores are AdamW's ``exp_avg_sqs`` themselves (no score pass);
 * moments and non-isolated parameters: exactly ``torch.optim.AdamW`` (its own for-loop, foreach or
   fused implementation is called, so they agree to the bit);
 * isolated parameters: bit-identical to before the step (no Adam update, no weight decay); their
@@ -69,7 +70,7 @@ def epi_adamw(
     isolated: list[Tensor] | None = None,
     *,
     backend: str = "torch",
-    importance_beta: float,
+    importance_beta: float | None,
     importance: str,
     amsgrad: bool,
     beta1: float | Tensor,
@@ -108,8 +109,9 @@ def epi_adamw(
 def _torch_epi_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, importances,
                      masks, isolated, *, importance_beta, importance, amsgrad, beta1, beta2, lr,
                      weight_decay, eps, maximize, foreach, capturable, fused) -> None:
-    update_importance(importances, grads, beta=importance_beta, importance=importance,
-                      foreach=foreach is not False)
+    if importance != "exp_avg_sq":  # (else the scores are exp_avg_sqs: AdamW updates them)
+        update_importance(importances, grads, beta=importance_beta, importance=importance,
+                          foreach=foreach is not False)
     if isolated is None:
         isolated = [isolated_indices(m, p.numel()) for p, m in zip(params, masks)]
     frozen = [(p, idx, p.take(idx)) for p, idx in zip(params, isolated) if idx.numel()]

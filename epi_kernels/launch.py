@@ -26,6 +26,7 @@ class StepFlags(NamedTuple):
     amsgrad: bool
     refresh: bool  # set the masks from `tau`, count (isolated, kept) into `counts`
     collect: bool  # count the new scores into window histograms
+    v_scores: bool = False  # the scores are exp_avg_sq: no score column of their own (importance="exp_avg_sq")
 
     def bits(self) -> int:
         assert self._fields == FLAGS  # the ABI's order
@@ -136,10 +137,13 @@ class Launch:
 
     def _contiguous(self, row: list[Tensor | None]) -> list[Tensor | None]:
         """Contiguous copies of a row's non-contiguous tensors, written back by :meth:`finish`."""
-        row = list(row)
+        row, made = list(row), {}
         for j, t in enumerate(row):
             if t is not None and not t.is_contiguous():
-                row[j] = t.contiguous()
+                if id(t) in made:  # one tensor in two columns (v_scores: exp_avg_sq is the score): one copy
+                    row[j] = made[id(t)]
+                    continue
+                row[j] = made[id(t)] = t.contiguous()
                 if j != 1:  # the gradient is only read
                     self.copies.append((t, row[j]))
         return row

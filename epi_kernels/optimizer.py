@@ -24,7 +24,7 @@ from .step_driver import RefreshPlan
 
 __all__ = ["EPIAdamW"]
 
-_CHOICES = {"importance": ("sq", "abs"), "scope": ("tensor", "global"), "threshold": ("approx", "exact")}
+_CHOICES = {"importance": ("sq", "abs", "exp_avg_sq"), "scope": ("tensor", "global"), "threshold": ("approx", "exact")}
 # Every group value a step reads. A scheduler or the user may set any of them between steps, so
 # step() re-validates a group whenever one of them is no longer the very object last validated.
 _SETTINGS = ("lr", "betas", "eps", "weight_decay", "amsgrad", "maximize", "foreach", "capturable",
@@ -73,15 +73,31 @@ def _epi_settings(g: dict) -> dict:
     if warmup is not None and not (_is_int(warmup) and warmup >= 0):
         raise ValueError(f"Invalid warmup_steps: {warmup!r} (must be None or an int >= 0)")
     out = dict(isolation_ratio=_fraction(g, "isolation_ratio"), refresh_interval=int(g["refresh_interval"]),
-               warmup_steps=None if warmup is None else int(warmup),
-               importance_beta=_fraction(g, "importance_beta"))
+               warmup_steps=None if warmup is None else int(warmup))
     out.update((name, _choice(g, name)) for name in _CHOICES)
     out["static"] = _flag(g, "static")
-    if g["importance_dtype"] not in IMPORTANCE_DTYPES:
-        raise ValueError(f"Invalid importance_dtype: {g['importance_dtype']!r} "
-                         "(expected torch.float32 or torch.bfloat16)")
+    out.update(_score_settings(g, out["importance"]))
     check_backend(g["backend"])
     out["backend"] = BACKENDS[BACKENDS.index(g["backend"])]
+    return out
+
+
+def _score_settings(g: dict, importance: str) -> dict:
+    """importance_beta and importance_dtype: the score EMA's, None (default) meaning 0.99 and
+    float32; with importance="exp_avg_sq" the score is AdamW's own exp_avg_sq (EMA factor betas[1],
+    the parameter's dtype), so both must be None."""
+    if importance == "exp_avg_sq":
+        for name in ("importance_beta", "importance_dtype"):
+            if g[name] is not None:
+                raise ValueError(f"Invalid {name}: {g[name]!r} (with importance='exp_avg_sq' the score is AdamW's "
+                                 "exp_avg_sq, whose EMA factor is betas[1] and whose dtype is the parameter's: "
+                                 f"leave {name} None)")
+        return dict(importance_beta=None, importance_dtype=None)
+    out = dict(importance_beta=0.99 if g["importance_beta"] is None else _fraction(g, "importance_beta"))
+    dtype = torch.float32 if g["importance_dtype"] is None else g["importance_dtype"]
+    if dtype not in IMPORTANCE_DTYPES:
+        raise ValueError(f"Invalid importance_dtype: {dtype!r} (expected torch.float32 or torch.bfloat16)")
+    out["importance_dtype"] = dtype
     return out
 
 
@@ -211,9 +227,10 @@ class EPIAdamW(Optimizer):
     updating. With ``isolation_ratio=0`` this is ``torch.optim.AdamW``.
 
     AdamW arguments and defaults are torch's. EPI arguments (each also a param-group key):
-    isolation_ratio (0.01), refresh_interval (100), warmup_steps (None), importance_beta (0.99),
-    importance ("sq" | "abs"), scope ("tensor" | "global"), threshold ("approx" | "exact"),
-    static (False: refresh once, CPI-FT style), importance_dtype (torch.float32 | torch.bfloat16),
+    isolation_ratio (0.01), refresh_interval (100), warmup_steps (None), importance_beta (None: 0.99),
+    importance ("sq" | "abs" | "exp_avg_sq": AdamW's own second moment, no score state),
+    scope ("tensor" | "global"), threshold ("approx" | "exact"), static (False: refresh once,
+    CPI-FT style), importance_dtype (None: torch.float32 | torch.bfloat16),
     backend ("auto" | "torch" | "compiled" | "triton" | "cuda").
     """
 
@@ -234,12 +251,12 @@ class EPIAdamW(Optimizer):
         isolation_ratio: float = 0.01,
         refresh_interval: int = 100,
         warmup_steps: int | None = None,
-        importance_beta: float = 0.99,
+        importance_beta: float | None = None,
         importance: str = "sq",
         scope: str = "tensor",
         threshold: str = "approx",
         static: bool = False,
-        importance_dtype: torch.dtype = torch.float32,
+        importance_dtype: torch.dtype | None = None,
         backend: str = "auto",
     ) -> None:
         defaults = dict(
@@ -259,7 +276,10 @@ class EPIAdamW(Optimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         where = f" in param group {len(self.param_groups)}"
-        param_group.update(_checked_settings({**self.defaults, **param_group}, where))
+        merged = {**self.defaults, **param_group}
+        if merged["importance"] == "exp_avg_sq":  # the defaults' score settings do not apply to it
+            merged.update((k, param_group.get(k)) for k in ("importance_beta", "importance_dtype"))
+        param_group.update(_checked_settings(merged, where))
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         group.setdefault("epi_step", 0)
@@ -291,7 +311,7 @@ class EPIAdamW(Optimizer):
             st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         if group["amsgrad"] and "max_exp_avg_sq" not in st:
             st["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        if "importance" not in st:
+        if "isolation_mask" not in st:
             init_epi_state(st, local(p), group["importance_dtype"])  # a shard's own elements
         return st
 
@@ -306,6 +326,11 @@ class EPIAdamW(Optimizer):
             if group["fused"] and not (p.is_floating_point() and p.device.type in ("cpu", "cuda", "mps", "xpu")):
                 raise RuntimeError("`fused=True` requires all the params to be floating point Tensors "
                                    f"of supported devices, got {p.dtype} on {p.device.type}")
+            st = self.state.get(p, {})
+            if "isolation_mask" in st and ("importance" in st) == (group["importance"] == "exp_avg_sq"):
+                made = "importance='exp_avg_sq'" if "importance" not in st else "its own scores ('sq' or 'abs')"
+                raise RuntimeError(f"EPIAdamW: importance={group['importance']!r}, but this parameter's state was "
+                                   f"made with {made}: the score source cannot change mid-run")
         devices = {p.device for p in params}
         backend = resolve_backend(group["backend"], params[0].device) if params else None
         if (group["capturable"] and backend not in KERNEL_BACKENDS and not torch.compiler.is_compiling()
@@ -408,8 +433,9 @@ class EPIAdamW(Optimizer):
 
     @staticmethod
     @torch.compiler.disable  # integer threshold engine with host reads: one graph break, not dozens
-    def _refresh_masks(group: dict, states: list[dict], params: list[Tensor], backend: str, sharded: bool) -> None:
-        refresh_masks(states, isolation_ratio=group["isolation_ratio"], scope=group["scope"],
+    def _refresh_masks(group: dict, states: list[dict], scores: list[Tensor], params: list[Tensor], backend: str,
+                       sharded: bool) -> None:
+        refresh_masks(states, scores=scores, isolation_ratio=group["isolation_ratio"], scope=group["scope"],
                       threshold=group["threshold"], ops=refresh_ops(backend),
                       shards=[shard_of(p) for p in params] if sharded else None)
 
@@ -418,7 +444,7 @@ class EPIAdamW(Optimizer):
         from the group's device step counter; records refresh steps. A requested refresh (stage
         boundary) needs the histograms the step before it collects: the next step collects, the one
         after refreshes."""
-        device = states[0]["importance"].device
+        device = states[0]["isolation_mask"].device
         t = group["epi_step"]
         if not torch.is_tensor(t) or t.device != device:
             t = group["epi_step"] = torch.as_tensor(t, dtype=torch.int64).to(device)
@@ -442,6 +468,10 @@ class EPIAdamW(Optimizer):
         states = [self._init_state(p, group) for p in params]
         backend = resolve_backend(group["backend"], params[0].device)
         sharded = any(is_sharded(p) for p in params)
+        shard = local if sharded else (lambda t: t)  # FSDP2 DTensors: each rank steps its local shard
+        # the scores: the EPI state's own, or (importance="exp_avg_sq") AdamW's second moment
+        scores = [shard(st["exp_avg_sq"]) if group["importance"] == "exp_avg_sq" else st["importance"]
+                  for st in states]
         # histograms kept between steps: host-decided steps keep those the next step needs, device-
         # decided ones reusable buffers; a step of one kind drops the other's (they would be stale)
         pending = self._histograms.setdefault(id(group), {"host": {}, "device": {}})
@@ -456,18 +486,17 @@ class EPIAdamW(Optimizer):
             if backend in KERNEL_BACKENDS and group["scope"] == "tensor" and group["threshold"] == "approx" and not sharded:
                 plan = RefreshPlan(states, group["isolation_ratio"], refresh, collect, pending["host"])
             elif refresh:
-                self._refresh_masks(group, states, params, backend, sharded)
+                self._refresh_masks(group, states, scores, params, backend, sharded)
         if refresh:
             for p in params:
                 self._isolated.pop(p, None)
         beta1, beta2 = group["betas"]
         isolated = [self._isolated_index(p, st) for p, st in zip(params, states)] if backend == "torch" else None
-        shard = local if sharded else (lambda t: t)  # FSDP2 DTensors: each rank steps its local shard
         epi_adamw(
             [shard(p) for p in params], [shard(p.grad) for p in params], [shard(st["exp_avg"]) for st in states],
             [shard(st["exp_avg_sq"]) for st in states],
             [shard(st["max_exp_avg_sq"]) for st in states] if group["amsgrad"] else [],
-            [st["step"] for st in states], [st["importance"] for st in states],
+            [st["step"] for st in states], scores,
             [st["isolation_mask"] for st in states], isolated,
             backend=backend, importance_beta=group["importance_beta"],
             importance=group["importance"], amsgrad=group["amsgrad"], beta1=beta1, beta2=beta2,
@@ -519,7 +548,7 @@ class EPIAdamW(Optimizer):
             names = group.get("param_names")
             for pi, p in enumerate(group["params"]):
                 st = self.state.get(p, {})
-                if "importance" not in st:
+                if "isolation_mask" not in st:
                     continue
                 tau = int(st["threshold_bits"])
                 stats.append({

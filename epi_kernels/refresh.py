@@ -141,8 +141,10 @@ def _apply(states: Sequence[dict], values: Sequence[Tensor], taus: Sequence[tupl
 
 
 def refresh_masks(states: Sequence[dict], *, isolation_ratio: float, scope: str, threshold: str,
-                  ops: RefreshOps = EAGER_OPS, shards: Sequence[Shard | None] | None = None) -> None:
-    """Recompute the isolation masks of one param group's stepped tensors from their scores.
+                  ops: RefreshOps = EAGER_OPS, shards: Sequence[Shard | None] | None = None,
+                  scores: Sequence[Tensor] | None = None) -> None:
+    """Recompute the isolation masks of one param group's stepped tensors from their scores
+    (`scores[i]`, default: each state's "importance"; importance="exp_avg_sq" passes exp_avg_sq).
 
     Writes each state's packed mask, threshold and refresh statistics (the caller records the
     refresh step). scope="tensor": one top-k
@@ -154,6 +156,7 @@ def refresh_masks(states: Sequence[dict], *, isolation_ratio: float, scope: str,
     radix level per threshold.RADIX_BATCH tensors).
     """
     shards = list(shards) if shards is not None else [None] * len(states)
+    scores = list(scores) if scores is not None else [st["importance"] for st in states]
     if any(shards) and (scope != "tensor" or threshold != "approx"):
         raise NotImplementedError("sharded (FSDP2) parameters support scope='tensor' with threshold='approx' only")
     if scope == "tensor":
@@ -165,7 +168,7 @@ def refresh_masks(states: Sequence[dict], *, isolation_ratio: float, scope: str,
             for batch in batches:
                 sts = [states[i] for i in batch]
                 shard = shards[batch[0]]
-                values = [st["importance"].reshape(-1) for st in sts]
+                values = [scores[i].reshape(-1) for i in batch]
                 ks = [isolation_k(isolation_ratio, shards[i].numel if shards[i] else v.numel())
                       for i, v in zip(batch, values)]
                 anchors = [int(st["threshold_bits"]) for st in sts]
@@ -175,7 +178,7 @@ def refresh_masks(states: Sequence[dict], *, isolation_ratio: float, scope: str,
                     taus = approx_thresholds([[v] for v in values], ks, anchors, ops.bins, ops.keys, shard.reduce)
                 _apply(sts, values, taus, ks, ops, shard)
         return
-    values = [_global_values(state["importance"].reshape(-1)) for state in states]
+    values = [_global_values(s.reshape(-1)) for s in scores]
     k = isolation_k(isolation_ratio, sum(v.numel() for v in values))
     anchor = int(states[0]["threshold_bits"]) if states else KEY_NONE
     tau = _threshold(values, k, anchor, threshold, ops)

@@ -30,9 +30,11 @@ SCALAR_ENTRIES = {"threshold_bits": (KEY_NONE, (torch.int32,)), "isolation_k": (
 EPI_STATE_KEYS = ("importance", "isolation_mask", *SCALAR_ENTRIES)
 
 
-def init_epi_state(state: dict, p: Tensor, importance_dtype: torch.dtype) -> None:
-    """Create the EPI entries of a parameter's state (scores zero, nothing isolated)."""
-    state["importance"] = torch.zeros(p.shape, dtype=importance_dtype, device=p.device)
+def init_epi_state(state: dict, p: Tensor, importance_dtype: torch.dtype | None) -> None:
+    """Create the EPI entries of a parameter's state (scores zero, nothing isolated); no scores of
+    its own with `importance_dtype` None (importance="exp_avg_sq": AdamW's exp_avg_sq is the score)."""
+    if importance_dtype is not None:
+        state["importance"] = torch.zeros(p.shape, dtype=importance_dtype, device=p.device)
     state["isolation_mask"] = torch.zeros(packed_numel(p.numel()), dtype=torch.uint8, device=p.device)
     # 0-dim entries live on the param's device too: kernels update them without a host sync
     for key, (value, dtypes) in SCALAR_ENTRIES.items():
@@ -48,18 +50,25 @@ class _Verbatim:
         self.value = value
 
 
-def _check_entries(entries: dict, p: Tensor, pid: object) -> None:
-    """ValueError if the saved EPI entries of parameter `pid` do not fit parameter `p` (raised
-    before anything loads: a wrong shape or dtype would otherwise fail, or compute garbage, mid-step)."""
+def _check_entries(entries: dict, p: Tensor, pid: object, importance: str) -> None:
+    """ValueError if the saved EPI entries of parameter `pid` do not fit parameter `p` and its
+    group's `importance` mode (raised before anything loads: a wrong shape or dtype would otherwise
+    fail, or compute garbage, mid-step)."""
     where = f"loaded state dict, parameter {pid}"
-    missing = [k for k in EPI_STATE_KEYS if k not in entries]
+    own_scores = importance != "exp_avg_sq"
+    if own_scores != ("importance" in entries) and "isolation_mask" in entries:
+        raise ValueError(f"{where}: its group has importance={importance!r} but the state was saved "
+                         f"{'without' if own_scores else 'with'} scores of its own (importance="
+                         f"{'exp_avg_sq' if own_scores else 'sq or abs'}): the score source cannot change on load")
+    keys = EPI_STATE_KEYS if own_scores else EPI_STATE_KEYS[1:]
+    missing = [k for k in keys if k not in entries]
     if missing:
         raise ValueError(f"{where}: incomplete EPI state, missing {missing}")
-    bad = [k for k in EPI_STATE_KEYS if not torch.is_tensor(entries[k])]
+    bad = [k for k in keys if not torch.is_tensor(entries[k])]
     if bad:
         raise ValueError(f"{where}: non-tensor EPI entries {bad}")
-    imp, mask = entries["importance"], entries["isolation_mask"]
-    if imp.shape != p.shape or imp.dtype not in IMPORTANCE_DTYPES:
+    imp, mask = entries.get("importance"), entries["isolation_mask"]
+    if imp is not None and (imp.shape != p.shape or imp.dtype not in IMPORTANCE_DTYPES):
         raise ValueError(f"{where}: 'importance' must be float32 or bfloat16 of shape {tuple(p.shape)} "
                          f"(the parameter's), found {imp.dtype} {tuple(imp.shape)}")
     if mask.dtype != torch.uint8 or mask.numel() != packed_numel(p.numel()):
@@ -79,11 +88,12 @@ def protect_epi_entries(optimizer: torch.optim.Optimizer, state_dict: dict[str, 
         return None  # torch's loader raises its own error
     by_id = dict(zip(chain.from_iterable(g["params"] for g in saved_groups),
                      chain.from_iterable(g["params"] for g in optimizer.param_groups)))
+    mode = {pid: g["importance"] for g in saved_groups for pid in g["params"]}
     state = {}
     for pid, entries in state_dict["state"].items():
         p = by_id.get(pid)
         if p is not None and any(k in entries for k in EPI_STATE_KEYS):
-            _check_entries(entries, p, pid)
+            _check_entries(entries, p, pid, mode[pid])
             entries = {k: _Verbatim(v) if k in EPI_STATE_KEYS else v for k, v in entries.items()}
         state[pid] = entries
     return {**state_dict, "state": state}

@@ -163,6 +163,7 @@ def kernel_epi_adamw(kernels: str, params, grads, exp_avgs, exp_avg_sqs, max_exp
                         [exp_avg_sqs[i] for i in idx], [max_exp_avg_sqs[i] for i in idx] if amsgrad else [],
                         scores, [masks[i] for i in idx], scalars, control, tau, cut, origin,
                         held.hist if collect else None, held.over if collect else None, counts, kernels,
-                        sq=importance == "sq", maximize=maximize, amsgrad=amsgrad, refresh=refresh, collect=collect)
+                        sq=importance == "sq", maximize=maximize, amsgrad=amsgrad, refresh=refresh, collect=collect,
+                        v_scores=importance == "exp_avg_sq")
         if refresh:
             _store_refresh(plan.states, idx, control[_REFRESH] != 0, counts, tau, k, repaired, old_count, anchor)

@@ -16,7 +16,7 @@ def _formulas(lr, beta1, beta2, weight_decay, eps, importance_beta, step) -> tup
 
 
 def step_scalars(steps: list[Tensor], device: torch.device, *, lr, beta1, beta2, weight_decay: float, eps: float,
-                 importance_beta: float) -> Tensor:
+                 importance_beta: float | None) -> Tensor:
     """float32 [len(steps), len(abi.SCALARS)] on `device`: row t holds the scalars of the tensor whose
     step counter (counted from 1, already advanced) is steps[t]. Computed where a tensor lr or beta
     lives (so an LR scheduler's tensor lr applies to every replay of a captured step), else where
@@ -30,7 +30,8 @@ def step_scalars(steps: list[Tensor], device: torch.device, *, lr, beta1, beta2,
     def f64(x):
         return x.to(device=step.device, dtype=torch.float64) if isinstance(x, Tensor) else x
 
-    cols = _formulas(f64(lr), f64(beta1), f64(beta2), weight_decay, eps, importance_beta, step)
+    ibeta = 0.0 if importance_beta is None else importance_beta  # None: no score EMA (read by no one)
+    cols = _formulas(f64(lr), f64(beta1), f64(beta2), weight_decay, eps, ibeta, step)
     # Python numbers become fills, not host-to-device copies (which a CUDA graph capture refuses)
     out = torch.stack([c.expand(step.shape) if isinstance(c, Tensor) else torch.full_like(step, c)
                        for c in cols], dim=1).to(torch.float32)

@@ -81,6 +81,7 @@ PYBIND11_MODULE(_C, m) {
     d["STEP_AMSGRAD"] = static_cast<int>(epi::STEP_AMSGRAD);
     d["STEP_REFRESH"] = static_cast<int>(epi::STEP_REFRESH);
     d["STEP_COLLECT"] = static_cast<int>(epi::STEP_COLLECT);
+    d["STEP_V_SCORES"] = static_cast<int>(epi::STEP_V_SCORES);
     d["SCALAR_COUNT"] = epi::SCALAR_COUNT;
     d["CTRL_REFRESH"] = static_cast<int>(epi::CTRL_REFRESH);
     d["CTRL_COLLECT"] = static_cast<int>(epi::CTRL_COLLECT);

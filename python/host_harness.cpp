@@ -47,7 +47,7 @@ void count_window(int32_t key, int32_t origin, int64_t* hist, int64_t* over) {
   else if (slot >= 0) ++hist[slot];
 }
 
-template <class P, class S>
+template <class P, class S, bool SCORE>
 void fused_step(uintptr_t table, uintptr_t chunks, int programs, unsigned flags, const epi::StepInputs& in) {
   using PR = typename P::raw;
   using SR = typename S::raw;
@@ -73,7 +73,7 @@ void fused_step(uintptr_t table, uintptr_t chunks, int programs, unsigned flags,
       SR* s = column<SR>(c, epi::COL_IMPORTANCE) + i;
       const int lanes = epi::below_cut(static_cast<int>(i - c.first), chunk_cut, 8);
       const unsigned bits = refresh ? epi::refresh_bits<S>(s, valid, t_tau, lanes) : old;
-      epi::step_group<P, S>(column<PR>(c, epi::COL_PARAM) + i, column<const PR>(c, epi::COL_GRAD) + i,
+      epi::step_group<P, S, SCORE>(column<PR>(c, epi::COL_PARAM) + i, column<const PR>(c, epi::COL_GRAD) + i,
                             column<PR>(c, epi::COL_EXP_AVG) + i, column<PR>(c, epi::COL_EXP_AVG_SQ) + i,
                             vmax ? vmax + i : nullptr, s, bits, valid, sc, flags, keys);
       if (refresh) {
@@ -92,15 +92,19 @@ void fused_step(uintptr_t table, uintptr_t chunks, int programs, unsigned flags,
 template <class P>
 void fused_step(int score_dtype, uintptr_t table, uintptr_t chunks, int programs, unsigned flags,
                 const epi::StepInputs& in) {
-  if (score_dtype == epi::DTYPE_BF16) fused_step<P, epi::BF16>(table, chunks, programs, flags, in);
-  else fused_step<P, epi::F32>(table, chunks, programs, flags, in);
+  // STEP_V_SCORES: the importance column is exp_avg_sq (the param dtype), read for refreshes only
+  if (flags & epi::STEP_V_SCORES) fused_step<P, P, false>(table, chunks, programs, flags, in);
+  else if (score_dtype == epi::DTYPE_BF16) fused_step<P, epi::BF16, true>(table, chunks, programs, flags, in);
+  else fused_step<P, epi::F32, true>(table, chunks, programs, flags, in);
 }
 
 template <class S>
 float score_at(const HostChunk& c, int64_t i) { return S::load(column<const typename S::raw>(c, epi::COL_IMPORTANCE)[i]); }
 
 float score(int score_dtype, const HostChunk& c, int64_t i) {
-  return score_dtype == epi::DTYPE_BF16 ? score_at<epi::BF16>(c, i) : score_at<epi::F32>(c, i);
+  if (score_dtype == epi::DTYPE_BF16) return score_at<epi::BF16>(c, i);
+  if (score_dtype == epi::DTYPE_F16) return score_at<epi::F16>(c, i);  // importance="exp_avg_sq", fp16 params
+  return score_at<epi::F32>(c, i);
 }
 
 void window_histogram(uintptr_t table, uintptr_t chunks, int programs, int score_dtype, const int32_t* origin,

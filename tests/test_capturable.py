@@ -47,8 +47,9 @@ def _run(backend, capturable, steps, device="cpu", dtype=torch.float32, before=N
 
 @pytest.mark.parametrize("backend", CPU_KERNEL_BACKENDS)
 @pytest.mark.parametrize("kw", [{}, dict(amsgrad=True, importance="abs", maximize=True),
-                                dict(lr=torch.tensor(1e-2), static=True), dict(dtype=torch.bfloat16)],
-                         ids=["plain", "amsgrad-abs-max", "tensor-lr-static", "bf16-params"])
+                                dict(lr=torch.tensor(1e-2), static=True), dict(dtype=torch.bfloat16),
+                                dict(importance="exp_avg_sq", amsgrad=True)],
+                         ids=["plain", "amsgrad-abs-max", "tensor-lr-static", "bf16-params", "exp_avg_sq-scores"])
 def test_device_decisions_give_the_host_path_results(backend, kw):
     # steps 1-9: refreshes at 2, 5 and 8 (static: at 2 only), histograms collected the step before
     (a, oa), (b, ob) = _run(backend, False, 9, **kw), _run(backend, True, 9, **kw)

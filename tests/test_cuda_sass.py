@@ -109,21 +109,24 @@ def ptx():
     return out
 
 
-# fused_step_kernel<P, S, HIST>: the template arguments as they appear in the mangled name
+# fused_step_kernel<P, S, HIST, SCORE>: the template arguments as they appear in the mangled name
 DTYPES = {"F32": "3F32", "BF16": "4BF16", "F16": "3F16"}
 
 
-def fused_step_name(names, param, score, hist):
-    """The mangled name of fused_step_kernel<param, score, hist> among `names`."""
+def fused_step_name(names, param, score, hist, own_scores=True):
+    """The mangled name of fused_step_kernel<param, score, hist, own_scores> among `names`."""
     p, s = DTYPES[param], DTYPES[score]
-    # a repeated type is a substitution (S2_), e.g. <F32, F32> -> INS_3F32ES2_Lb1E
-    args = [rf"INS_{p}ES2_Lb{int(hist)}E"] if param == score else [rf"INS_{p}ENS_{s}ELb{int(hist)}E"]
-    found = [n for n in names if "fused_step_kernel" in n and any(re.search(a, n) for a in args)]
-    assert len(found) == 1, (param, score, hist, found)
+    # a repeated type is a substitution (S2_), e.g. <F32, F32, true, true> -> INS_3F32ES2_Lb1ELb1E
+    types = rf"INS_{p}ES2_" if param == score else rf"INS_{p}ENS_{s}E"
+    pattern = rf"{types}Lb{int(hist)}ELb{int(own_scores)}E"
+    found = [n for n in names if "fused_step_kernel" in n and re.search(pattern, n)]
+    assert len(found) == 1, (param, score, hist, own_scores, found)
     return found[0]
 
 
-INSTANTIATIONS = [(p, s, h) for p in ("F32", "BF16", "F16") for s in ("F32", "BF16") for h in (False, True)]
+# scores of their own (fp32 or bf16), and importance="exp_avg_sq" (the scores are v: the param dtype)
+INSTANTIATIONS = ([(p, s, h, True) for p in ("F32", "BF16", "F16") for s in ("F32", "BF16") for h in (False, True)]
+                  + [(p, p, h, False) for p in ("F32", "BF16", "F16") for h in (False, True)])
 OTHER_KERNELS = ["window_histogram_kernel", "radix_count_kernel", "radix_select_kernel", "window_select_kernel",
                  "tie_count_kernel", "tie_find_kernel"]
 
@@ -146,12 +149,23 @@ def test_fp32_fused_step_uses_128_bit_loads_and_stores(arch, hist):
 
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("hist", [False, True], ids=["step", "step+hist"])
-def test_fp32_fused_step_issues_a_groups_loads_before_its_first_store(arch, hist):
-    ops = sass(arch)[fused_step_name(sass(arch), "F32", "F32", hist)]
+@pytest.mark.parametrize("own_scores", [True, False], ids=["own-scores", "exp_avg_sq-scores"])
+def test_fp32_fused_step_issues_a_groups_loads_before_its_first_store(arch, hist, own_scores):
+    ops = sass(arch)[fused_step_name(sass(arch), "F32", "F32", hist, own_scores)]
     assert "STG.E.128" in ops
     first_store = ops.index("STG.E.128")
     loads = ops[:first_store].count("LDG.E.128")
-    assert loads >= LOADS_PER_GROUP, f"{loads} 128-bit loads before the first 128-bit store"
+    assert loads >= LOADS_PER_GROUP - (0 if own_scores else 2), f"{loads} 128-bit loads before the first 128-bit store"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("hist", [False, True], ids=["step", "step+hist"])
+def test_exp_avg_sq_scores_move_no_score(arch, hist):
+    # importance="exp_avg_sq": p, g, m, v in (8 x 16-byte loads a group), p, m, v out: no score column
+    own = sass(arch)[fused_step_name(sass(arch), "F32", "F32", hist, True)]
+    v_only = sass(arch)[fused_step_name(sass(arch), "F32", "F32", hist, False)]
+    assert v_only.count("LDG.E.128") == own.count("LDG.E.128") - 2, (v_only.count("LDG.E.128"), own.count("LDG.E.128"))
+    assert v_only.count("STG.E.128") == own.count("STG.E.128") - 2
 
 
 @pytest.mark.parametrize("arch", ARCHS)

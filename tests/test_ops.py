@@ -61,7 +61,7 @@ def test_opcheck_fused_step(kernels, mode):
     _opcheck(torch.ops.epi_kernels.fused_step_.default,
              (params, grads, exp_avgs, exp_avg_sqs, vmax, scores, masks, scalars, control, tau, cut, origin, hist,
               over, counts, kernels),
-             dict(sq=True, maximize=False, amsgrad=False, refresh=refresh, collect=collect))
+             dict(sq=True, maximize=False, amsgrad=False, refresh=refresh, collect=collect, v_scores=False))
 
 
 @pytest.mark.parametrize("kernels", CPU_KERNEL_BACKENDS)

@@ -197,11 +197,12 @@ def _bad_betas():
 
 
 INVALID = {
-    "isolation_ratio": _outside_unit(), "importance_beta": _outside_unit(),
+    "isolation_ratio": _outside_unit(),
+    "importance_beta": _outside_unit().filter(lambda v: v is not None),  # None: the default, 0.99
     "refresh_interval": _bad_count(1), "warmup_steps": _bad_count(0).filter(lambda v: v is not None),
-    "importance": _bad_choice(("sq", "abs")), "scope": _bad_choice(("tensor", "global")),
+    "importance": _bad_choice(("sq", "abs", "exp_avg_sq")), "scope": _bad_choice(("tensor", "global")),
     "threshold": _bad_choice(("approx", "exact")), "backend": _bad_choice(("auto", "torch", "compiled", "triton", "cuda")),
-    "importance_dtype": st.sampled_from([torch.float16, torch.float64, torch.int32, "float32", None]),
+    "importance_dtype": st.sampled_from([torch.float16, torch.float64, torch.int32, "float32"]),  # None: fp32
     "static": _bad_flag(), "amsgrad": _bad_flag(), "maximize": _bad_flag(),
     "lr": _negative(), "eps": _negative(), "weight_decay": _negative(), "betas": _bad_betas(),
 }

@@ -41,14 +41,15 @@ def assert_same_state(a, b):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("kw", [{}, {"scope": "global"}, {"importance_dtype": torch.bfloat16}])
+@pytest.mark.parametrize("kw", [{}, {"scope": "global"}, {"importance_dtype": torch.bfloat16},
+                                {"importance": "exp_avg_sq", "importance_beta": None}])
 def test_resume_is_bit_exact_across_refreshes(dtype, kw):
     m1 = model(dtype)
-    o1 = EPIAdamW(m1.parameters(), **EPI, **kw)
+    o1 = EPIAdamW(m1.parameters(), **{**EPI, **kw})
     train(m1, o1, 5, seed=1)  # refresh at step 3; the next at 6 happens after the resume
     m2 = model(dtype, seed=99)
     m2.load_state_dict(m1.state_dict())
-    o2 = EPIAdamW(m2.parameters(), **EPI, **kw)
+    o2 = EPIAdamW(m2.parameters(), **{**EPI, **kw})
     o2.load_state_dict(round_trip(o1.state_dict()))
     assert_same_state(o1, o2)
     train(m1, o1, 5, seed=2)

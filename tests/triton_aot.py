@@ -3,7 +3,7 @@ time, for real GPU targets, and report what the compilers made of it (no GPU nee
 
 The variants are not listed here: the real launchers (:class:`epi_kernels.kernel_sets.triton_kernels.TritonKernels`)
 are driven over every input they accept (storage dtypes, score dtypes, every StepFlags combination,
-aligned and misaligned columns, with and without a repair gate), with their one launch point
+aligned and misaligned columns, scores of their own or exp_avg_sq's, with and without a repair gate), with their one launch point
 ``run`` recording instead of launching. Each recorded launch is bound by the JIT's own argument
 binder for the target (so signature, specialisation and constexprs are the launch site's), compiled
 by ``triton.compile`` to PTX and a cubin with the ptxas that Triton ships, and read back with the
@@ -56,12 +56,12 @@ class Recorder(triton_kernels.TritonKernels):
         self.launches.append((kernel, args, {**constexprs, **triton_kernels.OPTIONS}))
 
 
-def _launch(param_dtype, score_dtype, aligned: bool, amsgrad: bool) -> Launch:
+def _launch(param_dtype, score_dtype, aligned: bool, amsgrad: bool, v_scores: bool = False) -> Launch:
     n = 16
     p, m, v = (torch.zeros(n, dtype=param_dtype) for _ in range(3))
     g = torch.zeros(n, dtype=param_dtype) if aligned else torch.zeros(n + 1, dtype=param_dtype)[1:]  # misaligned view
     vmax = torch.zeros(n, dtype=param_dtype) if amsgrad else None
-    s, mask = torch.zeros(n, dtype=score_dtype), torch.zeros(2, dtype=torch.uint8)
+    s, mask = (v if v_scores else torch.zeros(n, dtype=score_dtype)), torch.zeros(2, dtype=torch.uint8)
     launch = Launch([[p, g, m, v, vmax, s, mask]])
     assert launch.aligned == aligned
     return launch
@@ -73,19 +73,23 @@ def recorded_launches():
     for param_dtype, score_dtype, aligned in itertools.product(triton_kernels.STORAGE_TYPES, IMPORTANCE_DTYPES,
                                                                (True, False)):
         for flags in itertools.starmap(StepFlags, itertools.product((False, True), repeat=len(StepFlags._fields))):
-            launch = _launch(param_dtype, score_dtype, aligned, flags.amsgrad)
+            if flags.v_scores and score_dtype != IMPORTANCE_DTYPES[0]:
+                continue  # importance="exp_avg_sq": the scores are v, of the param dtype, whatever score dtype
+            launch = _launch(param_dtype, score_dtype, aligned, flags.amsgrad, flags.v_scores)
             i32, i64 = launch.zeros(), launch.zeros(dtype=torch.int64)
             scalars, control = torch.zeros(1, len(SCALARS)), torch.zeros(len(CONTROL), dtype=torch.int32)
             rec.fused_step(launch, flags, scalars, control, i32 if flags.refresh else None,
                            i64 if flags.refresh else None, i32 if flags.collect else None,
                            launch.zeros(WINDOW_BINS, dtype=torch.int64) if flags.collect else None,
                            i64 if flags.collect else None, launch.zeros(2, dtype=torch.int64) if flags.refresh else None)
-        launch = _launch(param_dtype, score_dtype, aligned, False)
-        hist, over = launch.zeros(WINDOW_BINS, dtype=torch.int64), launch.zeros(dtype=torch.int64)
-        rec.window_histogram(launch, launch.zeros(), hist, over)
-        for gate in (None, torch.ones((), dtype=torch.int32)):
-            rec.select(launch, hist, over, launch.zeros(), launch.zeros(dtype=torch.int64), launch.zeros(),
-                       launch.zeros(), launch.zeros(dtype=torch.int64), gate)
+        # the threshold kernels read scores: the score dtypes, and fp16 (exp_avg_sq of fp16 params)
+        for launch in [_launch(param_dtype, score_dtype, aligned, False)] + (
+                [_launch(param_dtype, score_dtype, aligned, False, True)] if param_dtype == torch.float16 else []):
+            hist, over = launch.zeros(WINDOW_BINS, dtype=torch.int64), launch.zeros(dtype=torch.int64)
+            rec.window_histogram(launch, launch.zeros(), hist, over)
+            for gate in (None, torch.ones((), dtype=torch.int32)):
+                rec.select(launch, hist, over, launch.zeros(), launch.zeros(dtype=torch.int64), launch.zeros(),
+                           launch.zeros(), launch.zeros(dtype=torch.int64), gate)
     return rec.launches
 
 

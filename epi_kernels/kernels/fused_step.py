@@ -3,7 +3,8 @@
 Per element: load p, g, m, v (and the amsgrad max), the score s and the mask bit; update the score
 EMA, the Adam moments and, where the element is not isolated, the parameter (an isolated element
 is stored back with its own bits); on a step before a refresh, count the new score into the
-tensor's window histogram. On a refresh step a program first sets its chunk's new mask bits from
+tensor's window histogram. With SCORE off (importance="exp_avg_sq") the score is v itself: no score
+is loaded or stored (28 B + 1 bit per fp32 element), and the new v is what the histogram counts. On a refresh step a program first sets its chunk's new mask bits from
 the start-of-step scores, the tensor's new threshold and its tie cut (threshold.tie_cuts: from
 flat index `cut` on, a key must exceed tau), then steps with them. Math is fp32 whatever the
 storage dtypes, in the order of torch's for-loop AdamW (see :func:`epi_kernels.compiled._tensor_step`,
@@ -82,7 +83,7 @@ def _refresh_chunk(s_ptr, mask_ptr, first, count, tau, cut, BLOCK: tl.constexpr)
 def _step_tile(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, s_ptr, mask_ptr, start, n, sq, maximize,
                origin, hist_row, decay, step_size, one_minus_beta1, beta2, one_minus_beta2, bc2_sqrt, eps, ibeta,
                one_minus_ibeta, P_TYPE: tl.constexpr, S_TYPE: tl.constexpr, AMSGRAD: tl.constexpr,
-               HIST: tl.constexpr, MASKED: tl.constexpr, BLOCK: tl.constexpr):
+               HIST: tl.constexpr, MASKED: tl.constexpr, BLOCK: tl.constexpr, SCORE: tl.constexpr):
     """One tile of BLOCK elements from `start` (of a tensor of `n`), as [BLOCK // 8, 8]: a row is
     one mask byte. Returns the count of new scores above the window."""
     # int32 offsets from per-tile base pointers: int64 offsets would cost two registers per element
@@ -94,7 +95,8 @@ def _step_tile(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, s_ptr, mask_ptr, start, n, 
     inb = offs < left
     byte_inb = rows * 8 < left  # [BLOCK // 8, 1]: broadcasts against the elements
     # loads, all of them first
-    s_raw = _load(s_ptr + start, offs, inb, MASKED)
+    if SCORE:
+        s_raw = _load(s_ptr + start, offs, inb, MASKED)
     byte = _load(mask_ptr + (start >> 3), rows, byte_inb, MASKED).to(tl.int32)
     g = _load(g_ptr + start, offs, inb, MASKED).to(tl.float32)
     m = _load(m_ptr + start, offs, inb, MASKED).to(tl.float32)
@@ -105,21 +107,25 @@ def _step_tile(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, s_ptr, mask_ptr, start, n, 
     bit = (byte >> lanes) & 1  # the mask in force (on a refresh step, just written by _refresh_chunk)
     # score EMA in the eager reference's order (epi_kernels.score): s * beta + ((1 - beta) * f) * f',
     # with f' = g for g*g and 1.0 (exact) for |g|
-    s = s_raw.to(tl.float32)
-    f = one_minus_ibeta * tl.where(sq, g, tl.abs(g)) * tl.where(sq, g, 1.0)
-    s_new = to_storage(s * ibeta + f, S_TYPE)
+    if SCORE:
+        s = s_raw.to(tl.float32)
+        f = one_minus_ibeta * tl.where(sq, g, tl.abs(g)) * tl.where(sq, g, 1.0)
+        s_new = to_storage(s * ibeta + f, S_TYPE)
     # AdamW, as torch's for-loop implementation
     g = tl.where(maximize, -g, g)
     m = m + (g - m) * one_minus_beta1
     v = v * beta2 + one_minus_beta2 * g * g
     m_new = to_storage(m, P_TYPE)
     v_new = to_storage(v, P_TYPE)
+    if not SCORE:
+        s_new = v_new  # the score is v (before the amsgrad maximum): the EMA, which can decay
     if AMSGRAD:
         v = tl.maximum(vmax, v)
     p = p_raw.to(tl.float32) * decay - tl.div_rn(step_size * m, tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps)
     p_new = tl.where(bit != 0, p_raw, to_storage(p, P_TYPE))  # isolated: its own bits
     # stores
-    _store(s_ptr + start, offs, s_new, inb, MASKED)
+    if SCORE:
+        _store(s_ptr + start, offs, s_new, inb, MASKED)
     _store(m_ptr + start, offs, m_new, inb, MASKED)
     _store(v_ptr + start, offs, v_new, inb, MASKED)
     if AMSGRAD:
@@ -135,7 +141,7 @@ def _step_tile(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, s_ptr, mask_ptr, start, n, 
 def _step_chunk(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, s_ptr, mask_ptr, first, count, n, sq, maximize, origin,
                 hist_row, decay, step_size, one_minus_beta1, beta2, one_minus_beta2, bc2_sqrt, eps, ibeta,
                 one_minus_ibeta, P_TYPE: tl.constexpr, S_TYPE: tl.constexpr, AMSGRAD: tl.constexpr,
-                HIST: tl.constexpr, BLOCK: tl.constexpr):
+                HIST: tl.constexpr, BLOCK: tl.constexpr, SCORE: tl.constexpr):
     """The `count` elements of a chunk from `first`: full tiles unmasked, then the partial one.
     Returns the count of new scores above the window."""
     over = tl.zeros([], tl.int32)
@@ -143,11 +149,11 @@ def _step_chunk(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, s_ptr, mask_ptr, first, co
     for i in range(full):
         over += _step_tile(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, s_ptr, mask_ptr, first + i * BLOCK, n, sq, maximize,
                            origin, hist_row, decay, step_size, one_minus_beta1, beta2, one_minus_beta2, bc2_sqrt, eps,
-                           ibeta, one_minus_ibeta, P_TYPE, S_TYPE, AMSGRAD, HIST, False, BLOCK)
+                           ibeta, one_minus_ibeta, P_TYPE, S_TYPE, AMSGRAD, HIST, False, BLOCK, SCORE)
     if full * BLOCK < count:
         over += _step_tile(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, s_ptr, mask_ptr, first + full * BLOCK, n, sq,
                            maximize, origin, hist_row, decay, step_size, one_minus_beta1, beta2, one_minus_beta2,
-                           bc2_sqrt, eps, ibeta, one_minus_ibeta, P_TYPE, S_TYPE, AMSGRAD, HIST, True, BLOCK)
+                           bc2_sqrt, eps, ibeta, one_minus_ibeta, P_TYPE, S_TYPE, AMSGRAD, HIST, True, BLOCK, SCORE)
     return over
 
 
@@ -160,7 +166,7 @@ def fused_step_kernel(
     scalars_ptr, control_ptr,  # float32 [T, SCALARS] (abi.SCALARS, per tensor), int32 [3] (abi.CONTROL)
     flags,  # int32: abi.FLAGS bits (not specialised: one compiled kernel for every value)
     P_TYPE: tl.constexpr, S_TYPE: tl.constexpr, AMSGRAD: tl.constexpr, ALIGNED: tl.constexpr,
-    BLOCK: tl.constexpr, TILES: tl.constexpr,
+    BLOCK: tl.constexpr, TILES: tl.constexpr, SCORE: tl.constexpr,
 ):
     tid, row, first, n = load_chunk(table_ptr, chunk_ptr, BLOCK * TILES)
     count = tl.minimum(n - first, BLOCK * TILES)  # elements of this chunk
@@ -194,9 +200,9 @@ def fused_step_kernel(
         origin = tl.load(origin_ptr + tid)
         over = _step_chunk(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, s_ptr, mask_ptr, first, count, n, sq, maximize,
                            origin, hist_row, decay, step_size, one_minus_beta1, beta2, one_minus_beta2, bc2_sqrt, eps,
-                           ibeta, one_minus_ibeta, P_TYPE, S_TYPE, AMSGRAD, True, BLOCK)
+                           ibeta, one_minus_ibeta, P_TYPE, S_TYPE, AMSGRAD, True, BLOCK, SCORE)
         tl.atomic_add(over_ptr + tid, over.to(tl.int64), sem="relaxed")
     else:  # the same loop without the histogram: a step that does not collect does not pay for it
         _step_chunk(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, s_ptr, mask_ptr, first, count, n, sq, maximize, 0,
                     hist_row, decay, step_size, one_minus_beta1, beta2, one_minus_beta2, bc2_sqrt, eps, ibeta,
-                    one_minus_ibeta, P_TYPE, S_TYPE, AMSGRAD, False, BLOCK)
+                    one_minus_ibeta, P_TYPE, S_TYPE, AMSGRAD, False, BLOCK, SCORE)
