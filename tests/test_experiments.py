@@ -82,7 +82,7 @@ def _stepped_optimizer():
     return params, opt
 
 
-@pytest.mark.parametrize("method", ["adamw", "static", "random", "epi"])
+@pytest.mark.parametrize("method", ["adamw", "static", "random", "epi", "epi-v"])
 def test_methods_isolate_what_they_claim(method):
     params, opt = _stepped_optimizer()
     configure(opt, method, ratio=0.2, refresh_interval=2, seed=0)
@@ -100,7 +100,8 @@ def test_methods_isolate_what_they_claim(method):
         if step == 0:
             before = masks
     changed = any(not torch.equal(a, b) for a, b in zip(before, masks))
-    assert changed == (method == "epi")  # only EPI re-selects; static and random keep their masks
+    assert changed == method.startswith("epi")  # only EPI re-selects; static and random keep their masks
+    assert ("importance" in opt.state[params[0]]) == (method != "epi-v")  # epi-v: exp_avg_sq is the score
 
 
 def test_set_isolation_mask_validates_and_applies():
@@ -130,7 +131,7 @@ def test_each_experiment_runs_at_toy_size(experiment, tmp_path):
     assert (folder / "results.md").read_text().strip() == text.strip()
     in_unit = lambda x: math.isfinite(x) and 0.0 <= x <= 1.0  # noqa: E731
     if experiment == "forgetting":
-        assert set(saved["summary"]) == {"adamw", "static", "random", "epi", "epi-global"}
+        assert set(saved["summary"]) == {"adamw", "static", "random", "epi", "epi-global", "epi-v"}
         for method, runs in saved["runs"].items():
             assert len(runs) == 2
             for r in runs:
@@ -144,7 +145,7 @@ def test_each_experiment_runs_at_toy_size(experiment, tmp_path):
         assert all(saved["overlap_matrix"][i][i] == 1.0 for i in range(n))
         assert saved["independent_floor"] == pytest.approx(0.3 / 1.7)
     else:
-        assert set(saved["runs"]) == {"adamw", "static", "epi", "epi-global"}
+        assert set(saved["runs"]) == {"adamw", "static", "epi", "epi-global", "epi-v"}
         assert set(saved["majority_baseline"]) == set(saved["tasks"]) and "majority-answer baseline" in text
         for runs in saved["runs"].values():
             for r in runs:

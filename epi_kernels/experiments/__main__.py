@@ -1,7 +1,8 @@
 """python -m epi_kernels.experiments [multitask|forgetting|frontier|ablation|drift] [options]
 
 With no arguments: the main job, multi-task SFT with a shifting task mix (multitask), 5 seeds,
-AdamW, static isolation and EPI per tensor and global, paired by seed (about 11 minutes on 2 CPU
+AdamW, static isolation, EPI per tensor and global, and EPI with AdamW's second moment as the score
+(importance="exp_avg_sq"), paired by seed (about 14 minutes on 2 CPU
 cores). Every run writes results.json, results.md and PNG plots to a new folder under --out (runs/).
 """
 from __future__ import annotations
@@ -28,7 +29,7 @@ DEFAULTS = {
     "frontier": dict(tasks=["numbers__place_value", "comparison__pair"], stage1_steps=800, stage2_steps=300,
                      seeds=3, ratios=[0.01, 0.03, 0.1, 0.3], methods=["adamw", "static", "random", "epi", "epi-global"]),
     "multitask": dict(tasks=MAIN_TASKS, steps=960, seeds=5, eval_every=80,
-                      methods=["adamw", "static", "epi", "epi-global"]),
+                      methods=["adamw", "static", "epi", "epi-global", "epi-v"]),
     "ablation": dict(tasks=MAIN_TASKS, steps=960, seeds=3, eval_every=80, intervals=[5, 25, 100],
                      betas=[0.9, 0.99, 0.999]),
 }

@@ -63,8 +63,9 @@ def fmt_paired(d: dict[str, object], digits: int = 3) -> str:
 
 
 def paired_table(runs: dict[str, list[dict]], metrics: dict[str, tuple],
-                 baselines=("adamw", "static")) -> tuple[dict, str]:
-    """Paired differences of every method to each baseline present, per metric.
+                 baselines=("adamw", "static", "epi")) -> tuple[dict, str]:
+    """Paired differences of every method to each baseline present, per metric (EPI is the
+    baseline of its own variants: epi-global, epi-v).
 
     `metrics`: {label: (function of a run's record, higher is better)}. Returns the numbers (for
     results.json) and a markdown table with one row per (method, baseline)."""

@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 from .. import EPIAdamW
 from ..threshold import isolation_k
 
-METHODS = ("adamw", "static", "random", "epi", "epi-global")
+METHODS = ("adamw", "static", "random", "epi", "epi-global", "epi-v")
 
 
 def sampler(pools: list[tuple], weights: Callable[[int], list[float]] | None = None):
@@ -71,6 +71,8 @@ def configure(opt: EPIAdamW, method: str, *, ratio: float, refresh_interval: int
     epi     a refresh now and every `refresh_interval` steps after (Evolving Parameter Isolation)
     epi-global  the same with the paper's selection: scores divided by their tensor's mean, one
             top-p over all tensors (scope="global")
+    epi-v   epi with importance="exp_avg_sq": AdamW's second moment is the score (no score state);
+            from a checkpoint, its scores are dropped and its exp_avg_sq takes their place
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r} (expected one of {', '.join(METHODS)})")
@@ -80,6 +82,10 @@ def configure(opt: EPIAdamW, method: str, *, ratio: float, refresh_interval: int
                      refresh_interval=refresh_interval, warmup_steps=10**12 if method == "random" else first)
         if method == "epi-global":
             group["scope"] = "global"
+        if method == "epi-v":
+            group.update(importance="exp_avg_sq", importance_beta=None, importance_dtype=None)
+            for p in group["params"]:
+                opt.state.get(p, {}).pop("importance", None)
     if method == "random":
         g = torch.Generator().manual_seed(seed)
         for group in opt.param_groups:
