@@ -326,11 +326,6 @@ class EPIAdamW(Optimizer):
             if group["fused"] and not (p.is_floating_point() and p.device.type in ("cpu", "cuda", "mps", "xpu")):
                 raise RuntimeError("`fused=True` requires all the params to be floating point Tensors "
                                    f"of supported devices, got {p.dtype} on {p.device.type}")
-            st = self.state.get(p, {})
-            if "isolation_mask" in st and ("importance" in st) == (group["importance"] == "exp_avg_sq"):
-                made = "importance='exp_avg_sq'" if "importance" not in st else "its own scores ('sq' or 'abs')"
-                raise RuntimeError(f"EPIAdamW: importance={group['importance']!r}, but this parameter's state was "
-                                   f"made with {made}: the score source cannot change mid-run")
         devices = {p.device for p in params}
         backend = resolve_backend(group["backend"], params[0].device) if params else None
         if (group["capturable"] and backend not in KERNEL_BACKENDS and not torch.compiler.is_compiling()
@@ -384,9 +379,20 @@ class EPIAdamW(Optimizer):
         changed = [(i, group) for i, group in enumerate(self.param_groups)
                    if not _unchanged(self._validated.get(id(group)), group)]
         checked = [_checked_settings(group, f" in param group {i}") for i, group in changed]
+        for (i, group), values in zip(changed, checked):  # (a changed `importance` is a changed group)
+            self._check_score_source(group, values["importance"], i)
         for (_, group), values in zip(changed, checked):
             group.update(values)
             self._validated[id(group)] = _settings_of(group)
+
+    def _check_score_source(self, group: dict, importance: str, index: int) -> None:
+        """RuntimeError if the group's parameters have state made with the other score source."""
+        for p in group["params"]:
+            st = self.state.get(p, {})
+            if "isolation_mask" in st and ("importance" in st) == (importance == "exp_avg_sq"):
+                made = "importance='exp_avg_sq'" if "importance" not in st else "its own scores ('sq' or 'abs')"
+                raise RuntimeError(f"EPIAdamW: importance={importance!r} in param group {index}, but its parameters' "
+                                   f"state was made with {made}: the score source cannot change mid-run")
 
     def _decides_on_device(self, group: dict, params: list[Tensor]) -> bool:
         """Whether this group's step decides refreshes (and GradScaler skips) on the device: a

@@ -117,6 +117,7 @@ def kernel_epi_adamw(kernels: str, params, grads, exp_avgs, exp_avg_sqs, max_exp
     """The EPI-AdamW step with the kernel set `kernels` ("triton" or "cuda"); with a `plan`, also
     the refresh of the masks and the histograms for the next step's refresh."""
     on_device = plan is not None and plan.control is not None
+    v_scores = importance == "exp_avg_sq"  # `importances` are the exp_avg_sqs themselves
     refresh = plan is not None and plan.refresh
     collect = plan is not None and plan.collect
     if on_device:  # a skipped step (GradScaler found inf/NaN) does not count
@@ -161,9 +162,9 @@ def kernel_epi_adamw(kernels: str, params, grads, exp_avgs, exp_avg_sqs, max_exp
             plan.histograms[tuple(idx)] = held
         ops.fused_step_([params[i] for i in idx], [grads[i] for i in idx], [exp_avgs[i] for i in idx],
                         [exp_avg_sqs[i] for i in idx], [max_exp_avg_sqs[i] for i in idx] if amsgrad else [],
-                        scores, [masks[i] for i in idx], scalars, control, tau, cut, origin,
+                        [] if v_scores else scores, [masks[i] for i in idx], scalars, control, tau, cut, origin,
                         held.hist if collect else None, held.over if collect else None, counts, kernels,
                         sq=importance == "sq", maximize=maximize, amsgrad=amsgrad, refresh=refresh, collect=collect,
-                        v_scores=importance == "exp_avg_sq")
+                        v_scores=v_scores)
         if refresh:
             _store_refresh(plan.states, idx, control[_REFRESH] != 0, counts, tau, k, repaired, old_count, anchor)
