@@ -117,7 +117,9 @@ def main():
         python_requires=">=3.10",
         install_requires=["torch>=2.7"],
         extras_require={
-            "test": ["pytest>=8", "expecttest", "numpy", "pytest-benchmark", "lightning", "hypothesis"],
+            # deepspeed: tests/test_deepspeed.py reads ZeRO's partition layout, pinned to the version tested
+            "test": ["pytest>=8", "expecttest", "numpy", "pytest-benchmark", "lightning", "hypothesis",
+                     "deepspeed==0.19.8"],
             "triton": ["triton>=3.6,<3.10"],  # the "triton" backend; 3.6 is on the GPU machine
             # python -m epi_kernels.experiments (sympy comes with torch; the shim is in experiments/data.py)
             "experiments": ["transformers>=4.50", "accelerate", "mathematics-dataset==1.0.1", "matplotlib", "tqdm"],

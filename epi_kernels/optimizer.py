@@ -6,6 +6,7 @@ The class owns arguments, state and the step counter; the math lives in
 """
 from __future__ import annotations
 
+import math
 import operator
 from numbers import Integral, Real
 from typing import Any, Callable
@@ -17,8 +18,10 @@ from torch.optim import Optimizer
 from .backends import BACKENDS, KERNEL_BACKENDS, check_backend, check_device, resolve_backend
 from .functional import epi_adamw, isolated_indices, refresh_ops
 from .mask import pack_mask, unpack_mask
+from .partitions import (Partition, find_partition, full_shape, gather_pieces, piece_bits, put_piece_bits,
+                         refresh_partition)
 from .refresh import is_refresh_step, refresh_due, refresh_masks
-from .sharding import is_sharded, local, shard_of
+from .sharding import gather_shards, is_sharded, local, shard_of
 from .state import IMPORTANCE_DTYPES, init_epi_state, protect_epi_entries, restore_epi_entries
 from .step_driver import RefreshPlan
 
@@ -272,6 +275,10 @@ class EPIAdamW(Optimizer):
         self._histograms: dict[int, dict] = {}  # kernel backends: per group (by id), histograms for the next step
         self._requests: dict[int, Tensor] = {}  # capturable kernel steps: per group, pending refresh requests
         self._validated: dict[int, tuple] = {}  # per group (by id), its settings as last validated
+        self._owned: dict[int, tuple[list, set]] = {}  # per group (by id), the parameters it was given (and ids)
+        self._partitions: dict[Tensor, tuple[int, Partition]] = {}  # flat partition -> (its group's id, layout)
+        self._pieces: dict[Tensor, tuple[Tensor, int]] = {}  # model parameter -> (its flat partition, piece index)
+        self._engine_steps: dict[int, tuple[set, bool, bool]] = {}  # partitioned groups: the step in progress
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -284,6 +291,7 @@ class EPIAdamW(Optimizer):
         group = self.param_groups[-1]
         group.setdefault("epi_step", 0)
         self._validated[id(group)] = _settings_of(group)
+        self._owned[id(group)] = (list(group["params"]), {id(p) for p in group["params"]})
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -291,6 +299,8 @@ class EPIAdamW(Optimizer):
         self._histograms = {}
         self._requests = {}
         self._validated = {}  # the first step validates the groups (load_state_dict already did)
+        self._owned = getattr(self, "_owned", {})  # (load_state_dict re-keys it to the new groups)
+        self._partitions, self._pieces, self._engine_steps = {}, {}, {}
         for group in self.param_groups:
             _fill_defaults(group, self.defaults)
             for p in group["params"]:
@@ -312,12 +322,46 @@ class EPIAdamW(Optimizer):
         if group["amsgrad"] and "max_exp_avg_sq" not in st:
             st["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         if "isolation_mask" not in st:
-            init_epi_state(st, local(p), group["importance_dtype"])  # a shard's own elements
+            part = self._partitions.get(p)
+            init_epi_state(st, local(p), group["importance_dtype"],  # a shard's own elements
+                           pieces=len(part[1].pieces) if part else None)
         return st
 
-    def _stepped_params(self, group: dict) -> list[Tensor]:
+    def _given(self, p: Tensor) -> bool:
+        """Whether `p` is a tensor given to this optimizer (not one a wrapper put in its place)."""
+        return any(id(p) in known for _, known in self._owned.values()) or not self._owned
+
+    def _check_partitions(self, group: dict, params: list[Tensor], where: str) -> None:
+        """Find the layout of every tensor of `params` that `group` was not given: a flat partition a
+        wrapper put in its place (DeepSpeed ZeRO). RuntimeError if it is none this optimizer can
+        read, or the group's settings need whole tensors: top-k over a flat slice would be wrong."""
+        owned, known = self._owned.setdefault(id(group), (list(group["params"]), {id(p) for p in group["params"]}))
+        for p in params:  # (a group restored by pickle has no record: what it holds is its own)
+            if id(p) in known or p in self._partitions:
+                continue
+            part = find_partition(p, owned, self)
+            if part is None:
+                raise RuntimeError(f"EPIAdamW: {where} holds a tensor of shape {tuple(p.shape)} it was not given "
+                                   "(a wrapper replaced its parameters, e.g. with a flattened partition) and no "
+                                   "layout of it is known: per-tensor isolation would select over a slice of "
+                                   "several parameters. Supported wrappers: DeepSpeed ZeRO stages 1-3 (README)")
+            if group["scope"] != "tensor" or group["threshold"] != "approx":
+                raise RuntimeError(f"EPIAdamW under DeepSpeed ZeRO ({where}) supports scope='tensor' with "
+                                   f"threshold='approx' only, got scope={group['scope']!r}, "
+                                   f"threshold={group['threshold']!r}")
+            st = self.state.get(p, {})
+            if "threshold_bits" in st and tuple(st["threshold_bits"].shape) != (len(part.pieces),):
+                raise RuntimeError(f"EPIAdamW: {where} holds a flat partition of {len(part.pieces)} parameters, but "
+                                   f"its state has per-tensor entries of shape {tuple(st['threshold_bits'].shape)} "
+                                   "(saved with another layout?)")
+            self._partitions[p] = (id(group), part)
+            for j, piece in enumerate(part.pieces):
+                self._pieces[piece.param] = (p, j)
+
+    def _stepped_params(self, group: dict, index: int) -> list[Tensor]:
         """Params of `group` that take part in this step; raises before any state changes."""
         params = [p for p in group["params"] if p.grad is not None]
+        self._check_partitions(group, params, f"param group {index}")
         for p in params:
             if p.grad.is_sparse:
                 raise RuntimeError("EPIAdamW does not support sparse gradients")
@@ -354,7 +398,7 @@ class EPIAdamW(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._check_settings()
-        stepped = [self._stepped_params(group) for group in self.param_groups]  # validate all first
+        stepped = [self._stepped_params(group, i) for i, group in enumerate(self.param_groups)]  # validate all first
         decides = [bool(ps) and self._decides_on_device(g, ps) for g, ps in zip(self.param_groups, stepped)]
         on_device = [d for d, ps in zip(decides, stepped) if ps]
         if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing() and not all(on_device):
@@ -399,7 +443,7 @@ class EPIAdamW(Optimizer):
         capturable step of a kernel backend that refreshes inside its kernels."""
         return (group["capturable"] and resolve_backend(group["backend"], params[0].device) in KERNEL_BACKENDS
                 and group["scope"] == "tensor" and group["threshold"] == "approx"
-                and not any(is_sharded(p) for p in params))
+                and not any(is_sharded(p) or p in self._partitions for p in params))
 
     # GradScaler hands this optimizer its scale and overflow flag (as it does torch's fused Adam)
     # instead of unscaling the gradients itself and skipping step() on overflow.
@@ -437,13 +481,34 @@ class EPIAdamW(Optimizer):
                 st["refresh_step"].fill_(t)
         return refresh, is_refresh_step(t + 1, *when)
 
-    @staticmethod
+    def _count_engine_step(self, group: dict, states: list[dict], flats: list[Tensor]) -> tuple[bool, bool]:
+        """_advance for a group of flat partitions. ZeRO 3 steps the sub-groups of a group with one
+        step() call each, so a call that steps none of the partitions the step in progress stepped
+        belongs to it (same step count, same refresh decision); one that repeats one starts the next."""
+        ids = {id(f) for f in flats}
+        current = self._engine_steps.get(id(group))
+        if current is not None and not ids & current[0]:
+            current[0].update(ids)
+            if current[1]:
+                for st in states:
+                    st["refresh_step"].fill_(group["epi_step"])
+            return current[1], current[2]
+        refresh, collect = self._advance(group, states)
+        self._engine_steps[id(group)] = (ids, refresh, collect)
+        return refresh, collect
+
     @torch.compiler.disable  # integer threshold engine with host reads: one graph break, not dozens
-    def _refresh_masks(group: dict, states: list[dict], scores: list[Tensor], params: list[Tensor], backend: str,
-                       sharded: bool) -> None:
-        refresh_masks(states, scores=scores, isolation_ratio=group["isolation_ratio"], scope=group["scope"],
-                      threshold=group["threshold"], ops=refresh_ops(backend),
-                      shards=[shard_of(p) for p in params] if sharded else None)
+    def _refresh_masks(self, group: dict, states: list[dict], scores: list[Tensor], params: list[Tensor],
+                       backend: str, sharded: bool) -> None:
+        ops = refresh_ops(backend)
+        whole = [i for i, p in enumerate(params) if p not in self._partitions]
+        if whole:
+            refresh_masks([states[i] for i in whole], scores=[scores[i] for i in whole],
+                          isolation_ratio=group["isolation_ratio"], scope=group["scope"], threshold=group["threshold"],
+                          ops=ops, shards=[shard_of(params[i]) for i in whole] if sharded else None)
+        for p, st, s in zip(params, states, scores):
+            if p in self._partitions:  # each flat partition: its pieces in one batch (one collective per phase)
+                refresh_partition(st, s, self._partitions[p][1], isolation_ratio=group["isolation_ratio"], ops=ops)
 
     def _device_control(self, group: dict, states: list[dict], skip: Tensor | None) -> Tensor:
         """The control words (refresh, collect, skip) of a capturable step, computed on the device
@@ -473,7 +538,8 @@ class EPIAdamW(Optimizer):
     def _step_group(self, group: dict, params: list[Tensor], on_device: bool, skip: Tensor | None) -> None:
         states = [self._init_state(p, group) for p in params]
         backend = resolve_backend(group["backend"], params[0].device)
-        sharded = any(is_sharded(p) for p in params)
+        partitioned = any(p in self._partitions for p in params)
+        sharded = partitioned or any(is_sharded(p) for p in params)
         shard = local if sharded else (lambda t: t)  # FSDP2 DTensors: each rank steps its local shard
         # the scores: the EPI state's own, or (importance="exp_avg_sq") AdamW's second moment
         scores = [shard(st["exp_avg_sq"]) if group["importance"] == "exp_avg_sq" else st["importance"]
@@ -488,7 +554,8 @@ class EPIAdamW(Optimizer):
                                self._device_control(group, states, skip))
         else:
             pending["device"].clear()
-            refresh, collect = self._advance(group, states)
+            refresh, collect = (self._count_engine_step(group, states, params) if partitioned
+                                else self._advance(group, states))
             if backend in KERNEL_BACKENDS and group["scope"] == "tensor" and group["threshold"] == "approx" and not sharded:
                 plan = RefreshPlan(states, group["isolation_ratio"], refresh, collect, pending["host"])
             elif refresh:
@@ -513,13 +580,26 @@ class EPIAdamW(Optimizer):
 
     # ------------------------------------------------------------------ introspection
 
-    def isolation_mask(self, p: Tensor) -> Tensor:
+    def isolation_mask(self, p: Tensor, gather: bool = False) -> Tensor:
         """Bool tensor shaped like `p`: the elements isolated in the most recent step (and until the
-        next refresh). All False before the first refresh."""
+        next refresh). All False before the first refresh.
+
+        Sharded `p`: this rank's part, shaped like the local shard (FSDP2), or 1-D over the elements
+        of `p` (in its flat order) that this rank's flat partition holds (DeepSpeed ZeRO; empty if
+        none). `gather=True`: the whole tensor's mask, shaped like the whole `p`, on every rank (a
+        collective over the shard group: every rank of it must call it)."""
+        if p in self._pieces:
+            flat, j = self._pieces[p]
+            piece = self._partitions[flat][1].pieces[j]
+            bits = piece_bits(self.state[flat]["isolation_mask"], piece.start, piece.numel) \
+                if "isolation_mask" in self.state.get(flat, {}) else torch.zeros(piece.numel, dtype=torch.bool)
+            return gather_pieces(bits, piece) if gather else bits
         st, shard = self.state.get(p, {}), local(p)  # FSDP2: the mask of this rank's shard
         if "isolation_mask" not in st:
-            return torch.zeros(shard.shape, dtype=torch.bool, device=shard.device)
-        return unpack_mask(st["isolation_mask"], shard.numel()).view(shard.shape)
+            mask = torch.zeros(shard.shape, dtype=torch.bool, device=shard.device)
+        else:
+            mask = unpack_mask(st["isolation_mask"], shard.numel()).view(shard.shape)
+        return gather_shards(mask, p) if gather and is_sharded(p) else mask
 
     def request_refresh(self) -> None:
         """Make the next step of every param group a refresh step, whatever the schedule says (for
@@ -534,13 +614,25 @@ class EPIAdamW(Optimizer):
     def set_isolation_mask(self, p: Tensor, mask: Tensor) -> None:
         """Put your own mask in force for `p` (bool, shaped like `p`) until its next refresh, e.g.
         a random control mask or one computed elsewhere; `static=True` with a `warmup_steps`
-        beyond the run keeps it for good. Creates `p`'s state if it has none yet."""
+        beyond the run keeps it for good. Creates `p`'s state if it has none yet. Under DeepSpeed
+        ZeRO (after the first step), every rank passes the whole mask and keeps its own part."""
         group = next((g for g in self.param_groups if any(q is p for q in g["params"])), None)
-        if group is None:
-            raise ValueError("set_isolation_mask: p is not a parameter of this optimizer")
-        if not torch.is_tensor(mask) or mask.dtype != torch.bool or mask.shape != p.shape:
-            raise ValueError(f"set_isolation_mask: mask must be a bool tensor of shape {tuple(p.shape)}, got "
+        if group is None and p not in self._pieces:
+            raise ValueError("set_isolation_mask: p is not a parameter of this optimizer (under DeepSpeed ZeRO: "
+                             "not until the first step has mapped the partitions)")
+        if not torch.is_tensor(mask) or mask.dtype != torch.bool or tuple(mask.shape) != full_shape(p):
+            raise ValueError(f"set_isolation_mask: mask must be a bool tensor of shape {full_shape(p)}, got "
                              f"{getattr(mask, 'dtype', type(mask).__name__)} {tuple(getattr(mask, 'shape', ()))}")
+        if group is None:  # a model parameter of a flat partition: this rank's piece of the mask
+            flat, j = self._pieces[p]
+            gid, part = self._partitions[flat]
+            piece = part.pieces[j]
+            st = self._init_state(flat, next(g for g in self.param_groups if id(g) == gid))
+            put_piece_bits(st["isolation_mask"], piece.start,
+                           mask.reshape(-1)[piece.offset:piece.offset + piece.numel].to(flat.device))
+            st["isolated_count"][j].fill_(int(mask.sum()))
+            self._isolated.pop(flat, None)
+            return
         st = self._init_state(p, group)
         st["isolation_mask"].copy_(pack_mask(mask.to(p.device)))
         st["isolated_count"].fill_(int(mask.sum()))
@@ -548,22 +640,31 @@ class EPIAdamW(Optimizer):
 
     def isolation_stats(self) -> list[dict[str, Any]]:
         """Per tensor, as of its last refresh: k, selected count, threshold, overlap with the
-        previous mask (Jaccard), whether the exact path set the threshold, and the refresh step."""
+        previous mask (Jaccard), whether the exact path set the threshold, and the refresh step.
+        Under DeepSpeed ZeRO: one entry per model parameter, with whole-tensor figures (the same on
+        every rank)."""
         stats = []
         for gi, group in enumerate(self.param_groups):
             names = group.get("param_names")
-            for pi, p in enumerate(group["params"]):
-                st = self.state.get(p, {})
+            owned = self._owned.get(id(group), (group["params"], None))[0]
+            # (tensor, its state, which entry of the state's per-tensor entries, index in the group)
+            entries = [(p, self.state.get(p, {}), (), pi) for pi, p in enumerate(group["params"])
+                       if p not in self._partitions]
+            index = {id(q): qi for qi, q in enumerate(owned)}
+            entries += [(pc.param, self.state.get(flat, {}), (j,), index.get(id(pc.param)))
+                        for flat, (gid, part) in self._partitions.items() if gid == id(group)
+                        for j, pc in enumerate(part.pieces)]
+            for p, st, at, pi in entries:
                 if "isolation_mask" not in st:
                     continue
-                tau = int(st["threshold_bits"])
+                tau = int(st["threshold_bits"][at])
                 stats.append({
-                    "group": gi, "index": pi, "name": names[pi] if names else None,
-                    "shape": tuple(p.shape), "numel": p.numel(), "scope": group["scope"],
-                    "k": int(st["isolation_k"]), "selected": int(st["isolated_count"]),
+                    "group": gi, "index": pi, "name": names[pi] if names and pi is not None else None,
+                    "shape": full_shape(p), "numel": math.prod(full_shape(p)), "scope": group["scope"],
+                    "k": int(st["isolation_k"][at]), "selected": int(st["isolated_count"][at]),
                     "threshold": torch.tensor(tau, dtype=torch.int32).view(torch.float32).item(),
-                    "threshold_bits": tau, "overlap": float(st["isolation_overlap"]),
-                    "exact": bool(st["threshold_exact"]), "refresh_step": int(st["refresh_step"]),
+                    "threshold_bits": tau, "overlap": float(st["isolation_overlap"][at]),
+                    "exact": bool(st["threshold_exact"][at]), "refresh_step": int(st["refresh_step"][at]),
                 })
         return stats
 
@@ -580,8 +681,10 @@ class EPIAdamW(Optimizer):
         pre = [self.register_load_state_dict_pre_hook(_check_loaded_groups),
                self.register_load_state_dict_pre_hook(protect_epi_entries)]
         post = self.register_load_state_dict_post_hook(restore_epi_entries, prepend=True)
+        owned = [self._owned.get(id(g)) for g in self.param_groups]
         try:
             super().load_state_dict(state_dict)  # (its __setstate__ drops the caches of the old state)
+            self._owned = {id(g): o for g, o in zip(self.param_groups, owned) if o is not None}  # the new groups
         finally:
             for hook in pre:
                 hook.remove()

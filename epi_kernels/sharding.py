@@ -5,11 +5,12 @@ threshold for the whole tensor: the integer histograms of the shards are summed 
 shards keep their own scores and packed masks (over their local elements)."""
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from .refresh import Shard
 
-__all__ = ["is_sharded", "local", "shard_of"]
+__all__ = ["gather_shards", "is_sharded", "local", "reducer", "shard_of"]
 
 
 _DTENSOR: list = []  # the DTensor class (None without torch.distributed), looked up on first use
@@ -37,10 +38,18 @@ def local(t: Tensor) -> Tensor:
     return t.to_local() if is_sharded(t) else t
 
 
+def gather_shards(mask: Tensor, p: Tensor) -> Tensor:
+    """The whole tensor's mask from the local shards' masks of DTensor `p` (a collective)."""
+    cls = _dtensor()
+    whole = cls.from_local(mask.to(torch.uint8), p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
+    return whole.full_tensor().bool()
+
+
 _REDUCERS: dict = {}  # process group -> its reduce function (one per group: shards batch by it)
 
 
-def _reducer(group):
+def reducer(group):
+    """The function that sums integer counts over process group `group` (one per group)."""
     import torch.distributed as dist  # noqa: PLC0415
 
     if group not in _REDUCERS:
@@ -73,4 +82,4 @@ def shard_of(p: Tensor) -> Shard | None:
     # the tie rule takes tied keys in shard order, then flat order within a shard: the tensor's
     # flat order for FSDP2's default Shard(0) (contiguous blocks of rows, in mesh order)
     mesh = p.device_mesh
-    return Shard(p.numel(), _reducer(mesh.get_group(dims[0])), mesh.get_local_rank(dims[0]), mesh.size(dims[0]))
+    return Shard(p.numel(), reducer(mesh.get_group(dims[0])), mesh.get_local_rank(dims[0]), mesh.size(dims[0]))

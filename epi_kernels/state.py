@@ -30,15 +30,17 @@ SCALAR_ENTRIES = {"threshold_bits": (KEY_NONE, (torch.int32,)), "isolation_k": (
 EPI_STATE_KEYS = ("importance", "isolation_mask", *SCALAR_ENTRIES)
 
 
-def init_epi_state(state: dict, p: Tensor, importance_dtype: torch.dtype | None) -> None:
+def init_epi_state(state: dict, p: Tensor, importance_dtype: torch.dtype | None, pieces: int | None = None) -> None:
     """Create the EPI entries of a parameter's state (scores zero, nothing isolated); no scores of
-    its own with `importance_dtype` None (importance="exp_avg_sq": AdamW's exp_avg_sq is the score)."""
+    its own with `importance_dtype` None (importance="exp_avg_sq": AdamW's exp_avg_sq is the score).
+    `pieces`: `p` is a flat partition of that many model parameters (partitions.py), whose per-tensor
+    entries are vectors with one element per parameter instead of 0-dim tensors."""
     if importance_dtype is not None:
         state["importance"] = torch.zeros(p.shape, dtype=importance_dtype, device=p.device)
     state["isolation_mask"] = torch.zeros(packed_numel(p.numel()), dtype=torch.uint8, device=p.device)
     # 0-dim entries live on the param's device too: kernels update them without a host sync
     for key, (value, dtypes) in SCALAR_ENTRIES.items():
-        state[key] = torch.tensor(value, dtype=dtypes[0], device=p.device)
+        state[key] = torch.full(() if pieces is None else (pieces,), value, dtype=dtypes[0], device=p.device)
 
 
 class _Verbatim:
@@ -50,10 +52,11 @@ class _Verbatim:
         self.value = value
 
 
-def _check_entries(entries: dict, p: Tensor, pid: object, importance: str) -> None:
+def _check_entries(entries: dict, p: Tensor, pid: object, importance: str, flat: bool) -> None:
     """ValueError if the saved EPI entries of parameter `pid` do not fit parameter `p` and its
     group's `importance` mode (raised before anything loads: a wrong shape or dtype would otherwise
-    fail, or compute garbage, mid-step)."""
+    fail, or compute garbage, mid-step). `flat`: `p` is a flat partition (its per-tensor entries are
+    vectors; their length is checked against the layout at the first step)."""
     where = f"loaded state dict, parameter {pid}"
     own_scores = importance != "exp_avg_sq"
     if own_scores != ("importance" in entries) and "isolation_mask" in entries:
@@ -74,10 +77,12 @@ def _check_entries(entries: dict, p: Tensor, pid: object, importance: str) -> No
     if mask.dtype != torch.uint8 or mask.numel() != packed_numel(p.numel()):
         raise ValueError(f"{where}: 'isolation_mask' must be uint8[{packed_numel(p.numel())}] for a parameter "
                          f"of {p.numel()} elements, found {mask.dtype} {tuple(mask.shape)}")
+    shape = entries["threshold_bits"].shape if flat else ()
     for key, (_, dtypes) in SCALAR_ENTRIES.items():
         value = entries[key]
-        if value.dim() != 0 or value.dtype not in dtypes:
-            raise ValueError(f"{where}: '{key}' must be a 0-dim {dtypes[0]} tensor, "
+        if (value.dim() != 1 or value.shape != shape if flat else value.dim() != 0) or value.dtype not in dtypes:
+            what = "a vector (one per model parameter of the flat partition)" if flat else "a 0-dim"
+            raise ValueError(f"{where}: '{key}' must be {what} {dtypes[0]} tensor, "
                              f"found {value.dtype} of shape {tuple(value.shape)}")
 
 
@@ -93,7 +98,7 @@ def protect_epi_entries(optimizer: torch.optim.Optimizer, state_dict: dict[str, 
     for pid, entries in state_dict["state"].items():
         p = by_id.get(pid)
         if p is not None and any(k in entries for k in EPI_STATE_KEYS):
-            _check_entries(entries, p, pid, mode[pid])
+            _check_entries(entries, p, pid, mode[pid], not optimizer._given(p))
             entries = {k: _Verbatim(v) if k in EPI_STATE_KEYS else v for k, v in entries.items()}
         state[pid] = entries
     return {**state_dict, "state": state}

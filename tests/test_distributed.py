@@ -87,7 +87,9 @@ def _fsdp_rank(rank, init_file, out, mesh_shape, backend):
         opt.step()
     full = [p.full_tensor() for p in model.parameters()]
     masks = [opt.isolation_mask(p) for p in model.parameters()]  # this rank's shard (rows of dim 0)
-    torch.save({"params": full, "masks": masks, "stats": opt.isolation_stats()}, f"{out}/fsdp{rank}.pt")
+    gathered = [opt.isolation_mask(p, gather=True) for p in model.parameters()]  # the whole tensors'
+    torch.save({"params": full, "masks": masks, "gathered": gathered, "stats": opt.isolation_stats()},
+               f"{out}/fsdp{rank}.pt")
     _leave()
 
 
@@ -112,6 +114,7 @@ def test_fsdp2_shards_pick_the_whole_tensors_threshold(tmp_path, mesh_shape, bac
             assert torch.equal(whole, opt.isolation_mask(p))  # same threshold as the unsharded tensor
         assert opt.isolation_mask(p).sum() > 0 or p.numel() < 5
         for r in ranks:
+            assert torch.equal(r["gathered"][i], opt.isolation_mask(p))
             assert torch.equal(r["params"][i], p.detach())
             assert r["stats"][i]["threshold_bits"] == opt.isolation_stats()[i]["threshold_bits"]
             assert r["stats"][i]["selected"] == opt.isolation_stats()[i]["selected"]  # counts summed too

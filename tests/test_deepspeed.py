@@ -1,0 +1,95 @@
+"""DeepSpeed ZeRO 0-3 (2 CPU processes, gloo, `torch.distributed.run`; tests/deepspeed_worker.py):
+EPIAdamW as the client optimizer of `deepspeed.initialize` isolates per model parameter, not per
+flat partition: after every step the gathered masks, the per-tensor statistics and the parameters
+equal a single-process run's bit for bit, at every stage, with several ZeRO-3 sub-groups, with the
+kernel backends and with the optimizer offloaded to the CPU; a run resumed from a DeepSpeed
+checkpoint continues bit for bit; DeepSpeed's per-parameter state views read the scores; settings
+that cannot hold raise at the first step."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("deepspeed", reason="deepspeed is not installed (pip install -e '.[test]' installs it)")
+
+from deepspeed_worker import CONFIGS, EPI, REFUSED, SAVE_AT, STEPS, batch, loss_of, model  # noqa: E402
+from epi_kernels import EPIAdamW  # noqa: E402
+from kernel_devices import CPU_KERNEL_BACKENDS  # noqa: E402
+
+BACKEND_MARKS = {p.values[0]: p.marks for p in CPU_KERNEL_BACKENDS}
+RUNNABLE = [name for name, (_, backend) in CONFIGS.items()
+            if backend == "torch" or not any(m.args[0] for m in BACKEND_MARKS[backend] if m.name == "skipif")]
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    """Every configuration in one launch of 2 ranks (DeepSpeed's start-up dominates a launch)."""
+    out = tmp_path_factory.mktemp("deepspeed")
+    env = {**os.environ, "DS_ACCELERATOR": "cpu"}
+    names = RUNNABLE + list(REFUSED)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           os.path.join(os.path.dirname(__file__), "deepspeed_worker.py"), str(out), *names],
+                          env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0 and (out / "done.json").exists(), proc.stdout[-4000:] + proc.stderr[-8000:]
+    assert json.loads((out / "done.json").read_text()) == names
+    return {name: torch.load(out / f"{name}.pt", weights_only=False) for name in names}
+
+
+def _single_process(backend):
+    """The reference: the same model, batches and settings in one process, no DeepSpeed."""
+    m = model()
+    opt = EPIAdamW(m.parameters(), backend=backend, **EPI)
+    params, snaps = list(m.parameters()), []
+    for step in range(STEPS):
+        x, y = batch(step)
+        opt.zero_grad()
+        loss_of(m(x), y).backward()
+        opt.step()
+        snaps.append({"masks": [opt.isolation_mask(p) for p in params],
+                      "stats": [{k: s[k] for k in ("k", "selected", "threshold_bits", "refresh_step", "numel")}
+                                for s in opt.isolation_stats()],
+                      "params": [p.detach().clone() for p in params]})
+    state = {key: [opt.state[p][key] for p in params] for key in ("importance", "exp_avg_sq")}
+    return snaps, state
+
+
+def _config_params():
+    for name, (cfg, backend) in CONFIGS.items():
+        yield pytest.param(name, id=name, marks=BACKEND_MARKS.get(backend, ()))
+
+
+def _assert_same(run, ref):
+    for key in ("masks", "params"):
+        assert len(run[key]) == len(ref[key]) == 4
+        for i, (a, b) in enumerate(zip(run[key], ref[key])):
+            assert a.shape == b.shape and torch.equal(a, b), f"{key}[{i}]"
+    assert run["stats"] == ref["stats"]
+
+
+@pytest.mark.parametrize("name", list(_config_params()))
+def test_zero_stage_isolates_per_model_parameter_like_one_process(results, name):
+    cfg, backend = CONFIGS[name]
+    got = results[name]
+    ref, ref_state = _single_process(backend)
+    assert sum(s["selected"] for s in ref[-1]["stats"]) > 0  # something is isolated (refreshes at 2, 4, 6)
+    for step in range(STEPS):
+        _assert_same(got["steps"][step], ref[step])
+    for step in range(SAVE_AT, STEPS):  # resumed from the checkpoint saved after step SAVE_AT
+        _assert_same(got["resumed"][step - SAVE_AT], ref[step])
+    assert got["epi_step"] == [STEPS]  # counted once per engine step, however many sub-groups
+    # stage 0 hands the optimizer the model's own parameters; 1-3 flat partitions (3: per sub-group)
+    assert got["partitions"] == {0: 0, 1: 1, 2: 1, 3: 2 if "sub_group_size" in cfg else 1}[cfg["stage"]]
+    if cfg["stage"]:  # DeepSpeed's per-parameter views of the elementwise state
+        for key, tensors in got["views"].items():
+            assert all(torch.equal(a, b.reshape(a.shape)) for a, b in zip(tensors, ref_state[key])), key
+
+
+@pytest.mark.parametrize("name,message", [
+    ("elastic", "does not support elastic_checkpoint"),
+    ("global", "supports scope='tensor' with threshold='approx' only, got scope='global'"),
+    ("exact", "supports scope='tensor' with threshold='approx' only, got scope='tensor', threshold='exact'")])
+def test_zero_settings_that_cannot_hold_raise_at_the_first_step(results, name, message):
+    assert results[name]["error"] is not None and message in results[name]["error"]
