@@ -279,6 +279,7 @@ class EPIAdamW(Optimizer):
         self._partitions: dict[Tensor, tuple[int, Partition]] = {}  # flat partition -> (its group's id, layout)
         self._pieces: dict[Tensor, tuple[Tensor, int]] = {}  # model parameter -> (its flat partition, piece index)
         self._engine_steps: dict[int, tuple[set, bool, bool]] = {}  # partitioned groups: the step in progress
+        self._checked: dict[int, tuple[list, int]] = {}  # per group, its params list (and length) last checked
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -300,7 +301,7 @@ class EPIAdamW(Optimizer):
         self._requests = {}
         self._validated = {}  # the first step validates the groups (load_state_dict already did)
         self._owned = getattr(self, "_owned", {})  # (load_state_dict re-keys it to the new groups)
-        self._partitions, self._pieces, self._engine_steps = {}, {}, {}
+        self._partitions, self._pieces, self._engine_steps, self._checked = {}, {}, {}, {}
         for group in self.param_groups:
             _fill_defaults(group, self.defaults)
             for p in group["params"]:
@@ -331,24 +332,32 @@ class EPIAdamW(Optimizer):
         """Whether `p` is a tensor given to this optimizer (not one a wrapper put in its place)."""
         return any(id(p) in known for _, known in self._owned.values()) or not self._owned
 
-    def _check_partitions(self, group: dict, params: list[Tensor], where: str) -> None:
-        """Find the layout of every tensor of `params` that `group` was not given: a flat partition a
+    def _check_partitions(self, group: dict, where: str, settings: dict) -> None:
+        """Find the layout of every tensor in `group` that it was not given: a flat partition a
         wrapper put in its place (DeepSpeed ZeRO). RuntimeError if it is none this optimizer can
-        read, or the group's settings need whole tensors: top-k over a flat slice would be wrong."""
-        owned, known = self._owned.setdefault(id(group), (list(group["params"]), {id(p) for p in group["params"]}))
-        for p in params:  # (a group restored by pickle has no record: what it holds is its own)
-            if id(p) in known or p in self._partitions:
+        read, or the group's `settings` need whole tensors: top-k over a flat slice would be wrong.
+        Runs again when the group's list of parameters is another list object, or another length,
+        or its settings changed."""
+        params = group["params"]
+        checked = self._checked.get(id(group))
+        if checked is not None and checked[0] is params and checked[1] == len(params):
+            return
+        if id(group) not in self._owned:  # a group restored by pickle has no record: what it holds is its own
+            self._owned[id(group)] = (list(params), {id(p) for p in params})
+        owned, known = self._owned[id(group)]
+        for p in params:
+            if id(p) in known:
                 continue
-            part = find_partition(p, owned, self)
+            part = self._partitions[p][1] if p in self._partitions else find_partition(p, owned, self)
             if part is None:
                 raise RuntimeError(f"EPIAdamW: {where} holds a tensor of shape {tuple(p.shape)} it was not given "
                                    "(a wrapper replaced its parameters, e.g. with a flattened partition) and no "
                                    "layout of it is known: per-tensor isolation would select over a slice of "
                                    "several parameters. Supported wrappers: DeepSpeed ZeRO stages 1-3 (README)")
-            if group["scope"] != "tensor" or group["threshold"] != "approx":
+            if settings["scope"] != "tensor" or settings["threshold"] != "approx":
                 raise RuntimeError(f"EPIAdamW under DeepSpeed ZeRO ({where}) supports scope='tensor' with "
-                                   f"threshold='approx' only, got scope={group['scope']!r}, "
-                                   f"threshold={group['threshold']!r}")
+                                   f"threshold='approx' only, got scope={settings['scope']!r}, "
+                                   f"threshold={settings['threshold']!r}")
             st = self.state.get(p, {})
             if "threshold_bits" in st and tuple(st["threshold_bits"].shape) != (len(part.pieces),):
                 raise RuntimeError(f"EPIAdamW: {where} holds a flat partition of {len(part.pieces)} parameters, but "
@@ -357,11 +366,11 @@ class EPIAdamW(Optimizer):
             self._partitions[p] = (id(group), part)
             for j, piece in enumerate(part.pieces):
                 self._pieces[piece.param] = (p, j)
+        self._checked[id(group)] = (params, len(params))  # (the list itself: its id cannot be reused)
 
-    def _stepped_params(self, group: dict, index: int) -> list[Tensor]:
+    def _stepped_params(self, group: dict) -> list[Tensor]:
         """Params of `group` that take part in this step; raises before any state changes."""
         params = [p for p in group["params"] if p.grad is not None]
-        self._check_partitions(group, params, f"param group {index}")
         for p in params:
             if p.grad.is_sparse:
                 raise RuntimeError("EPIAdamW does not support sparse gradients")
@@ -398,7 +407,7 @@ class EPIAdamW(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._check_settings()
-        stepped = [self._stepped_params(group, i) for i, group in enumerate(self.param_groups)]  # validate all first
+        stepped = [self._stepped_params(group) for group in self.param_groups]  # validate all first
         decides = [bool(ps) and self._decides_on_device(g, ps) for g, ps in zip(self.param_groups, stepped)]
         on_device = [d for d, ps in zip(decides, stepped) if ps]
         if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing() and not all(on_device):
@@ -425,6 +434,10 @@ class EPIAdamW(Optimizer):
         checked = [_checked_settings(group, f" in param group {i}") for i, group in changed]
         for (i, group), values in zip(changed, checked):  # (a changed `importance` is a changed group)
             self._check_score_source(group, values["importance"], i)
+            self._checked.pop(id(group), None)  # its partitions are checked against the new settings
+        new = {id(group): values for (_, group), values in zip(changed, checked)}
+        for i, group in enumerate(self.param_groups):
+            self._check_partitions(group, f"param group {i}", new.get(id(group), group))
         for (_, group), values in zip(changed, checked):
             group.update(values)
             self._validated[id(group)] = _settings_of(group)

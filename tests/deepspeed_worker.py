@@ -28,9 +28,11 @@ CONFIGS = {"zero0": (dict(stage=0), "torch"), "zero1": (dict(stage=1), "torch"),
            "zero3-subgroups-cuda": (dict(stage=3, sub_group_size=1500), "cuda"),
            "zero2-offload": (dict(stage=2, offload_optimizer=dict(device="cpu")), "torch"),
            "zero3-offload": (dict(stage=3, sub_group_size=1500, offload_optimizer=dict(device="cpu")), "torch")}
-# settings that cannot hold under ZeRO: name -> (zero_optimization, EPIAdamW arguments)
-REFUSED = {"elastic": (dict(stage=2, elastic_checkpoint=True), {}), "global": (dict(stage=2), dict(scope="global")),
-           "exact": (dict(stage=3), dict(threshold="exact"))}
+# settings that cannot hold under ZeRO: name -> (zero_optimization, EPIAdamW arguments, group settings
+# changed after one step)
+REFUSED = {"elastic": (dict(stage=2, elastic_checkpoint=True), {}, {}),
+           "global": (dict(stage=2), dict(scope="global"), {}), "exact": (dict(stage=3), dict(threshold="exact"), {}),
+           "global-mid-run": (dict(stage=1), {}, dict(scope="global"))}
 
 
 def model():
@@ -110,15 +112,18 @@ def run(name, out_dir):
 
 
 def refused(name):
-    """The error the first step raises (the same on every rank)."""
-    cfg, settings = REFUSED[name]
-    eng, _, _, _ = engine_for(cfg, **settings)
-    x, y = batch(0)
-    eng.backward(loss_of(eng(x), y))
-    try:
-        eng.step()
-    except RuntimeError as e:
-        return str(e)
+    """The error the first step (after the change) raises, the same on every rank."""
+    cfg, settings, change = REFUSED[name]
+    eng, epi, _, _ = engine_for(cfg, **settings)
+    for step in range(2 if change else 1):
+        if step:
+            epi.param_groups[0].update(change)
+        x, y = batch(step)
+        eng.backward(loss_of(eng(x), y))
+        try:
+            eng.step()
+        except RuntimeError as e:
+            return (step, str(e))
     return None
 
 

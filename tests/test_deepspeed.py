@@ -90,6 +90,10 @@ def test_zero_stage_isolates_per_model_parameter_like_one_process(results, name)
 @pytest.mark.parametrize("name,message", [
     ("elastic", "does not support elastic_checkpoint"),
     ("global", "supports scope='tensor' with threshold='approx' only, got scope='global'"),
-    ("exact", "supports scope='tensor' with threshold='approx' only, got scope='tensor', threshold='exact'")])
+    ("exact", "supports scope='tensor' with threshold='approx' only, got scope='tensor', threshold='exact'"),
+    ("global-mid-run", "supports scope='tensor' with threshold='approx' only, got scope='global'")])
 def test_zero_settings_that_cannot_hold_raise_at_the_first_step(results, name, message):
-    assert results[name]["error"] is not None and message in results[name]["error"]
+    """At the first step, or the first after the setting changed (never a silent flat top-k)."""
+    assert results[name]["error"] is not None
+    step, error = results[name]["error"]
+    assert step == (1 if REFUSED[name][2] else 0) and message in error
