@@ -280,6 +280,7 @@ class EPIAdamW(Optimizer):
         self._pieces: dict[Tensor, tuple[Tensor, int]] = {}  # model parameter -> (its flat partition, piece index)
         self._engine_steps: dict[int, tuple[set, bool, bool]] = {}  # partitioned groups: the step in progress
         self._checked: dict[int, tuple[list, int]] = {}  # per group, its params list (and length) last checked
+        self._copies: dict[Tensor, Tensor] = {}  # model parameter -> the same-shaped copy a wrapper steps instead
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -301,7 +302,7 @@ class EPIAdamW(Optimizer):
         self._requests = {}
         self._validated = {}  # the first step validates the groups (load_state_dict already did)
         self._owned = getattr(self, "_owned", {})  # (load_state_dict re-keys it to the new groups)
-        self._partitions, self._pieces, self._engine_steps, self._checked = {}, {}, {}, {}
+        self._partitions, self._pieces, self._engine_steps, self._checked, self._copies = {}, {}, {}, {}, {}
         for group in self.param_groups:
             _fill_defaults(group, self.defaults)
             for p in group["params"]:
@@ -345,10 +346,14 @@ class EPIAdamW(Optimizer):
         if id(group) not in self._owned:  # a group restored by pickle has no record: what it holds is its own
             self._owned[id(group)] = (list(params), {id(p) for p in params})
         owned, known = self._owned[id(group)]
-        for p in params:
+        for i, p in enumerate(params):
             if id(p) in known:
                 continue
             part = self._partitions[p][1] if p in self._partitions else find_partition(p, owned, self)
+            if part is None and len(params) == len(owned) and p.shape == owned[i].shape and p.dim():
+                known.add(id(p))  # a copy of the parameter it replaces (fp32 master weights): a whole tensor
+                self._copies[owned[i]] = p
+                continue
             if part is None:
                 raise RuntimeError(f"EPIAdamW: {where} holds a tensor of shape {tuple(p.shape)} it was not given "
                                    "(a wrapper replaced its parameters, e.g. with a flattened partition) and no "
@@ -600,7 +605,9 @@ class EPIAdamW(Optimizer):
         Sharded `p`: this rank's part, shaped like the local shard (FSDP2), or 1-D over the elements
         of `p` (in its flat order) that this rank's flat partition holds (DeepSpeed ZeRO; empty if
         none). `gather=True`: the whole tensor's mask, shaped like the whole `p`, on every rank (a
-        collective over the shard group: every rank of it must call it)."""
+        collective over the shard group: every rank of it must call it). A model parameter that a
+        wrapper replaced by a copy (fp32 master weights): the copy's mask."""
+        p = self._copies.get(p, p)
         if p in self._pieces:
             flat, j = self._pieces[p]
             piece = self._partitions[flat][1].pieces[j]
@@ -629,6 +636,7 @@ class EPIAdamW(Optimizer):
         a random control mask or one computed elsewhere; `static=True` with a `warmup_steps`
         beyond the run keeps it for good. Creates `p`'s state if it has none yet. Under DeepSpeed
         ZeRO (after the first step), every rank passes the whole mask and keeps its own part."""
+        p = self._copies.get(p, p)
         group = next((g for g in self.param_groups if any(q is p for q in g["params"])), None)
         if group is None and p not in self._pieces:
             raise ValueError("set_isolation_mask: p is not a parameter of this optimizer (under DeepSpeed ZeRO: "

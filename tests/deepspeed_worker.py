@@ -27,7 +27,9 @@ CONFIGS = {"zero0": (dict(stage=0), "torch"), "zero1": (dict(stage=1), "torch"),
            "zero3-subgroups-triton": (dict(stage=3, sub_group_size=1500), "triton"),
            "zero3-subgroups-cuda": (dict(stage=3, sub_group_size=1500), "cuda"),
            "zero2-offload": (dict(stage=2, offload_optimizer=dict(device="cpu")), "torch"),
-           "zero3-offload": (dict(stage=3, sub_group_size=1500, offload_optimizer=dict(device="cpu")), "torch")}
+           "zero3-offload": (dict(stage=3, sub_group_size=1500, offload_optimizer=dict(device="cpu")), "torch"),
+           # bf16 training: a bf16 model, fp32 master partitions
+           "zero2-bf16": (dict(stage=2), "torch"), "zero3-bf16": (dict(stage=3), "torch")}
 # settings that cannot hold under ZeRO: name -> (zero_optimization, EPIAdamW arguments, group settings
 # changed after one step)
 REFUSED = {"elastic": (dict(stage=2, elastic_checkpoint=True), {}, {}),
@@ -58,9 +60,9 @@ def snapshot(opt, params, gathered):
             "params": [t.detach().clone() for t in gathered()]}
 
 
-def engine_for(cfg, **epi):
+def engine_for(cfg, bf16=False, **epi):
     m = model()
-    config = {"train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": 1,
+    config = {"bf16": {"enabled": bf16}, "train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": 1,
               "gradient_clipping": 0.0,  # (DeepSpeed's default clips at 1.0)
               "zero_allow_untested_optimizer": True, "zero_force_ds_cpu_optimizer": False,  # (offload)
               "zero_optimization": cfg}
@@ -77,10 +79,10 @@ def engine_for(cfg, **epi):
     return eng, epi, params, gathered
 
 
-def train(eng, epi, params, gathered, steps):
+def train(eng, epi, params, gathered, steps, dtype=torch.float32):
     out = []
     for step in steps:
-        x, y = batch(step)
+        x, y = (t.to(dtype) for t in batch(step))
         loss = loss_of(eng(x), y)
         eng.backward(loss)
         eng.step()
@@ -88,25 +90,25 @@ def train(eng, epi, params, gathered, steps):
     return out
 
 
-def state_views(cfg, params):
-    """DeepSpeed's per-parameter views of the optimizer state (ZeRO 1-3), gathered."""
+def state_views(params):
+    """DeepSpeed's per-parameter views of the optimizer state (of flat partitions), gathered."""
     from deepspeed.utils import safe_get_full_optimizer_state
 
-    if cfg["stage"] == 0:
-        return None
     return {key: [safe_get_full_optimizer_state(p, key).clone() for p in params] for key in ("importance", "exp_avg_sq")}
 
 
 def run(name, out_dir):
     cfg, backend = CONFIGS[name]
-    eng, epi, params, gathered = engine_for(cfg, backend=backend)
-    steps = train(eng, epi, params, gathered, range(SAVE_AT))
+    bf16 = name.endswith("bf16")
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    eng, epi, params, gathered = engine_for(cfg, bf16, backend=backend)
+    steps = train(eng, epi, params, gathered, range(SAVE_AT), dtype)
     eng.save_checkpoint(f"{out_dir}/ckpt-{name}", tag="t")
-    steps += train(eng, epi, params, gathered, range(SAVE_AT, STEPS))
-    views = state_views(cfg, params)
-    eng2, epi2, params2, gathered2 = engine_for(cfg, backend=backend)
+    steps += train(eng, epi, params, gathered, range(SAVE_AT, STEPS), dtype)
+    views = state_views(params) if cfg["stage"] else None  # (ZeRO 0: whole tensors, no views)
+    eng2, epi2, params2, gathered2 = engine_for(cfg, bf16, backend=backend)
     eng2.load_checkpoint(f"{out_dir}/ckpt-{name}", tag="t")
-    resumed = train(eng2, epi2, params2, gathered2, range(SAVE_AT, STEPS))
+    resumed = train(eng2, epi2, params2, gathered2, range(SAVE_AT, STEPS), dtype)
     return {"steps": steps, "resumed": resumed, "views": views, "epi_step": [g["epi_step"] for g in epi.param_groups],
             "partitions": len(epi._partitions)}
 

@@ -2,7 +2,7 @@
 EPIAdamW as the client optimizer of `deepspeed.initialize` isolates per model parameter, not per
 flat partition: after every step the gathered masks, the per-tensor statistics and the parameters
 equal a single-process run's bit for bit, at every stage, with several ZeRO-3 sub-groups, with the
-kernel backends and with the optimizer offloaded to the CPU; a run resumed from a DeepSpeed
+kernel backends, with the optimizer offloaded to the CPU, and in bf16 (fp32 master weights); a run resumed from a DeepSpeed
 checkpoint continues bit for bit; DeepSpeed's per-parameter state views read the scores; settings
 that cannot hold raise at the first step."""
 import json
@@ -38,21 +38,28 @@ def results(tmp_path_factory):
     return {name: torch.load(out / f"{name}.pt", weights_only=False) for name in names}
 
 
-def _single_process(backend):
-    """The reference: the same model, batches and settings in one process, no DeepSpeed."""
-    m = model()
-    opt = EPIAdamW(m.parameters(), backend=backend, **EPI)
-    params, snaps = list(m.parameters()), []
+def _single_process(backend, bf16=False):
+    """The reference: the same model, batches and settings in one process, no DeepSpeed. bf16: a
+    bf16 model whose fp32 copies ("master weights") EPIAdamW steps, copied back after each step."""
+    m = model().to(torch.bfloat16 if bf16 else torch.float32)
+    params = list(m.parameters())
+    master = [torch.nn.Parameter(p.detach().float()) for p in params] if bf16 else params
+    opt = EPIAdamW(master, backend=backend, **EPI)
+    snaps = []
     for step in range(STEPS):
-        x, y = batch(step)
-        opt.zero_grad()
+        x, y = (t.to(params[0].dtype) for t in batch(step))
+        m.zero_grad()
         loss_of(m(x), y).backward()
+        for p, w in zip(params, master):
+            w.grad = p.grad.float()
         opt.step()
-        snaps.append({"masks": [opt.isolation_mask(p) for p in params],
+        for p, w in zip(params, master):
+            p.data.copy_(w)
+        snaps.append({"masks": [opt.isolation_mask(w) for w in master],
                       "stats": [{k: s[k] for k in ("k", "selected", "threshold_bits", "refresh_step", "numel")}
                                 for s in opt.isolation_stats()],
                       "params": [p.detach().clone() for p in params]})
-    state = {key: [opt.state[p][key] for p in params] for key in ("importance", "exp_avg_sq")}
+    state = {key: [opt.state[w][key] for w in master] for key in ("importance", "exp_avg_sq")}
     return snaps, state
 
 
@@ -73,7 +80,7 @@ def _assert_same(run, ref):
 def test_zero_stage_isolates_per_model_parameter_like_one_process(results, name):
     cfg, backend = CONFIGS[name]
     got = results[name]
-    ref, ref_state = _single_process(backend)
+    ref, ref_state = _single_process(backend, bf16=name.endswith("bf16"))
     assert sum(s["selected"] for s in ref[-1]["stats"]) > 0  # something is isolated (refreshes at 2, 4, 6)
     for step in range(STEPS):
         _assert_same(got["steps"][step], ref[step])

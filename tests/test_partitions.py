@@ -40,3 +40,25 @@ def test_a_tensor_the_group_was_not_given_is_refused_before_anything_changes():
     with pytest.raises(RuntimeError, match=r"param group 0 holds a tensor of shape \(36,\) it was not given"):
         opt.step()
     assert torch.equal(flat, before) and not opt.state and opt.param_groups[0]["epi_step"] == 0
+
+
+def test_same_shaped_copies_in_place_of_the_parameters_are_whole_tensors():
+    """A wrapper that steps fp32 copies of bf16 parameters (DeepSpeed's unfused fp16/bf16 optimizer)
+    replaces each parameter by a tensor of its shape: per-tensor selection holds, the copies are
+    stepped as ordinary tensors, and the model's parameters answer isolation_mask with their copy's."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(16, 8).bfloat16()
+    opt = EPIAdamW(model.parameters(), isolation_ratio=0.25, refresh_interval=1, warmup_steps=1)
+    copies = [torch.nn.Parameter(p.detach().float()) for p in model.parameters()]
+    opt.param_groups[0]["params"] = copies
+    reference = EPIAdamW([torch.nn.Parameter(c.detach().clone()) for c in copies], isolation_ratio=0.25,
+                         refresh_interval=1, warmup_steps=1)
+    for step in range(3):
+        grads = [torch.randn_like(c) * 10.0 ** torch.randint(-3, 3, c.shape) for c in copies]
+        for c, r, g in zip(copies, reference.param_groups[0]["params"], grads):
+            c.grad, r.grad = g, g.clone()
+        opt.step()
+        reference.step()
+    for p, c, r in zip(model.parameters(), copies, reference.param_groups[0]["params"]):
+        assert torch.equal(c, r)
+        assert torch.equal(opt.isolation_mask(p), reference.isolation_mask(r)) and opt.isolation_mask(p).any()
