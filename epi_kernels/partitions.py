@@ -59,7 +59,6 @@ class Partition:
     """The pieces of a flat partition, one per model parameter the partition's layout covers (the
     same parameters, in the same order, on every rank of the group)."""
     pieces: tuple[Piece, ...]
-    stage: int
 
 
 def _rank_and_size(group) -> tuple[int, int]:
@@ -70,6 +69,22 @@ def _rank_and_size(group) -> tuple[int, int]:
 
 def _same_storage(a: Tensor, b: Tensor) -> bool:
     return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
+_UNSUPPORTED = (("elastic_checkpoint", "elastic_checkpoint: it re-cuts the flat partitions on load, which would "
+                 "scramble the per-parameter isolation state; set \"elastic_checkpoint\": false"),
+                ("swap_optimizer", "NVMe offload of the optimizer state: it swaps the state in and out of the "
+                 "optimizer's view"),
+                ("zenflow", "ZenFlow: it steps the partitions outside the optimizer's step"))
+
+
+def _refuse_unsupported(wrappers: Sequence) -> None:
+    """RuntimeError naming the first ZeRO feature in use (in a wrapper object or its attribute
+    dict) that per-parameter isolation cannot follow."""
+    for w in wrappers:
+        for attr, why in _UNSUPPORTED:
+            if (w.get(attr) if isinstance(w, dict) else getattr(w, attr, False)):
+                raise RuntimeError(f"EPIAdamW under DeepSpeed ZeRO does not support {why}")
 
 
 def _holders(optimizer) -> list:
@@ -87,13 +102,10 @@ def _zero12(flat: Tensor, params: Sequence[Tensor], optimizer) -> Partition | No
     """ZeRO 1/2 (and the bf16 optimizer): the group's parameters as DeepSpeed linked them."""
     linked = [p for p in params if hasattr(p, "_dp_group") and hasattr(p, "_hp_mapping")]
     mapped = [p for p in linked if p._hp_mapping is not None]
-    if not mapped or not all(_same_storage(p._hp_mapping.hp_fragment, flat) for p in mapped):
+    # (none mapped: this rank's partition holds only padding; it still takes part in the collectives)
+    if not linked or not all(_same_storage(p._hp_mapping.hp_fragment, flat) for p in mapped):
         return None
-    if any(h.get("elastic_checkpoint") if isinstance(h, dict) else getattr(h, "elastic_checkpoint", False)
-           for h in _holders(optimizer)):
-        raise RuntimeError("EPIAdamW under DeepSpeed ZeRO does not support elastic_checkpoint: it re-cuts the flat "
-                           "partitions on load, which would scramble the per-parameter isolation state; set "
-                           "\"elastic_checkpoint\": false in zero_optimization")
+    _refuse_unsupported(_holders(optimizer))
     pieces = []
     for p in linked:
         rank, size = _rank_and_size(p._dp_group)
@@ -101,7 +113,7 @@ def _zero12(flat: Tensor, params: Sequence[Tensor], optimizer) -> Partition | No
         m = p._hp_mapping
         pieces.append(Piece(p, m.hp_fragment_address.start, m.hp_fragment_address.numel, m.lp_fragment_address.start,
                             shard) if m is not None else Piece(p, 0, 0, 0, shard))
-    return Partition(tuple(pieces), stage=2)
+    return Partition(tuple(pieces))
 
 
 def _zero3(flat: Tensor, params: Sequence[Tensor]) -> Partition | None:
@@ -111,10 +123,7 @@ def _zero3(flat: Tensor, params: Sequence[Tensor]) -> Partition | None:
     index = next((i for i, f in enumerate(flats) if f is flat), None)
     if index is None:
         return None
-    for attr, what in (("swap_optimizer", "NVMe offload of the optimizer state"), ("zenflow", "ZenFlow")):
-        if getattr(wrapper, attr, False):
-            raise RuntimeError(f"EPIAdamW under DeepSpeed ZeRO 3 does not support {what}: it moves or steps the "
-                               "state outside the optimizer's view of the parameters")
+    _refuse_unsupported([wrapper])
     pieces, start = [], 0
     for p in wrapper.fp16_groups[index]:
         rank, size = _rank_and_size(p.ds_process_group)
@@ -123,7 +132,7 @@ def _zero3(flat: Tensor, params: Sequence[Tensor]) -> Partition | None:
         pieces.append(Piece(p, start, max(0, min(n, p.ds_numel - offset)), offset,
                             Shard(p.ds_numel, reducer(p.ds_process_group), rank, size)))
         start += n
-    return Partition(tuple(pieces), stage=3)
+    return Partition(tuple(pieces))
 
 
 def full_shape(p: Tensor) -> tuple[int, ...]:
