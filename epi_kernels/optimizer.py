@@ -358,7 +358,8 @@ class EPIAdamW(Optimizer):
                 raise RuntimeError(f"EPIAdamW: {where} holds a tensor of shape {tuple(p.shape)} it was not given "
                                    "(a wrapper replaced its parameters, e.g. with a flattened partition) and no "
                                    "layout of it is known: per-tensor isolation would select over a slice of "
-                                   "several parameters. Supported wrappers: DeepSpeed ZeRO stages 1-3 (README)")
+                                   "several parameters. Supported wrappers: DeepSpeed ZeRO stages 1-3 (README). "
+                                   "To add parameters yourself, use add_param_group")
             if settings["scope"] != "tensor" or settings["threshold"] != "approx":
                 raise RuntimeError(f"EPIAdamW under DeepSpeed ZeRO ({where}) supports scope='tensor' with "
                                    f"threshold='approx' only, got scope={settings['scope']!r}, "
