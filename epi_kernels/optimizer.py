@@ -18,8 +18,7 @@ from torch.optim import Optimizer
 from .backends import BACKENDS, KERNEL_BACKENDS, check_backend, check_device, resolve_backend
 from .functional import epi_adamw, isolated_indices, refresh_ops
 from .mask import pack_mask, unpack_mask
-from .partitions import (Partition, find_partition, full_shape, gather_pieces, piece_bits, put_piece_bits,
-                         refresh_partition)
+from .partitions import Layouts, full_shape, gather_pieces, piece_bits, put_piece_bits, refresh_partition
 from .refresh import is_refresh_step, refresh_due, refresh_masks
 from .sharding import gather_shards, is_sharded, local, shard_of
 from .state import IMPORTANCE_DTYPES, init_epi_state, protect_epi_entries, restore_epi_entries
@@ -275,12 +274,8 @@ class EPIAdamW(Optimizer):
         self._histograms: dict[int, dict] = {}  # kernel backends: per group (by id), histograms for the next step
         self._requests: dict[int, Tensor] = {}  # capturable kernel steps: per group, pending refresh requests
         self._validated: dict[int, tuple] = {}  # per group (by id), its settings as last validated
-        self._owned: dict[int, tuple[list, set]] = {}  # per group (by id), the parameters it was given (and ids)
-        self._partitions: dict[Tensor, tuple[int, Partition]] = {}  # flat partition -> (its group's id, layout)
-        self._pieces: dict[Tensor, tuple[Tensor, int]] = {}  # model parameter -> (its flat partition, piece index)
+        self._layouts = Layouts()  # what each group was given, and what a wrapper put in its place (ZeRO)
         self._engine_steps: dict[int, tuple[set, bool, bool]] = {}  # partitioned groups: the step in progress
-        self._checked: dict[int, tuple[list, int]] = {}  # per group, its params list (and length) last checked
-        self._copies: dict[Tensor, Tensor] = {}  # model parameter -> the same-shaped copy a wrapper steps instead
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -293,7 +288,7 @@ class EPIAdamW(Optimizer):
         group = self.param_groups[-1]
         group.setdefault("epi_step", 0)
         self._validated[id(group)] = _settings_of(group)
-        self._owned[id(group)] = (list(group["params"]), {id(p) for p in group["params"]})
+        self._layouts.add(group)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -301,8 +296,9 @@ class EPIAdamW(Optimizer):
         self._histograms = {}
         self._requests = {}
         self._validated = {}  # the first step validates the groups (load_state_dict already did)
-        self._owned = getattr(self, "_owned", {})  # (load_state_dict re-keys it to the new groups)
-        self._partitions, self._pieces, self._engine_steps, self._checked, self._copies = {}, {}, {}, {}, {}
+        self._layouts = getattr(self, "_layouts", Layouts())  # (load_state_dict re-keys it to the new groups)
+        self._layouts.forget()
+        self._engine_steps = {}
         for group in self.param_groups:
             _fill_defaults(group, self.defaults)
             for p in group["params"]:
@@ -324,55 +320,10 @@ class EPIAdamW(Optimizer):
         if group["amsgrad"] and "max_exp_avg_sq" not in st:
             st["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         if "isolation_mask" not in st:
-            part = self._partitions.get(p)
+            part = self._layouts.partitions.get(p)
             init_epi_state(st, local(p), group["importance_dtype"],  # a shard's own elements
                            pieces=len(part[1].pieces) if part else None)
         return st
-
-    def _given(self, p: Tensor) -> bool:
-        """Whether `p` is a tensor given to this optimizer (not one a wrapper put in its place)."""
-        return any(id(p) in known for _, known in self._owned.values()) or not self._owned
-
-    def _check_partitions(self, group: dict, where: str, settings: dict) -> None:
-        """Find the layout of every tensor in `group` that it was not given: a flat partition a
-        wrapper put in its place (DeepSpeed ZeRO). RuntimeError if it is none this optimizer can
-        read, or the group's `settings` need whole tensors: top-k over a flat slice would be wrong.
-        Runs again when the group's list of parameters is another list object, or another length,
-        or its settings changed."""
-        params = group["params"]
-        checked = self._checked.get(id(group))
-        if checked is not None and checked[0] is params and checked[1] == len(params):
-            return
-        if id(group) not in self._owned:  # a group restored by pickle has no record: what it holds is its own
-            self._owned[id(group)] = (list(params), {id(p) for p in params})
-        owned, known = self._owned[id(group)]
-        for i, p in enumerate(params):
-            if id(p) in known:
-                continue
-            part = self._partitions[p][1] if p in self._partitions else find_partition(p, owned, self)
-            if part is None and len(params) == len(owned) and p.shape == owned[i].shape and p.dim():
-                known.add(id(p))  # a copy of the parameter it replaces (fp32 master weights): a whole tensor
-                self._copies[owned[i]] = p
-                continue
-            if part is None:
-                raise RuntimeError(f"EPIAdamW: {where} holds a tensor of shape {tuple(p.shape)} it was not given "
-                                   "(a wrapper replaced its parameters, e.g. with a flattened partition) and no "
-                                   "layout of it is known: per-tensor isolation would select over a slice of "
-                                   "several parameters. Supported wrappers: DeepSpeed ZeRO stages 1-3 (README). "
-                                   "To add parameters yourself, use add_param_group")
-            if settings["scope"] != "tensor" or settings["threshold"] != "approx":
-                raise RuntimeError(f"EPIAdamW under DeepSpeed ZeRO ({where}) supports scope='tensor' with "
-                                   f"threshold='approx' only, got scope={settings['scope']!r}, "
-                                   f"threshold={settings['threshold']!r}")
-            st = self.state.get(p, {})
-            if "threshold_bits" in st and tuple(st["threshold_bits"].shape) != (len(part.pieces),):
-                raise RuntimeError(f"EPIAdamW: {where} holds a flat partition of {len(part.pieces)} parameters, but "
-                                   f"its state has per-tensor entries of shape {tuple(st['threshold_bits'].shape)} "
-                                   "(saved with another layout?)")
-            self._partitions[p] = (id(group), part)
-            for j, piece in enumerate(part.pieces):
-                self._pieces[piece.param] = (p, j)
-        self._checked[id(group)] = (params, len(params))  # (the list itself: its id cannot be reused)
 
     def _stepped_params(self, group: dict) -> list[Tensor]:
         """Params of `group` that take part in this step; raises before any state changes."""
@@ -440,10 +391,10 @@ class EPIAdamW(Optimizer):
         checked = [_checked_settings(group, f" in param group {i}") for i, group in changed]
         for (i, group), values in zip(changed, checked):  # (a changed `importance` is a changed group)
             self._check_score_source(group, values["importance"], i)
-            self._checked.pop(id(group), None)  # its partitions are checked against the new settings
+            self._layouts.recheck(group)  # its partitions are checked against the new settings
         new = {id(group): values for (_, group), values in zip(changed, checked)}
         for i, group in enumerate(self.param_groups):
-            self._check_partitions(group, f"param group {i}", new.get(id(group), group))
+            self._layouts.check(group, f"param group {i}", new.get(id(group), group), self.state, self)
         for (_, group), values in zip(changed, checked):
             group.update(values)
             self._validated[id(group)] = _settings_of(group)
@@ -462,7 +413,7 @@ class EPIAdamW(Optimizer):
         capturable step of a kernel backend that refreshes inside its kernels."""
         return (group["capturable"] and resolve_backend(group["backend"], params[0].device) in KERNEL_BACKENDS
                 and group["scope"] == "tensor" and group["threshold"] == "approx"
-                and not any(is_sharded(p) or p in self._partitions for p in params))
+                and not any(is_sharded(p) or p in self._layouts.partitions for p in params))
 
     # GradScaler hands this optimizer its scale and overflow flag (as it does torch's fused Adam)
     # instead of unscaling the gradients itself and skipping step() on overflow.
@@ -520,14 +471,14 @@ class EPIAdamW(Optimizer):
     def _refresh_masks(self, group: dict, states: list[dict], scores: list[Tensor], params: list[Tensor],
                        backend: str, sharded: bool) -> None:
         ops = refresh_ops(backend)
-        whole = [i for i, p in enumerate(params) if p not in self._partitions]
+        whole = [i for i, p in enumerate(params) if p not in self._layouts.partitions]
         if whole:
             refresh_masks([states[i] for i in whole], scores=[scores[i] for i in whole],
                           isolation_ratio=group["isolation_ratio"], scope=group["scope"], threshold=group["threshold"],
                           ops=ops, shards=[shard_of(params[i]) for i in whole] if sharded else None)
         for p, st, s in zip(params, states, scores):
-            if p in self._partitions:  # each flat partition: its pieces in one batch (one collective per phase)
-                refresh_partition(st, s, self._partitions[p][1], isolation_ratio=group["isolation_ratio"], ops=ops)
+            if p in self._layouts.partitions:  # each flat partition: its pieces in one batch (one collective per phase)
+                refresh_partition(st, s, self._layouts.partitions[p][1], isolation_ratio=group["isolation_ratio"], ops=ops)
 
     def _device_control(self, group: dict, states: list[dict], skip: Tensor | None) -> Tensor:
         """The control words (refresh, collect, skip) of a capturable step, computed on the device
@@ -557,7 +508,7 @@ class EPIAdamW(Optimizer):
     def _step_group(self, group: dict, params: list[Tensor], on_device: bool, skip: Tensor | None) -> None:
         states = [self._init_state(p, group) for p in params]
         backend = resolve_backend(group["backend"], params[0].device)
-        partitioned = any(p in self._partitions for p in params)
+        partitioned = any(p in self._layouts.partitions for p in params)
         sharded = partitioned or any(is_sharded(p) for p in params)
         shard = local if sharded else (lambda t: t)  # FSDP2 DTensors: each rank steps its local shard
         # the scores: the EPI state's own, or (importance="exp_avg_sq") AdamW's second moment
@@ -608,10 +559,9 @@ class EPIAdamW(Optimizer):
         none). `gather=True`: the whole tensor's mask, shaped like the whole `p`, on every rank (a
         collective over the shard group: every rank of it must call it). A model parameter that a
         wrapper replaced by a copy (fp32 master weights): the copy's mask."""
-        p = self._copies.get(p, p)
-        if p in self._pieces:
-            flat, j = self._pieces[p]
-            piece = self._partitions[flat][1].pieces[j]
+        p = self._layouts.copies.get(p, p)
+        if p in self._layouts.pieces:
+            flat, _, piece = self._layouts.piece(p)
             bits = piece_bits(self.state[flat]["isolation_mask"], piece.start, piece.numel) \
                 if "isolation_mask" in self.state.get(flat, {}) else torch.zeros(piece.numel, dtype=torch.bool)
             return gather_pieces(bits, piece) if gather else bits
@@ -637,18 +587,17 @@ class EPIAdamW(Optimizer):
         a random control mask or one computed elsewhere; `static=True` with a `warmup_steps`
         beyond the run keeps it for good. Creates `p`'s state if it has none yet. Under DeepSpeed
         ZeRO (after the first step), every rank passes the whole mask and keeps its own part."""
-        p = self._copies.get(p, p)
+        p = self._layouts.copies.get(p, p)
         group = next((g for g in self.param_groups if any(q is p for q in g["params"])), None)
-        if group is None and p not in self._pieces:
+        if group is None and p not in self._layouts.pieces:
             raise ValueError("set_isolation_mask: p is not a parameter of this optimizer (under DeepSpeed ZeRO: "
                              "not until the first step has mapped the partitions)")
         if not torch.is_tensor(mask) or mask.dtype != torch.bool or tuple(mask.shape) != full_shape(p):
             raise ValueError(f"set_isolation_mask: mask must be a bool tensor of shape {full_shape(p)}, got "
                              f"{getattr(mask, 'dtype', type(mask).__name__)} {tuple(getattr(mask, 'shape', ()))}")
         if group is None:  # a model parameter of a flat partition: this rank's piece of the mask
-            flat, j = self._pieces[p]
-            gid, part = self._partitions[flat]
-            piece = part.pieces[j]
+            flat, j, piece = self._layouts.piece(p)
+            gid = self._layouts.partitions[flat][0]
             st = self._init_state(flat, next(g for g in self.param_groups if id(g) == gid))
             put_piece_bits(st["isolation_mask"], piece.start,
                            mask.reshape(-1)[piece.offset:piece.offset + piece.numel].to(flat.device))
@@ -668,13 +617,13 @@ class EPIAdamW(Optimizer):
         stats = []
         for gi, group in enumerate(self.param_groups):
             names = group.get("param_names")
-            owned = self._owned.get(id(group), (group["params"], None))[0]
+            owned = self._layouts.given.get(id(group), (group["params"], None))[0]
             # (tensor, its state, which entry of the state's per-tensor entries, index in the group)
             entries = [(p, self.state.get(p, {}), (), pi) for pi, p in enumerate(group["params"])
-                       if p not in self._partitions]
+                       if p not in self._layouts.partitions]
             index = {id(q): qi for qi, q in enumerate(owned)}
             entries += [(pc.param, self.state.get(flat, {}), (j,), index.get(id(pc.param)))
-                        for flat, (gid, part) in self._partitions.items() if gid == id(group)
+                        for flat, (gid, part) in self._layouts.partitions.items() if gid == id(group)
                         for j, pc in enumerate(part.pieces)]
             for p, st, at, pi in entries:
                 if "isolation_mask" not in st:
@@ -703,10 +652,10 @@ class EPIAdamW(Optimizer):
         pre = [self.register_load_state_dict_pre_hook(_check_loaded_groups),
                self.register_load_state_dict_pre_hook(protect_epi_entries)]
         post = self.register_load_state_dict_post_hook(restore_epi_entries, prepend=True)
-        owned = [self._owned.get(id(g)) for g in self.param_groups]
+        old = list(self.param_groups)
         try:
             super().load_state_dict(state_dict)  # (its __setstate__ drops the caches of the old state)
-            self._owned = {id(g): o for g, o in zip(self.param_groups, owned) if o is not None}  # the new groups
+            self._layouts.regroup(old, self.param_groups)
         finally:
             for hook in pre:
                 hook.remove()

@@ -98,7 +98,7 @@ def protect_epi_entries(optimizer: torch.optim.Optimizer, state_dict: dict[str, 
     for pid, entries in state_dict["state"].items():
         p = by_id.get(pid)
         if p is not None and any(k in entries for k in EPI_STATE_KEYS):
-            _check_entries(entries, p, pid, mode[pid], not optimizer._given(p))
+            _check_entries(entries, p, pid, mode[pid], not optimizer._layouts.is_given(p))
             entries = {k: _Verbatim(v) if k in EPI_STATE_KEYS else v for k, v in entries.items()}
         state[pid] = entries
     return {**state_dict, "state": state}

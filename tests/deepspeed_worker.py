@@ -110,7 +110,7 @@ def run(name, out_dir):
     eng2.load_checkpoint(f"{out_dir}/ckpt-{name}", tag="t")
     resumed = train(eng2, epi2, params2, gathered2, range(SAVE_AT, STEPS), dtype)
     return {"steps": steps, "resumed": resumed, "views": views, "epi_step": [g["epi_step"] for g in epi.param_groups],
-            "partitions": len(epi._partitions)}
+            "partitions": len(epi._layouts.partitions)}
 
 
 def refused(name):
