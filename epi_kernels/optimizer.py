@@ -477,8 +477,9 @@ class EPIAdamW(Optimizer):
                           isolation_ratio=group["isolation_ratio"], scope=group["scope"], threshold=group["threshold"],
                           ops=ops, shards=[shard_of(params[i]) for i in whole] if sharded else None)
         for p, st, s in zip(params, states, scores):
-            if p in self._layouts.partitions:  # each flat partition: its pieces in one batch (one collective per phase)
-                refresh_partition(st, s, self._layouts.partitions[p][1], isolation_ratio=group["isolation_ratio"], ops=ops)
+            part = self._layouts.partitions.get(p)
+            if part is not None:  # each flat partition: its pieces in one batch (one collective per phase)
+                refresh_partition(st, s, part[1], isolation_ratio=group["isolation_ratio"], ops=ops)
 
     def _device_control(self, group: dict, states: list[dict], skip: Tensor | None) -> Tensor:
         """The control words (refresh, collect, skip) of a capturable step, computed on the device

@@ -77,10 +77,12 @@ def _check_entries(entries: dict, p: Tensor, pid: object, importance: str, flat:
     if mask.dtype != torch.uint8 or mask.numel() != packed_numel(p.numel()):
         raise ValueError(f"{where}: 'isolation_mask' must be uint8[{packed_numel(p.numel())}] for a parameter "
                          f"of {p.numel()} elements, found {mask.dtype} {tuple(mask.shape)}")
-    shape = entries["threshold_bits"].shape if flat else ()
+    shape = torch.Size([])
+    if flat:  # vectors of one common length (threshold_bits' if it is a vector; none fits otherwise)
+        shape = entries["threshold_bits"].shape if entries["threshold_bits"].dim() == 1 else None
     for key, (_, dtypes) in SCALAR_ENTRIES.items():
         value = entries[key]
-        if (value.dim() != 1 or value.shape != shape if flat else value.dim() != 0) or value.dtype not in dtypes:
+        if value.shape != shape or value.dtype not in dtypes:
             what = "a vector (one per model parameter of the flat partition)" if flat else "a 0-dim"
             raise ValueError(f"{where}: '{key}' must be {what} {dtypes[0]} tensor, "
                              f"found {value.dtype} of shape {tuple(value.shape)}")

@@ -94,7 +94,8 @@ def state_views(params):
     """DeepSpeed's per-parameter views of the optimizer state (of flat partitions), gathered."""
     from deepspeed.utils import safe_get_full_optimizer_state
 
-    return {key: [safe_get_full_optimizer_state(p, key).clone() for p in params] for key in ("importance", "exp_avg_sq")}
+    return {key: [safe_get_full_optimizer_state(p, key).clone() for p in params]
+            for key in ("importance", "exp_avg_sq")}
 
 
 def run(name, out_dir):

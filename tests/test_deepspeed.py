@@ -16,7 +16,7 @@ import torch
 
 pytest.importorskip("deepspeed", reason="deepspeed is not installed (pip install -e '.[test]' installs it)")
 
-from deepspeed_worker import CONFIGS, EPI, REFUSED, SAVE_AT, STEPS, batch, loss_of, model  # noqa: E402
+from deepspeed_worker import CONFIGS, EPI, REFUSED, SAVE_AT, STEPS, batch, loss_of, model, snapshot  # noqa: E402
 from epi_kernels import EPIAdamW  # noqa: E402
 from kernel_devices import CPU_KERNEL_BACKENDS  # noqa: E402
 
@@ -56,10 +56,7 @@ def _single_process(backend, bf16=False):
         opt.step()
         for p, w in zip(params, master):
             p.data.copy_(w)
-        snaps.append({"masks": [opt.isolation_mask(w) for w in master],
-                      "stats": [{k: s[k] for k in ("k", "selected", "threshold_bits", "refresh_step", "numel")}
-                                for s in opt.isolation_stats()],
-                      "params": [p.detach().clone() for p in params]})
+        snaps.append(snapshot(opt, master, lambda: params))  # (gather=True of a whole tensor: its mask)
     state = {key: [opt.state[w][key] for w in master] for key in ("importance", "exp_avg_sq")}
     return snaps, state
 
