@@ -2,10 +2,10 @@
 import pytest
 
 from bench import common
-from epi_kernels.backends import KERNEL_BACKENDS
+from epi_kernels import backends
 
 SIZES = [1 << 20, 1 << 24]
-WHAT = [f"refresh ({b})" for b in common.runnable_backends("cpu") if b not in KERNEL_BACKENDS] + [
+WHAT = [f"refresh ({b})" for b in common.runnable_backends("cpu") if not backends.get(b).refreshes_in_step] + [
     "window threshold", "radix threshold (repair)", "torch.kthvalue", "torch.topk"]
 
 

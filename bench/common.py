@@ -23,8 +23,7 @@ import torch
 
 from epi_kernels import EPIAdamW, available_backends
 from epi_kernels import threshold as th
-from epi_kernels.backends import KERNEL_BACKENDS, check_device
-from epi_kernels.functional import refresh_ops
+from epi_kernels import backends as registry
 from epi_kernels.refresh import refresh_masks
 from epi_kernels.state import init_epi_state
 from epi_kernels.threshold import isolation_k
@@ -67,7 +66,7 @@ def runnable_backends(device: str) -> list[str]:
     out = []
     for b in available_backends():
         try:
-            check_device(b, torch.device(device))
+            registry.get(b).check_device(torch.device(device))
         except RuntimeError:
             continue
         out.append(b)
@@ -76,7 +75,7 @@ def runnable_backends(device: str) -> list[str]:
 
 def kernel_backends() -> list[str]:
     """The kernel backends installed here ("triton" if Triton is, "cuda" if the extension is)."""
-    return [b for b in available_backends() if b in KERNEL_BACKENDS]
+    return [b for b in available_backends() if registry.get(b).refreshes_in_step]
 
 
 def dry_cases() -> list[Case]:
@@ -197,10 +196,11 @@ def threshold_contenders(n: int, device: str, backends) -> dict[str, Callable[[]
     def refresh(backend):
         state["threshold_bits"].fill_(anchor)
         refresh_masks([state], isolation_ratio=0.01, scope="tensor", threshold="approx",
-                      ops=refresh_ops(backend))
+                      ops=registry.get(backend).refresh_ops)
 
-    fns = {f"refresh ({b})": (lambda b=b: refresh(b)) for b in backends if b not in KERNEL_BACKENDS}
-    for b in (b for b in backends if b in KERNEL_BACKENDS):  # refresh inside the step: the threshold kernels alone
+    in_step = [b for b in backends if registry.get(b).refreshes_in_step]
+    fns = {f"refresh ({b})": (lambda b=b: refresh(b)) for b in backends if b not in in_step}
+    for b in in_step:  # refresh inside the step: the threshold kernels alone
         fns[f"threshold kernels ({b})"] = lambda b=b: window_thresholds(b, [scores], [k], [anchor])
     fns = {**fns,
            "window threshold": lambda: th.approx_threshold([keys], k, anchor),

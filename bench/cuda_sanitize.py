@@ -49,7 +49,7 @@ def run(dtype: torch.dtype, score_dtype: torch.dtype, amsgrad: bool, device: str
         start = [opt.state[p]["importance"].clone() if p in opt.state else None for p in ps]
         anchors = [int(opt.state[p]["threshold_bits"]) if p in opt.state else th.KEY_NONE for p in ps]
         if t == 3:  # as if a checkpoint was loaded: the refresh rebuilds its histograms from the scores
-            opt._histograms.clear()
+            opt.load_state_dict(opt.state_dict())
         opt.step()
         for p, s, anchor in zip(ps, start, anchors):
             st = opt.state[p]

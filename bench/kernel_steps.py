@@ -18,7 +18,8 @@ from typing import Callable
 import torch
 
 from epi_kernels import EPIAdamW
-from epi_kernels.step_driver import RefreshPlan, kernel_epi_adamw
+from epi_kernels.step_driver import RefreshPlan, kernel_step
+from epi_kernels.step_records import StepHyper, StepTensors
 from epi_kernels.threshold import KEY_NONE
 
 RATIO = 0.01
@@ -26,26 +27,21 @@ RATIO = 0.01
 
 def step_variants(params: list[torch.nn.Parameter], backend: str) -> dict[str, Callable[[], None]]:
     """Callables for each variant over `params` (with gradients), sharing one optimizer state."""
-    def fused_step(*args, **kwargs):
-        kernel_epi_adamw(backend, *args, **kwargs)
-
     opt = EPIAdamW(params, backend=backend, isolation_ratio=RATIO, refresh_interval=1, warmup_steps=1)
     for _ in range(3):  # state, then real scores, then a threshold from real scores
         opt.step()
-    group = opt.param_groups[0]
+    hyper = StepHyper.of(opt.param_groups[0])
     states = [opt.state[p] for p in params]
-    lists = ([p.grad for p in params], [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states], [],
-             [st["step"] for st in states], [st["importance"] for st in states],
-             [st["isolation_mask"] for st in states])
-    hyper = dict(importance_beta=group["importance_beta"], importance=group["importance"], amsgrad=False,
-                 beta1=group["betas"][0], beta2=group["betas"][1], lr=group["lr"],
-                 weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
+    tensors = StepTensors.of(params, states, hyper, lambda t: t)
     collected: dict = {}
+
+    def fused_step(plan: RefreshPlan) -> None:
+        kernel_step(backend, tensors, hyper, plan)
 
     def run(refresh: bool, collect: bool, pending: dict | None = None) -> None:
         # handed the collected histograms (of the same score tensors), this refresh uses them
         plan = RefreshPlan(states, RATIO, refresh, collect, dict(pending or {}))
-        fused_step(params, *lists, **hyper, plan=plan)
+        fused_step(plan)
         if collect and not collected:
             collected.update(plan.histograms)
 
@@ -58,7 +54,7 @@ def step_variants(params: list[torch.nn.Parameter], backend: str) -> dict[str, C
     buffers: dict = {}
 
     def device() -> None:
-        fused_step(params, *lists, **hyper, plan=RefreshPlan(states, RATIO, True, True, buffers, control))
+        fused_step(RefreshPlan(states, RATIO, True, True, buffers, control))
 
     run(False, True)  # fills `collected`
     variants = {"plain": lambda: run(False, False), "histogram": lambda: run(False, True),

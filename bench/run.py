@@ -29,7 +29,7 @@ if "--dry" in sys.argv:  # before anything imports Triton: triton.jit reads it w
     os.environ["EPI_CUDA_HOST"] = "1"  # the CUDA backend's host harness on CPU tensors
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from bench import common  # noqa: E402
-from epi_kernels.backends import KERNEL_BACKENDS  # noqa: E402
+from epi_kernels import backends as registry  # noqa: E402
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 BASELINES = ("adamw-fused", "adamw-foreach")
@@ -127,7 +127,9 @@ def bench_memory(device) -> list[dict]:
                 opt.step()
             per_param = common.state_bytes_per_param(opt)
             base = per_param if base is None else base
-            cache = sum(8 * t.numel() for t in getattr(opt, "_isolated", {}).values()) / case.numel
+            # the eager backend's cache of flat isolated indices: int64 per isolated element
+            cached = registry.resolve(opt.param_groups[0]["backend"], params[0].device).wants_isolated_indices
+            cache = sum(8 * int(opt.isolation_mask(p).sum()) for p in params) / case.numel if cached else 0.0
             rows.append({"param_dtype": str(dtype).removeprefix("torch."), "optimizer": name,
                          "state_bytes_per_param": per_param, "over_adamw": per_param - base,
                          "index_cache_bytes_per_param": cache})
@@ -211,7 +213,7 @@ def gpu_targets(res) -> list[dict]:
     normal = {(r["contender"], r["case"], r["dtype"]): r for r in res["steps"] if r["step"] == "normal"}
     for (contender, case, dtype), r in normal.items():
         backend = contender.removeprefix("epi-").removesuffix("-v")
-        if backend not in KERNEL_BACKENDS:
+        if backend not in registry.names() or not registry.get(backend).refreshes_in_step:
             continue
         if contender.endswith("-v"):  # importance="exp_avg_sq": AdamW's bytes + 1 bit, so AdamW's time
             if dtype == "float32":
@@ -337,7 +339,7 @@ def main(argv=None) -> dict:
             torch.set_num_threads(threads[0])
         res["steps"] += bench_steps(args.device, cases, dtypes, backends, reps, threads[0])
         res["threshold"] += bench_threshold(args.device, sizes, reps, threads[0], backends)
-    fused = [b for b in backends if b in KERNEL_BACKENDS]
+    fused = [b for b in backends if registry.get(b).refreshes_in_step]
     res["kernel_variants"] = bench_kernel_variants(args.device, cases, dtypes, reps, fused) if cuda or args.dry else []
     res["memory"] = bench_memory(args.device)
     res["targets"] = gpu_targets(res) if cuda else [] if args.dry else targets(res)

@@ -10,7 +10,7 @@ import platform
 import torch
 
 from . import __version__
-from .backends import available_backends, resolve_backend
+from .backends import available_backends, resolve
 
 
 def report() -> list[str]:
@@ -35,7 +35,7 @@ def report() -> list[str]:
         for i in range(torch.cuda.device_count()):
             lines.append(f"cuda:{i} {torch.cuda.get_device_name(i)}, capability "
                          f"{'.'.join(map(str, torch.cuda.get_device_capability(i)))}")
-        lines.append(f'backend="auto" on CUDA tensors: {resolve_backend("auto", torch.device("cuda"))}')
+        lines.append(f'backend="auto" on CUDA tensors: {resolve("auto", torch.device("cuda")).name}')
     else:
         lines.append('no CUDA device visible to torch: backend="auto" is "torch"')
     return lines

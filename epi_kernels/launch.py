@@ -28,6 +28,16 @@ class StepFlags(NamedTuple):
     collect: bool  # count the new scores into window histograms
     v_scores: bool = False  # the scores are exp_avg_sq: no score column of their own (importance="exp_avg_sq")
 
+    @classmethod
+    def of(cls, hyper, **decided: bool) -> StepFlags:
+        """The flags of a step: each one `decided` by the caller (refresh, collect), else the
+        attribute of the same name of `hyper` (a :class:`~epi_kernels.step_records.StepHyper`)."""
+        return cls(*(decided[f] if f in decided else bool(getattr(hyper, f)) for f in cls._fields))
+
+    @classmethod
+    def from_bits(cls, bits: int) -> StepFlags:
+        return cls(*(bool(bits >> i & 1) for i in range(len(cls._fields))))
+
     def bits(self) -> int:
         assert self._fields == FLAGS  # the ABI's order
         return sum(1 << i for i, on in enumerate(self) if on)

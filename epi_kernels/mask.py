@@ -15,7 +15,8 @@ from torch import Tensor
 
 from .threshold import score_keys
 
-__all__ = ["packed_numel", "pack_mask", "threshold_mask", "score_mask", "unpack_mask", "popcount", "jaccard_counts"]
+__all__ = ["packed_numel", "pack_mask", "threshold_mask", "score_mask", "unpack_mask", "isolated_indices", "popcount",
+           "jaccard_counts"]
 
 assert sys.byteorder == "little", "packed masks assume a little-endian host"
 _BIT_WEIGHTS = torch.tensor([1 << i for i in range(8)], dtype=torch.uint8)
@@ -57,6 +58,12 @@ def unpack_mask(packed: Tensor, numel: int) -> Tensor:
     """Inverse of :func:`pack_mask`: a flat bool tensor of `numel` elements."""
     bits = packed.reshape(-1, 1) & _BIT_WEIGHTS.to(packed.device)
     return bits.view(-1)[:numel] != 0
+
+
+@torch.compiler.disable  # a data-dependent size: traced, it breaks the graph and recompiles as counts change
+def isolated_indices(packed_mask: Tensor, numel: int) -> Tensor:
+    """Flat (logical-order) int64 indices of the isolated elements of a packed mask."""
+    return unpack_mask(packed_mask, numel).nonzero().squeeze(1)
 
 
 def popcount(packed: Tensor) -> Tensor:

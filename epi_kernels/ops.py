@@ -11,9 +11,10 @@ writes is declared mutated, and nothing else is written (opcheck verifies it).
   advanced the step counters. ``refresh`` (with ``tau``, the tie cuts ``cut`` and ``counts``) lets
   the step set the masks and count (isolated, kept-from-before); ``collect`` (with ``origin``,
   ``hist``, ``over``) lets it count the new scores into window histograms for the next step's
-  refresh; each happens where its control word is set too. ``v_scores``: the scores are the
-  ``exp_avg_sqs`` (importance="exp_avg_sq"; ``importances`` is then empty, so no tensor is passed
-  twice), which the step updates as moments only.
+  refresh; each happens where its control word is set too. ``flags`` is the int32 bit set of
+  abi.FLAGS (:class:`~epi_kernels.launch.StepFlags`: refresh and collect are two of them); with
+  ``v_scores`` the scores are the ``exp_avg_sqs`` (importance="exp_avg_sq"; ``importances`` is then
+  empty, so no tensor is passed twice), which the step updates as moments only.
 * ``window_histogram``: window histograms of stored scores around ``origin``.
 * ``select_thresholds``: tau of each tensor from the window histograms and its ``k``, then the
   repair path and tie cuts for the tensors the window cannot answer (where ``gate`` is not 0).
@@ -37,16 +38,16 @@ _MUTATED = ("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "importances
 def _fused_step(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
                 max_exp_avg_sqs: list[Tensor], importances: list[Tensor], masks: list[Tensor], scalars: Tensor,
                 control: Tensor, tau: Optional[Tensor], cut: Optional[Tensor], origin: Optional[Tensor],
-                hist: Optional[Tensor], over: Optional[Tensor], counts: Optional[Tensor], kernels: str, sq: bool,
-                maximize: bool, amsgrad: bool, refresh: bool, collect: bool, v_scores: bool) -> None:
+                hist: Optional[Tensor], over: Optional[Tensor], counts: Optional[Tensor], kernels: str,
+                flags: int) -> None:
     kset, context = kernel_set(kernels, params[0].device)
-    scores = exp_avg_sqs if v_scores else importances
-    launch = Launch([[p, grads[i], exp_avgs[i], exp_avg_sqs[i], max_exp_avg_sqs[i] if amsgrad else None,
+    step_flags = StepFlags.from_bits(flags)
+    scores = exp_avg_sqs if step_flags.v_scores else importances
+    launch = Launch([[p, grads[i], exp_avgs[i], exp_avg_sqs[i], max_exp_avg_sqs[i] if step_flags.amsgrad else None,
                       scores[i], masks[i]] for i, p in enumerate(params)])
     with context:
         if launch.programs:
-            kset.fused_step(launch, StepFlags(sq, maximize, amsgrad, refresh, collect, v_scores), scalars, control,
-                            tau, cut, origin, hist, over, counts)
+            kset.fused_step(launch, step_flags, scalars, control, tau, cut, origin, hist, over, counts)
     launch.finish()
 
 

@@ -31,8 +31,8 @@ from .refresh import RefreshOps, Shard, refresh_masks
 from .sharding import reducer
 from .state import SCALAR_ENTRIES
 
-__all__ = ["Layouts", "Piece", "Partition", "find_partition", "full_shape", "gather_pieces", "piece_bits",
-           "put_piece_bits", "refresh_partition"]
+__all__ = ["Piece", "Partition", "find_partition", "full_shape", "gather_pieces", "piece_bits", "put_piece_bits",
+           "refresh_partition"]
 
 
 @dataclass(frozen=True)
@@ -71,23 +71,32 @@ _UNSUPPORTED = (("elastic_checkpoint", "elastic_checkpoint: it re-cuts the flat 
 
 
 def _refuse_unsupported(wrappers: Sequence) -> None:
-    """RuntimeError naming the first ZeRO feature in use (in a wrapper object or its attribute
-    dict) that per-parameter isolation cannot follow."""
+    """RuntimeError naming the first ZeRO feature in use (an attribute of a wrapper) that
+    per-parameter isolation cannot follow."""
     for w in wrappers:
         for attr, why in _UNSUPPORTED:
-            if (w.get(attr) if isinstance(w, dict) else getattr(w, attr, False)):
+            if getattr(w, attr, False):
                 raise RuntimeError(f"EPIAdamW under DeepSpeed ZeRO does not support {why}")
 
 
-def _holders(optimizer) -> list:
-    """The objects (or their attribute dicts) whose `optimizer` is `optimizer`: DeepSpeed's wrapper.
-    ZeRO 1/2 leave no link from the parameters to it, so the garbage collector's referrers are
-    searched, once per partition."""
-    import gc  # noqa: PLC0415
+def _stepping_wrappers(optimizer) -> list:
+    """The objects stepping `optimizer` right now: DeepSpeed's ZeRO 1/2 wrapper calls its step()
+    from its own step(), as `self.optimizer.step()`, and leaves no link from the parameters to
+    itself, so the callers' frames are read (a few, once per partition found)."""
+    import inspect  # noqa: PLC0415
 
-    found = gc.get_referrers(optimizer)
-    return [r for r in found if (r.get("optimizer") if isinstance(r, dict) else getattr(r, "optimizer", None))
-            is optimizer]
+    found, frame = [], inspect.currentframe()
+    for _ in range(_CALLER_FRAMES):
+        if frame is None:
+            break
+        caller = frame.f_locals.get("self")
+        if caller is not optimizer and getattr(caller, "optimizer", None) is optimizer:
+            found.append(caller)
+        frame = frame.f_back
+    return found
+
+
+_CALLER_FRAMES = 32  # how far up the stack a wrapper's step() is looked for
 
 
 def _zero12(flat: Tensor, params: Sequence[Tensor], optimizer) -> Partition | None:
@@ -97,7 +106,7 @@ def _zero12(flat: Tensor, params: Sequence[Tensor], optimizer) -> Partition | No
     # (none mapped: this rank's partition holds only padding; it still takes part in the collectives)
     if not linked or not all(_same_storage(p._hp_mapping.hp_fragment, flat) for p in mapped):
         return None
-    _refuse_unsupported(_holders(optimizer))
+    _refuse_unsupported(_stepping_wrappers(optimizer))
     pieces = []
     for p in linked:
         rank, size = _rank_and_size(p._dp_group)
@@ -179,79 +188,3 @@ def refresh_partition(state: dict, scores: Tensor, partition: Partition, *, isol
     for pc, view in zip(pieces, views):
         if pc.numel:
             put_piece_bits(state["isolation_mask"], pc.start, unpack_mask(view["isolation_mask"], pc.numel))
-
-
-class Layouts:
-    """One optimizer's record of what its param groups hold: the parameters each group was given,
-    and what a wrapper put in their place (flat partitions, same-shaped copies), found by `check`."""
-
-    def __init__(self) -> None:
-        self.given: dict[int, tuple[list, set]] = {}  # per group (by id): its parameters, and their ids
-        self.partitions: dict[Tensor, tuple[int, Partition]] = {}  # flat partition -> (its group's id, layout)
-        self.pieces: dict[Tensor, tuple[Tensor, int]] = {}  # model parameter -> (its flat partition, piece index)
-        self.copies: dict[Tensor, Tensor] = {}  # model parameter -> the same-shaped copy stepped in its place
-        self._checked: dict[int, tuple[list, int]] = {}  # per group: its params list (and length) last checked
-
-    def add(self, group: dict) -> None:
-        self.given[id(group)] = (list(group["params"]), {id(p) for p in group["params"]})
-
-    def regroup(self, old: list, new: list) -> None:
-        """The records of groups `old` for the groups `new` that replace them (load_state_dict)."""
-        records = [self.given.get(id(g)) for g in old]
-        self.given = {id(g): r for g, r in zip(new, records) if r is not None}
-
-    def forget(self) -> None:
-        """Drop what `check` found (a loaded state): the next step finds it again."""
-        self.partitions, self.pieces, self.copies, self._checked = {}, {}, {}, {}
-
-    def recheck(self, group: dict) -> None:
-        self._checked.pop(id(group), None)
-
-    def is_given(self, p: Tensor) -> bool:
-        """Whether `p` is a tensor some group was given (not one a wrapper put in its place)."""
-        return not self.given or any(id(p) in ids for _, ids in self.given.values())
-
-    def piece(self, p: Tensor) -> tuple[Tensor, int, Piece]:
-        """(flat partition, index, piece) of model parameter `p` (in `pieces`)."""
-        flat, j = self.pieces[p]
-        return flat, j, self.partitions[flat][1].pieces[j]
-
-    def check(self, group: dict, where: str, settings: dict, state: dict, optimizer) -> None:
-        """Find the layout of every tensor in `group` that it was not given. RuntimeError if it is
-        none of the known ones, or the group's `settings` need whole tensors: a top-k over a flat
-        slice would be wrong. Runs again when the group's list of parameters is another list object
-        or another length, or after `recheck` (its settings changed)."""
-        params = group["params"]
-        checked = self._checked.get(id(group))
-        if checked is not None and checked[0] is params and checked[1] == len(params):
-            return
-        if id(group) not in self.given:  # a group restored by pickle has no record: what it holds is its own
-            self.add(group)
-        owned, known = self.given[id(group)]
-        for i, p in enumerate(params):
-            if id(p) in known:
-                continue
-            part = self.partitions[p][1] if p in self.partitions else find_partition(p, owned, optimizer)
-            if part is None and len(params) == len(owned) and p.shape == owned[i].shape and p.dim():
-                known.add(id(p))  # a copy of the parameter it replaces (fp32 master weights): a whole tensor
-                self.copies[owned[i]] = p
-                continue
-            if part is None:
-                raise RuntimeError(f"EPIAdamW: {where} holds a tensor of shape {tuple(p.shape)} it was not given "
-                                   "(a wrapper replaced its parameters, e.g. with a flattened partition) and no "
-                                   "layout of it is known: per-tensor isolation would select over a slice of "
-                                   "several parameters. Supported wrappers: DeepSpeed ZeRO stages 1-3 (README). "
-                                   "To add parameters yourself, use add_param_group")
-            if settings["scope"] != "tensor" or settings["threshold"] != "approx":
-                raise RuntimeError(f"EPIAdamW under DeepSpeed ZeRO ({where}) supports scope='tensor' with "
-                                   f"threshold='approx' only, got scope={settings['scope']!r}, "
-                                   f"threshold={settings['threshold']!r}")
-            st = state.get(p, {})
-            if "threshold_bits" in st and tuple(st["threshold_bits"].shape) != (len(part.pieces),):
-                raise RuntimeError(f"EPIAdamW: {where} holds a flat partition of {len(part.pieces)} parameters, but "
-                                   f"its state has per-tensor entries of shape {tuple(st['threshold_bits'].shape)} "
-                                   "(saved with another layout?)")
-            self.partitions[p] = (id(group), part)
-            for j, piece in enumerate(part.pieces):
-                self.pieces[piece.param] = (p, j)
-        self._checked[id(group)] = (params, len(params))  # (the list itself: its id cannot be reused)

@@ -1,4 +1,4 @@
-"""Mask refresh: when it happens, and the reference computation of new isolation masks.
+"""Mask refresh: the reference computation of new isolation masks (when it happens: schedule.py).
 
 At a refresh step t the new mask of each tensor is ``key(S) >= tau`` where S are the scores at the
 *start* of step t (before this step's EMA update) and tau comes from :mod:`epi_kernels.threshold`.
@@ -15,7 +15,7 @@ from .mask import jaccard_counts, packed_numel, popcount, score_mask, threshold_
 from .threshold import (KEY_NONE, TIE_NONE, approx_threshold, approx_thresholds, isolation_k,
                         radix_thresholds, score_keys, score_slots, slices, tie_counts, tie_cuts)
 
-__all__ = ["RefreshOps", "EAGER_OPS", "Shard", "is_refresh_step", "refresh_due", "refresh_masks"]
+__all__ = ["RefreshOps", "EAGER_OPS", "Shard", "refresh_masks"]
 
 
 @dataclass(frozen=True)
@@ -41,26 +41,6 @@ class Shard:
     reduce: Callable[[Tensor], Tensor]
     position: int = 0
     shards: int = 1
-
-
-def is_refresh_step(step: int, refresh_interval: int, warmup_steps: int | None, static: bool) -> bool:
-    """refresh(t): t >= warmup and (t - warmup) % interval == 0; static: only the first one.
-
-    `step` counts optimizer steps from 1; warmup_steps=None means warmup = refresh_interval.
-    """
-    warmup = refresh_interval if warmup_steps is None else warmup_steps
-    since = step - warmup
-    if since < 0 or since % refresh_interval:
-        return False
-    return not static or since == 0
-
-
-def refresh_due(step: Tensor, refresh_interval: int, warmup_steps: int | None, static: bool) -> Tensor:
-    """is_refresh_step on a device step counter (a bool tensor, no host read): capturable steps."""
-    warmup = refresh_interval if warmup_steps is None else warmup_steps
-    since = step - warmup
-    due = (since >= 0) & (since % refresh_interval == 0)
-    return due & (since == 0) if static else due
 
 
 def _global_values(scores: Tensor) -> Tensor:

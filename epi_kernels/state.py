@@ -1,4 +1,4 @@
-"""Per-parameter EPI state: its keys, lazy creation, and loading it without dtype casts.
+"""Per-parameter optimizer state: its keys, lazy creation, and loading EPI entries without dtype casts.
 
 torch's ``Optimizer.load_state_dict`` casts every state tensor except ``step`` to the parameter's
 dtype: fp32 scores of bf16 parameters would silently become bf16 and the int32 thresholds would
@@ -9,16 +9,17 @@ post-hook that runs before the user's post-hooks.
 from __future__ import annotations
 
 from itertools import chain
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
 
 from .mask import packed_numel
+from .sharding import local
 from .threshold import KEY_NONE
 
-__all__ = ["EPI_STATE_KEYS", "IMPORTANCE_DTYPES", "SCALAR_ENTRIES", "init_epi_state", "protect_epi_entries",
-           "restore_epi_entries"]
+__all__ = ["EPI_STATE_KEYS", "IMPORTANCE_DTYPES", "SCALAR_ENTRIES", "init_epi_state", "init_state", "step_dtype",
+           "tensor_step", "protect_epi_entries", "restore_epi_entries"]
 
 IMPORTANCE_DTYPES = (torch.float32, torch.bfloat16)
 # the 0-dim entries: initial value, and the dtypes they load in, the first being the one they are
@@ -41,6 +42,37 @@ def init_epi_state(state: dict, p: Tensor, importance_dtype: torch.dtype | None,
     # 0-dim entries live on the param's device too: kernels update them without a host sync
     for key, (value, dtypes) in SCALAR_ENTRIES.items():
         state[key] = torch.full(() if pieces is None else (pieces,), value, dtype=dtypes[0], device=p.device)
+
+
+def step_dtype(fused_or_capturable: bool) -> torch.dtype:
+    """The dtype of AdamW's `step` tensor: float32 for fused/capturable, else the default float type."""
+    if not fused_or_capturable and torch.get_default_dtype() == torch.float64:
+        return torch.float64
+    return torch.float32
+
+
+def init_state(state: dict, p: Tensor, group: dict, pieces: int | None = None) -> dict:
+    """Complete parameter `p`'s optimizer `state` for a step of `group`: AdamW's entries (as
+    torch.optim.AdamW makes them) and the EPI entries (:func:`init_epi_state` of `p`'s local
+    shard); `pieces` as there. Returns `state`."""
+    if "step" not in state:
+        on_device = group["capturable"] or group["fused"]
+        state["step"] = torch.zeros((), dtype=step_dtype(on_device), device=p.device if on_device else "cpu")
+        state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    if group["amsgrad"] and "max_exp_avg_sq" not in state:
+        state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    if "isolation_mask" not in state:
+        init_epi_state(state, local(p), group["importance_dtype"], pieces=pieces)
+    return state
+
+
+def tensor_step(state: dict, p: Tensor, group: dict) -> None:
+    """A `step` entry saved as a number (older torch) as the tensor AdamW keeps now."""
+    if "step" in state and not torch.is_tensor(state["step"]):
+        on_device = group["capturable"] or group["fused"]
+        state["step"] = torch.tensor(float(state["step"]), dtype=step_dtype(on_device),
+                                     device=p.device if on_device else "cpu")
 
 
 class _Verbatim:
@@ -88,19 +120,22 @@ def _check_entries(entries: dict, p: Tensor, pid: object, importance: str, flat:
                              f"found {value.dtype} of shape {tuple(value.shape)}")
 
 
-def protect_epi_entries(optimizer: torch.optim.Optimizer, state_dict: dict[str, Any]) -> dict[str, Any] | None:
-    """Load pre-hook: validate EPI entries and wrap them so they escape torch's dtype cast."""
+def protect_epi_entries(state_dict: dict[str, Any], groups: list[dict], is_given: Callable[[Tensor], bool]
+                        ) -> dict[str, Any] | None:
+    """Load pre-hook (of an optimizer whose param groups are `groups`): validate EPI entries and
+    wrap them so they escape torch's dtype cast. `is_given(p)`: whether `p` is a parameter the
+    optimizer was given (else a flat partition a wrapper put in its place)."""
     saved_groups = state_dict["param_groups"]
-    if [len(g["params"]) for g in saved_groups] != [len(g["params"]) for g in optimizer.param_groups]:
+    if [len(g["params"]) for g in saved_groups] != [len(g["params"]) for g in groups]:
         return None  # torch's loader raises its own error
     by_id = dict(zip(chain.from_iterable(g["params"] for g in saved_groups),
-                     chain.from_iterable(g["params"] for g in optimizer.param_groups)))
+                     chain.from_iterable(g["params"] for g in groups)))
     mode = {pid: g["importance"] for g in saved_groups for pid in g["params"]}
     state = {}
     for pid, entries in state_dict["state"].items():
         p = by_id.get(pid)
         if p is not None and any(k in entries for k in EPI_STATE_KEYS):
-            _check_entries(entries, p, pid, mode[pid], not optimizer._layouts.is_given(p))
+            _check_entries(entries, p, pid, mode[pid], not is_given(p))
             entries = {k: _Verbatim(v) if k in EPI_STATE_KEYS else v for k, v in entries.items()}
         state[pid] = entries
     return {**state_dict, "state": state}

@@ -32,12 +32,13 @@ from torch import Tensor
 
 from . import ops
 from .abi import CONTROL, WINDOW_BINS
-from .launch import origins, to_device
+from .launch import StepFlags, origins, to_device
 from .mask import jaccard_counts
+from .step_records import StepHyper, StepTensors
 from .step_scalars import step_scalars
 from .threshold import isolation_k
 
-__all__ = ["RefreshPlan", "Histograms", "kernel_epi_adamw"]
+__all__ = ["RefreshPlan", "Histograms", "kernel_step"]
 
 _REFRESH, _COLLECT, _SKIP = (CONTROL.index(w) for w in ("refresh", "collect", "skip"))
 
@@ -91,10 +92,10 @@ def _stack(states: list[dict], idx: list[int], key: str) -> Tensor:
     return torch.stack([states[i][key] for i in idx])
 
 
-def _launch_groups(params: list[Tensor], importances: list[Tensor]) -> dict[tuple, list[int]]:
+def _launch_groups(params: list[Tensor], scores: list[Tensor]) -> dict[tuple, list[int]]:
     groups: dict[tuple, list[int]] = {}
     for i, p in enumerate(params):
-        groups.setdefault((p.device, p.dtype, importances[i].dtype), []).append(i)
+        groups.setdefault((p.device, p.dtype, scores[i].dtype), []).append(i)
     return groups
 
 
@@ -111,15 +112,13 @@ def _store_refresh(states: list[dict], idx: list[int], refreshed: Tensor, counts
         torch._foreach_copy_(target, list(torch.where(refreshed, value.to(kept.dtype), kept).unbind(0)))
 
 
-def kernel_epi_adamw(kernels: str, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, importances,
-                     masks, *, importance_beta, importance, amsgrad, beta1, beta2, lr, weight_decay, eps, maximize,
-                     plan: RefreshPlan | None = None) -> None:
+def kernel_step(kernels: str, tensors: StepTensors, hyper: StepHyper, plan: RefreshPlan | None = None) -> None:
     """The EPI-AdamW step with the kernel set `kernels` ("triton" or "cuda"); with a `plan`, also
     the refresh of the masks and the histograms for the next step's refresh."""
     on_device = plan is not None and plan.control is not None
-    v_scores = importance == "exp_avg_sq"  # `importances` are the exp_avg_sqs themselves
     refresh = plan is not None and plan.refresh
     collect = plan is not None and plan.collect
+    state_steps = tensors.state_steps
     if on_device:  # a skipped step (GradScaler found inf/NaN) does not count
         live = (1 - plan.control[_SKIP]).to(state_steps[0].dtype)
         # a list of the one tensor, not the tensor itself: torch 2.11's _foreach_add_(tensors, tensor)
@@ -131,11 +130,13 @@ def kernel_epi_adamw(kernels: str, params, grads, exp_avgs, exp_avg_sqs, max_exp
     if plan is not None:  # histograms are only ever used by the very next step
         previous = dict(plan.histograms)
         plan.histograms.clear()
-    for (device, _, _), idx in _launch_groups(params, importances).items():
+    flags = StepFlags.of(hyper, refresh=refresh, collect=collect).bits()
+    for (device, _, _), idx in _launch_groups(tensors.params, tensors.scores).items():
         control = plan.control if on_device else _constant(_agreeing_control, device, refresh, collect)
-        scalars = step_scalars([state_steps[i] for i in idx], device, lr=lr, beta1=beta1, beta2=beta2,
-                               weight_decay=weight_decay, eps=eps, importance_beta=importance_beta)
-        scores = [importances[i] for i in idx]
+        part = tensors.take(idx)
+        scalars = step_scalars(part.state_steps, device, lr=hyper.lr, beta1=hyper.beta1, beta2=hyper.beta2,
+                               weight_decay=hyper.weight_decay, eps=hyper.eps, importance_beta=hyper.importance_beta)
+        scores = part.scores
         tau = cut = counts = origin = held = None
         if refresh or collect:
             anchor = _stack(plan.states, idx, "threshold_bits")
@@ -160,11 +161,8 @@ def kernel_epi_adamw(kernels: str, params, grads, exp_avgs, exp_avg_sqs, max_exp
                 held.hist.masked_fill_(control[_COLLECT] != 0, 0)
                 held.over.masked_fill_(control[_COLLECT] != 0, 0)
             plan.histograms[tuple(idx)] = held
-        ops.fused_step_([params[i] for i in idx], [grads[i] for i in idx], [exp_avgs[i] for i in idx],
-                        [exp_avg_sqs[i] for i in idx], [max_exp_avg_sqs[i] for i in idx] if amsgrad else [],
-                        [] if v_scores else scores, [masks[i] for i in idx], scalars, control, tau, cut, origin,
-                        held.hist if collect else None, held.over if collect else None, counts, kernels,
-                        sq=importance == "sq", maximize=maximize, amsgrad=amsgrad, refresh=refresh, collect=collect,
-                        v_scores=v_scores)
+        ops.fused_step_(part.params, part.grads, part.exp_avgs, part.exp_avg_sqs, part.max_exp_avg_sqs,
+                        [] if hyper.v_scores else scores, part.masks, scalars, control, tau, cut, origin,
+                        held.hist if collect else None, held.over if collect else None, counts, kernels, flags)
         if refresh:
             _store_refresh(plan.states, idx, control[_REFRESH] != 0, counts, tau, k, repaired, old_count, anchor)

@@ -8,18 +8,19 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import pkgutil
 
 import torch
 
 __all__ = ["NAMES", "kernel_set"]
 
-NAMES = {"triton": "triton_kernels", "cuda": "cuda_kernels"}
+# kernel set `name` is the module `<name>_kernels` of this package: a new one is found by its file
+NAMES = tuple(sorted(m.name[:-len("_kernels")] for m in pkgutil.iter_modules(__path__) if m.name.endswith("_kernels")))
 
 
 def kernel_set(name: str, device: torch.device):
     """(the kernel set `name` for tensors on `device`, the context to launch in)."""
-    module = NAMES.get(name)
-    if module is None:
+    if name not in NAMES:
         raise ValueError(f"epi_kernels ops: unknown kernel set {name!r} (expected one of {', '.join(NAMES)})")
-    kernels = importlib.import_module(f"{__name__}.{module}").kernels_for(device)
+    kernels = importlib.import_module(f"{__name__}.{name}_kernels").kernels_for(device)
     return kernels, torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()

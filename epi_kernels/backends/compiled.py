@@ -25,12 +25,14 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .refresh import RefreshOps
-from .score import score_ema_
-from .step_scalars import step_scalars
-from .threshold import score_keys, score_slots
+from ..refresh import RefreshOps
+from ..score import score_ema_
+from ..step_records import StepHyper, StepTensors
+from ..step_scalars import step_scalars
+from ..threshold import score_keys, score_slots
+from .registry import Backend, register
 
-__all__ = ["compiled_epi_adamw", "COMPILED_REFRESH_OPS"]
+__all__ = ["BACKEND", "compiled_step", "COMPILED_REFRESH_OPS"]
 
 _broken: str | None = None  # why compilation failed, once it has
 
@@ -149,22 +151,25 @@ COMPILED_REFRESH_OPS = RefreshOps(keys=_CompiledOrEager(score_keys),
                                   bins=_CompiledOrEager(score_slots), mask=_score_mask)
 
 
-def compiled_epi_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, importances,
-                       masks, *, importance_beta, importance, amsgrad, beta1, beta2, lr, weight_decay, eps,
-                       maximize) -> None:
+def compiled_step(tensors: StepTensors, hyper: StepHyper, plan: None = None) -> None:
     """Step each tensor with the compiled kernel (state in place, like the eager backend)."""
+    params, steps = tensors.params, tensors.state_steps
     if not params:
         return
-    torch._foreach_add_(state_steps, 1)
-    scalars = step_scalars(state_steps, state_steps[0].device, lr=lr, beta1=beta1, beta2=beta2,
-                           weight_decay=weight_decay, eps=eps, importance_beta=importance_beta)
+    torch._foreach_add_(steps, 1)
+    scalars = step_scalars(steps, steps[0].device, lr=hyper.lr, beta1=hyper.beta1, beta2=hyper.beta2,
+                           weight_decay=hyper.weight_decay, eps=hyper.eps, importance_beta=hyper.importance_beta)
     for i, p in enumerate(params):
         if not p.numel():
             continue
         # a tensor of its own: a row view's storage offset would be a symbolic input of the compiled step
         hp = scalars[i].to(p.device, non_blocking=True, copy=True)
-        score = None if importance == "exp_avg_sq" else importances[i]  # (else the scores are exp_avg_sqs)
-        tensors = [p, grads[i], exp_avgs[i], exp_avg_sqs[i], score, max_exp_avg_sqs[i] if amsgrad else None]
-        if all(t is None or t.is_contiguous() for t in tensors):
-            tensors = [None if t is None else t.view(-1) for t in tensors]  # one graph for every shape
-        _step_kernel(*tensors, masks[i].view(torch.int64), hp, importance == "sq", maximize)
+        score = None if hyper.v_scores else tensors.scores[i]  # (else the scores are exp_avg_sqs)
+        row = [p, tensors.grads[i], tensors.exp_avgs[i], tensors.exp_avg_sqs[i], score,
+               tensors.max_exp_avg_sqs[i] if hyper.amsgrad else None]
+        if all(t is None or t.is_contiguous() for t in row):
+            row = [None if t is None else t.view(-1) for t in row]  # one graph for every shape
+        _step_kernel(*row, tensors.masks[i].view(torch.int64), hp, hyper.sq, hyper.maximize)
+
+
+BACKEND = register(Backend("compiled", compiled_step, refresh_ops=COMPILED_REFRESH_OPS))
