@@ -5,7 +5,8 @@ repair) written once for both kernel sets against the :class:`Kernels` protocol.
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import NamedTuple, Protocol
+from collections import namedtuple
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -17,16 +18,16 @@ __all__ = ["StepFlags", "Kernels", "Launch", "kernel_window_histograms", "kernel
            "origins", "to_device"]
 
 
-class StepFlags(NamedTuple):
-    """What a fused step may do (abi.FLAGS). Both kernel sets take it as one int32 bit set
-    (:meth:`bits`) read at run time, so a flag costs no compiled variant; only dtypes, amsgrad and
-    alignment select one. refresh/collect happen where the control words allow them too."""
-    sq: bool  # score signal g*g (else |g|)
-    maximize: bool
-    amsgrad: bool
-    refresh: bool  # set the masks from `tau`, count (isolated, kept) into `counts`
-    collect: bool  # count the new scores into window histograms
-    v_scores: bool = False  # the scores are exp_avg_sq: no score column of their own (importance="exp_avg_sq")
+class StepFlags(namedtuple("StepFlagFields", FLAGS, defaults=(False,) * len(FLAGS))):
+    """What a fused step may do: one bool per abi.FLAGS name (sq: score signal g*g, else |g|;
+    maximize; amsgrad; refresh: set the masks from `tau`, count (isolated, kept) into `counts`;
+    collect: count the new scores into window histograms; v_scores: the scores are exp_avg_sq, no
+    score column of their own). Both kernel sets take it as one int32 bit set (:meth:`bits`) read
+    at run time, so a flag costs no compiled variant; only dtypes, amsgrad and alignment select one.
+    refresh/collect happen where the control words allow them too. A new flag is a new name in
+    abi.FLAGS (and a StepHyper field of that name, or a value the caller decides)."""
+
+    __slots__ = ()
 
     @classmethod
     def of(cls, hyper, **decided: bool) -> StepFlags:
@@ -39,7 +40,6 @@ class StepFlags(NamedTuple):
         return cls(*(bool(bits >> i & 1) for i in range(len(cls._fields))))
 
     def bits(self) -> int:
-        assert self._fields == FLAGS  # the ABI's order
         return sum(1 << i for i, on in enumerate(self) if on)
 
 

@@ -9,11 +9,11 @@
 #include <stdexcept>
 #include <string>
 
+#include "addresses.h"
 #include "epi_kernels.h"
+#include "host_harness.h"
 
 namespace py = pybind11;
-
-void bind_host_harness(py::module_& m);  // host_harness.cpp
 
 namespace {
 
@@ -22,9 +22,6 @@ void check(cudaError_t err, const char* what) {
     throw std::runtime_error(std::string("epi_kernels._C.") + what + ": " + cudaGetErrorName(err) + ": " +
                              cudaGetErrorString(err));
 }
-
-template <class T>
-T* ptr(uintptr_t address) { return reinterpret_cast<T*>(address); }
 
 cudaStream_t stream_of(uintptr_t address) { return reinterpret_cast<cudaStream_t>(address); }
 
@@ -38,13 +35,6 @@ epi::DType dtype(int code) {
 }
 
 }  // namespace
-
-epi::StepInputs step_inputs(uintptr_t scalars, uintptr_t control, uintptr_t tau, uintptr_t cut, uintptr_t origin,
-                            uintptr_t hist, uintptr_t over, uintptr_t counts) {
-  return {ptr<const float>(scalars), ptr<const int32_t>(control), ptr<const int32_t>(tau),
-          ptr<const int64_t>(cut), ptr<const int32_t>(origin), ptr<int64_t>(hist), ptr<int64_t>(over),
-          ptr<int64_t>(counts)};
-}
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "CUDA kernels of epi_kernels: fused EPI-AdamW step, window histogram, threshold select and repair";

@@ -12,17 +12,14 @@
 #include <string>
 #include <vector>
 
+#include "host_harness.h"
+
+#include "addresses.h"
 #include "epi_kernels.h"
 
 namespace py = pybind11;
 
-epi::StepInputs step_inputs(uintptr_t scalars, uintptr_t control, uintptr_t tau, uintptr_t cut, uintptr_t origin, uintptr_t hist,
-                            uintptr_t over, uintptr_t counts);  // bindings.cpp
-
 namespace {
-
-template <class T>
-T* ptr(uintptr_t address) { return reinterpret_cast<T*>(address); }
 
 struct HostChunk {
   int tensor;

@@ -10,8 +10,9 @@ its name in the import line below (the registration order is the order names are
 """
 from . import eager, compiled, triton, cuda  # noqa: F401 - each registers its backend
 from .cuda import cuda_host_harness
-from .registry import AUTO, Backend, available_backends, checked_backend_name, get, names, register, resolve
+from .registry import (AUTO, Backend, available_backends, checked_backend_name, get, names, register, resolve,
+                       resolve_backend, unregister)
 from .triton import triton_interpreted
 
 __all__ = ["AUTO", "Backend", "available_backends", "checked_backend_name", "cuda_host_harness", "get", "names",
-           "register", "resolve", "triton_interpreted"]
+           "register", "resolve", "resolve_backend", "triton_interpreted", "unregister"]

@@ -17,8 +17,8 @@ import torch
 from ..refresh import EAGER_OPS, RefreshOps
 from ..step_records import StepHyper, StepTensors
 
-__all__ = ["AUTO", "Backend", "register", "get", "names", "available_backends", "checked_backend_name",
-           "resolve"]
+__all__ = ["AUTO", "Backend", "register", "unregister", "get", "names", "available_backends", "checked_backend_name",
+           "resolve", "resolve_backend"]
 
 AUTO = "auto"  # the name that picks a backend per device (resolve)
 
@@ -76,6 +76,11 @@ def register(backend: Backend) -> Backend:
     return backend
 
 
+def unregister(name: str) -> None:
+    """Remove backend `name` (a plugin unloading itself; tests)."""
+    del _REGISTRY[name]
+
+
 def get(name: str) -> Backend:
     """The registered backend `name` (not "auto": resolve it first)."""
     try:
@@ -103,6 +108,11 @@ def checked_backend_name(name: object) -> str:
         raise ValueError(f"Invalid backend: {name!r} is not available in this installation"
                          f"{f' ({hint})' if hint else ''} (available: {', '.join((AUTO, *available_backends()))})")
     return next(n for n in names() if n == name)  # (a numpy str would not load with weights_only)
+
+
+def resolve_backend(name: str, device: torch.device | None = None) -> str:
+    """The name of the backend `name` stands for on `device` (see :func:`resolve`)."""
+    return resolve(name, device).name
 
 
 def resolve(name: str, device: torch.device | None = None) -> Backend:
