@@ -117,7 +117,7 @@ def main():
         python_requires=">=3.10",
         install_requires=["torch>=2.7"],
         extras_require={
-            # deepspeed: tests/test_deepspeed.py reads ZeRO's partition layout, pinned to the version tested
+            # deepspeed: tests/distributed/test_deepspeed.py reads ZeRO's partition layout, pinned to the version tested
             "test": ["pytest>=8", "expecttest", "numpy", "pytest-benchmark", "lightning", "hypothesis",
                      "deepspeed==0.19.8"],
             "triton": ["triton>=3.6,<3.10"],  # the "triton" backend; 3.6 is on the GPU machine

@@ -11,7 +11,7 @@
 # That machine has no network: the package is used from this checkout (PYTHONPATH) and the
 # extension is built in place with the machine's nvcc, CMake, ninja and pybind11 (nothing is
 # installed). Each stage has its own time limit so that the whole call ends inside 7 minutes.
-# The compile checks (tests/test_triton_compile.py, under the GPU machine's Triton 3.6.0 too) run
+# The compile checks (tests/backends/test_triton_compile.py, under the GPU machine's Triton 3.6.0 too) run
 # in CI on CPU and are not repeated here.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -35,8 +35,8 @@ $PY -c "import epi_kernels._C as C; print('epi_kernels._C', C.__file__)" 2>&1 | 
 
 echo "== GPU tests (kernel backends on CUDA tensors: parity with mixed-magnitude gradients, tie cuts, capture)"
 if [ "$dry" = 1 ]; then sel=(-k "host-harness and (ties or c5)"); else sel=(-k "cuda and not host and not interpreter"); fi
-timeout 150 $PY -m pytest -q -p no:cacheprovider -rs tests/test_cuda_extension.py tests/test_kernel_backends.py \
-    tests/test_capturable.py tests/test_cuda_sass.py tests/test_triton_large_counts.py "${sel[@]}" \
+timeout 150 $PY -m pytest -q -p no:cacheprovider -rs tests/backends/test_cuda_extension.py tests/backends/test_kernel_backends.py \
+    tests/backends/test_capturable.py tests/backends/test_cuda_sass.py tests/backends/test_triton_large_counts.py "${sel[@]}" \
     --junitxml="$OUT/tests.xml" > "$OUT/tests.log" 2>&1 || status=1
 tail -4 "$OUT/tests.log"
 

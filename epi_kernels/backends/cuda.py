@@ -8,13 +8,10 @@ from __future__ import annotations
 import functools
 import importlib
 import importlib.util
-import os
 import warnings
 
-import torch
-
 from ..step_driver import kernel_step
-from .registry import Backend, register
+from .registry import Backend, cuda_or_emulated, env_flag, register
 
 __all__ = ["BACKEND", "cuda_host_harness"]
 
@@ -38,17 +35,11 @@ def _has_extension() -> bool:
 
 def cuda_host_harness() -> bool:
     """True when backend="cuda" steps CPU tensors in the extension's host harness (tests)."""
-    return os.environ.get("EPI_CUDA_HOST", "0") not in ("", "0")
-
-
-def _device_error(device: torch.device) -> str | None:
-    if device.type == "cuda" or (device.type == "cpu" and cuda_host_harness()):
-        return None
-    return (f"backend='cuda' needs CUDA tensors, got {device.type} "
-            "(CPU tensors run only in the extension's host harness, EPI_CUDA_HOST=1)")
+    return env_flag("EPI_CUDA_HOST")
 
 
 BACKEND = register(Backend("cuda", functools.partial(kernel_step, "cuda"), refreshes_in_step=True,
                            capturable_on_cpu=True, auto_rank=2, available=_has_extension,
                            install_hint="the CUDA extension was not built: reinstall with a CUDA toolchain, "
-                                        "EPI_BUILD_CUDA=1", device_error=_device_error))
+                                        "EPI_BUILD_CUDA=1",
+                           device_error=cuda_or_emulated("cuda", "EPI_CUDA_HOST", "the extension's host harness")))

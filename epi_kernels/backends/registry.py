@@ -9,6 +9,7 @@ its reference refreshes use.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -17,7 +18,7 @@ import torch
 from ..refresh import EAGER_OPS, RefreshOps
 from ..step_records import StepHyper, StepTensors
 
-__all__ = ["AUTO", "Backend", "register", "unregister", "get", "names", "available_backends", "checked_backend_name",
+__all__ = ["AUTO", "Backend", "cuda_or_emulated", "env_flag", "register", "unregister", "get", "names", "available_backends", "checked_backend_name",
            "resolve", "resolve_backend"]
 
 AUTO = "auto"  # the name that picks a backend per device (resolve)
@@ -29,6 +30,23 @@ def _always() -> bool:
 
 def _any_device(device: torch.device) -> str | None:
     return None
+
+
+def env_flag(name: str) -> bool:
+    """Whether environment variable `name` is set to something other than "" or "0"."""
+    return os.environ.get(name, "0") not in ("", "0")
+
+
+def cuda_or_emulated(backend: str, env: str, emulation: str) -> Callable[[torch.device], str | None]:
+    """The `device_error` of a backend of CUDA kernels that also steps CPU tensors in `emulation`,
+    when environment variable `env` is set (the tests, on machines without a GPU)."""
+    def device_error(device: torch.device) -> str | None:
+        if device.type == "cuda" or (device.type == "cpu" and env_flag(env)):
+            return None
+        return (f"backend='{backend}' needs CUDA tensors, got {device.type} "
+                f"(CPU tensors run only in {emulation}, {env}=1)")
+
+    return device_error
 
 
 @dataclass(frozen=True)

@@ -6,12 +6,9 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import os
-
-import torch
 
 from ..step_driver import kernel_step
-from .registry import Backend, register
+from .registry import Backend, cuda_or_emulated, env_flag, register
 
 __all__ = ["BACKEND", "triton_interpreted"]
 
@@ -23,16 +20,10 @@ def _has_triton() -> bool:
 
 def triton_interpreted() -> bool:
     """True when Triton kernels run in its interpreter (on CPU tensors)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def _device_error(device: torch.device) -> str | None:
-    if device.type == "cuda" or (device.type == "cpu" and triton_interpreted()):
-        return None
-    return (f"backend='triton' needs CUDA tensors, got {device.type} "
-            "(CPU tensors run only in Triton's interpreter, TRITON_INTERPRET=1)")
+    return env_flag("TRITON_INTERPRET")
 
 
 BACKEND = register(Backend("triton", functools.partial(kernel_step, "triton"), refreshes_in_step=True,
                            capturable_on_cpu=True, auto_rank=1, available=_has_triton,
-                           install_hint="pip install triton", device_error=_device_error))
+                           install_hint="pip install triton",
+                           device_error=cuda_or_emulated("triton", "TRITON_INTERPRET", "Triton's interpreter")))

@@ -5,7 +5,7 @@ Triton's interpreter, ``TRITON_INTERPRET=1``).
 Kernels in :mod:`epi_kernels.kernels`: the fused step, the window histogram of stored scores, the
 window select (one program per tensor) and the repair path (radix count + select per digit).
 Every launch goes through :meth:`TritonKernels.run` with the compile options of :data:`OPTIONS`;
-tests/test_triton_compile.py drives these launchers over every input they accept and compiles
+tests/backends/test_triton_compile.py drives these launchers over every input they accept and compiles
 what they launch for sm_80 and sm_90, so no variant reaches a GPU uncompiled.
 """
 from __future__ import annotations
@@ -34,7 +34,7 @@ OPTIONS = {"num_warps": 4, "enable_fp_fusion": False}
 # The aligned fused step with scores from exp_avg_sq: left to itself, ptxas (Triton 3.9, sm_90)
 # settles on 96 registers for its amsgrad variant and spills one value of the set-up code; a cap of
 # 112 gives 94 and no spill. (The masked, misaligned variants need more: they get no cap.)
-# tests/test_triton_compile.py checks every variant for spills.
+# tests/backends/test_triton_compile.py checks every variant for spills.
 V_SCORES_ALIGNED_OPTIONS = {"maxnreg": 112}
 # tau, cut, origin, hist, over, counts
 _STEP_BUFFER_TYPES = (torch.int32, torch.int64, torch.int32, torch.int64, torch.int64, torch.int64)

@@ -7,12 +7,12 @@ tensor's window histogram. With SCORE off (importance="exp_avg_sq") the score is
 is loaded or stored (28 B + 1 bit per fp32 element), and the new v is what the histogram counts. On a refresh step a program first sets its chunk's new mask bits from
 the start-of-step scores, the tensor's new threshold and its tie cut (threshold.tie_cuts: from
 flat index `cut` on, a key must exceed tau), then steps with them. Math is fp32 whatever the
-storage dtypes, in the order of torch's for-loop AdamW (see :func:`epi_kernels.compiled._tensor_step`,
+storage dtypes, in the order of torch's for-loop AdamW (see :func:`epi_kernels.backends.compiled._tensor_step`,
 the same math in torch ops), each operation rounded on its own: the launcher turns FMA contraction
 off.
 
 What makes it run at memory speed, each checked on the compiled PTX/SASS by
-tests/test_triton_compile.py:
+tests/backends/test_triton_compile.py:
 * a program's chunk is cut into tiles; full tiles take the unmasked path, and with ALIGNED (every
   column 16-byte aligned, checked on the host) their accesses are 128-bit; the last, partial tile
   of a tensor and misaligned views take the masked path;
