@@ -128,7 +128,8 @@ def bench_memory(device) -> list[dict]:
             per_param = common.state_bytes_per_param(opt)
             base = per_param if base is None else base
             # the eager backend's cache of flat isolated indices: int64 per isolated element
-            cached = registry.resolve(opt.param_groups[0]["backend"], params[0].device).wants_isolated_indices
+            backend = opt.param_groups[0].get("backend")  # (None: torch's AdamW)
+            cached = backend is not None and registry.resolve(backend, params[0].device).wants_isolated_indices
             cache = sum(8 * int(opt.isolation_mask(p).sum()) for p in params) / case.numel if cached else 0.0
             rows.append({"param_dtype": str(dtype).removeprefix("torch."), "optimizer": name,
                          "state_bytes_per_param": per_param, "over_adamw": per_param - base,

@@ -90,7 +90,9 @@ class EPIAdamW(Optimizer):
             backend=backend,
         )
         defaults.update(checked_settings(defaults))
-        self._records: list[GroupRecord] = []  # one per param group, in group order
+        # one record per param group, by the group's identity: a wrapper may step a group alone by
+        # putting a list of just that group in param_groups (DeepSpeed ZeRO 1/2 does)
+        self._records: dict[int, GroupRecord] = {}
         self._layouts = Layouts()  # what wrappers put in the groups' place (ZeRO), and model parameters' masks
         super().__init__(params, defaults)
 
@@ -103,13 +105,15 @@ class EPIAdamW(Optimizer):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         group.setdefault("epi_step", 0)
-        self._records.append(GroupRecord(group, settings_of(group)))
+        self._records[id(group)] = GroupRecord(group, settings_of(group))
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)  # (also load_state_dict's way of putting the loaded groups in place)
-        old = getattr(self, "_records", [])  # each loaded group keeps what its predecessor was given
-        self._records = [GroupRecord(g, given=list(old[i].given) if i < len(old) else [])
-                         for i, g in enumerate(self.param_groups)]  # (validated at the first step)
+        # (also load_state_dict's way of putting the loaded groups in place of the current ones: each
+        # loaded group keeps what the group at its position was given)
+        before = self._group_records() if "_records" in self.__dict__ else []
+        super().__setstate__(state)
+        self._records = {id(g): GroupRecord(g, given=list(before[i].given) if i < len(before) else [])
+                         for i, g in enumerate(self.param_groups)}  # (validated at the first step)
         self._layouts = Layouts()
         for group in self.param_groups:
             fill_defaults(group, self.defaults)
@@ -117,12 +121,14 @@ class EPIAdamW(Optimizer):
                 tensor_step(self.state.get(p, {}), p, group)
 
     def _group_records(self) -> list[GroupRecord]:
-        """The records of the current param groups (a group put in place by hand gets a new one)."""
-        if len(self._records) != len(self.param_groups) or any(
-                r.group is not g for r, g in zip(self._records, self.param_groups)):
-            kept = {id(r.group): r for r in self._records}
-            self._records = [kept.get(id(g)) or GroupRecord(g) for g in self.param_groups]
-        return self._records
+        """The records of the current param groups, in order (a group put in place by hand gets a new one)."""
+        out = []
+        for group in self.param_groups:
+            record = self._records.get(id(group))
+            if record is None or record.group is not group:  # (an id of a group gone, reused)
+                record = self._records[id(group)] = GroupRecord(group)
+            out.append(record)
+        return out
 
     def _state_of(self, p: Tensor, group: dict) -> dict:
         part = self._layouts.partitions.get(p)
@@ -262,7 +268,7 @@ class EPIAdamW(Optimizer):
         User load hooks see the full state: EPI entries are protected after the last pre-hook and
         restored before the first post-hook.
         """
-        records = self._group_records()
+        records = list(self._records.values())  # (every group's, also of groups a wrapper has set aside)
         pre = [self.register_load_state_dict_pre_hook(lambda opt, sd: check_loaded_groups(opt.defaults, sd)),
                self.register_load_state_dict_pre_hook(
                    lambda opt, sd: protect_epi_entries(sd, opt.param_groups, lambda p: is_given(p, records)))]

@@ -10,7 +10,7 @@ its reference refreshes use.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -49,7 +49,7 @@ def cuda_or_emulated(backend: str, env: str, emulation: str) -> Callable[[torch.
     return device_error
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)
 class Backend:
     """One implementation of the EPI-AdamW step.
 
@@ -67,9 +67,9 @@ class Backend:
     capturable_on_cpu: bool = False
     auto_rank: int | None = None
     auto_devices: tuple[str, ...] = ("cuda",)
-    available: Callable[[], bool] = field(default=_always, compare=False)
+    available: Callable[[], bool] = _always
     install_hint: str = ""  # how to make an unavailable backend available
-    device_error: Callable[[torch.device], str | None] = field(default=_any_device, compare=False)
+    device_error: Callable[[torch.device], str | None] = _any_device
 
     def check_device(self, device: torch.device) -> None:
         """RuntimeError if this backend cannot step tensors on `device`."""

@@ -112,8 +112,7 @@ def run(name, out_dir):
     resumed = train(eng2, epi2, params2, gathered2, range(SAVE_AT, STEPS), dtype)
     return {"steps": steps, "resumed": resumed, "views": views, "epi_step": [g["epi_step"] for g in epi.param_groups],
             # flat partitions: their per-tensor state entries are vectors (one per model parameter)
-            "partitions": sum(epi.state[p]["threshold_bits"].dim() == 1 for g in epi.param_groups
-                              for p in g["params"] if p in epi.state)}
+            "partitions": sum(st["threshold_bits"].dim() == 1 for st in epi.state.values() if "threshold_bits" in st)}
 
 
 def refused(name):

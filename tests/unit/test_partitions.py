@@ -62,3 +62,38 @@ def test_same_shaped_copies_in_place_of_the_parameters_are_whole_tensors():
     for p, c, r in zip(model.parameters(), copies, reference.param_groups[0]["params"]):
         assert torch.equal(c, r)
         assert torch.equal(opt.isolation_mask(p), reference.isolation_mask(r)) and opt.isolation_mask(p).any()
+
+
+def _stepped_copies(one_group_at_a_time: bool):
+    """Two param groups whose parameters a wrapper replaced by same-shaped copies (fp32 master
+    weights), stepped together or, as DeepSpeed ZeRO 1/2 does, one group at a time with
+    `param_groups` set to a list of that group alone."""
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(50, 4)), torch.nn.Parameter(torch.randn(30))]
+    opt = EPIAdamW([{"params": [params[0]]}, {"params": [params[1]], "refresh_interval": 3}],
+                   isolation_ratio=0.2, refresh_interval=2, warmup_steps=1)
+    copies = [p.detach().clone().requires_grad_() for p in params]
+    for group, copy in zip(opt.param_groups, copies):
+        group["params"] = [copy]
+    g = torch.Generator().manual_seed(1)
+    for _ in range(7):
+        for c in copies:
+            c.grad = torch.randn(c.shape, generator=g) * 10 ** torch.randint(-3, 2, c.shape, generator=g).float()
+        if one_group_at_a_time:
+            groups = opt.param_groups
+            for group in groups:
+                opt.param_groups = [group]
+                opt.step()
+            opt.param_groups = groups
+        else:
+            opt.step()
+    return [opt.isolation_mask(p) for p in params], copies, opt.isolation_stats()
+
+
+def test_a_wrapper_stepping_one_group_at_a_time_changes_nothing():
+    # each group keeps its record (what it was given, its schedule) while set aside
+    masks, copies, stats = _stepped_copies(False)
+    masks_apart, copies_apart, stats_apart = _stepped_copies(True)
+    assert all(m.any() for m in masks)  # masks of the model parameters, read through their copies
+    assert all(torch.equal(a, b) for a, b in zip(masks + copies, masks_apart + copies_apart))
+    assert stats == stats_apart and [s["refresh_step"] for s in stats] == [7, 7]
