@@ -4,8 +4,8 @@ repair) written once for both kernel sets against the :class:`Kernels` protocol.
 """
 from __future__ import annotations
 
-from functools import lru_cache
 from collections import namedtuple
+from functools import lru_cache
 from typing import Protocol
 
 import torch

@@ -51,13 +51,18 @@ def step_dtype(fused_or_capturable: bool) -> torch.dtype:
     return torch.float32
 
 
+def _step_tensor(value: float, p: Tensor, group: dict) -> Tensor:
+    """AdamW's `step` entry of `p` holding `value`: on p's device for fused/capturable steps, else on the CPU."""
+    on_device = group["capturable"] or group["fused"]
+    return torch.tensor(value, dtype=step_dtype(on_device), device=p.device if on_device else "cpu")
+
+
 def init_state(state: dict, p: Tensor, group: dict, pieces: int | None = None) -> dict:
     """Complete parameter `p`'s optimizer `state` for a step of `group`: AdamW's entries (as
     torch.optim.AdamW makes them) and the EPI entries (:func:`init_epi_state` of `p`'s local
     shard); `pieces` as there. Returns `state`."""
     if "step" not in state:
-        on_device = group["capturable"] or group["fused"]
-        state["step"] = torch.zeros((), dtype=step_dtype(on_device), device=p.device if on_device else "cpu")
+        state["step"] = _step_tensor(0.0, p, group)
         state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
     if group["amsgrad"] and "max_exp_avg_sq" not in state:
@@ -70,9 +75,7 @@ def init_state(state: dict, p: Tensor, group: dict, pieces: int | None = None) -
 def tensor_step(state: dict, p: Tensor, group: dict) -> None:
     """A `step` entry saved as a number (older torch) as the tensor AdamW keeps now."""
     if "step" in state and not torch.is_tensor(state["step"]):
-        on_device = group["capturable"] or group["fused"]
-        state["step"] = torch.tensor(float(state["step"]), dtype=step_dtype(on_device),
-                                     device=p.device if on_device else "cpu")
+        state["step"] = _step_tensor(float(state["step"]), p, group)
 
 
 class _Verbatim:
