@@ -13,7 +13,7 @@ __all__ = ["RefreshSchedule", "is_refresh_step", "refresh_due"]
 
 
 def is_refresh_step(step: int, refresh_interval: int, warmup_steps: int | None, static: bool) -> bool:
-    """refresh(t): t >= warmup and (t - warmup) % interval == 0; static: only the first one.
+    """refresh(t): t >= warmup and (t - warmup) % interval == 0; static: only the first such t.
 
     `step` counts optimizer steps from 1; warmup_steps=None means warmup = refresh_interval.
     """
@@ -21,7 +21,12 @@ def is_refresh_step(step: int, refresh_interval: int, warmup_steps: int | None, 
     since = step - warmup
     if since < 0 or since % refresh_interval:
         return False
-    return not static or since == 0
+    return not static or since == _first_since(refresh_interval, warmup)
+
+
+def _first_since(refresh_interval: int, warmup: int) -> int:
+    """t - warmup at the first refresh: 0, or one interval when warmup is 0 (steps count from 1)."""
+    return 0 if warmup >= 1 else refresh_interval
 
 
 def refresh_due(step: Tensor, refresh_interval: int, warmup_steps: int | None, static: bool) -> Tensor:
@@ -29,7 +34,7 @@ def refresh_due(step: Tensor, refresh_interval: int, warmup_steps: int | None, s
     warmup = refresh_interval if warmup_steps is None else warmup_steps
     since = step - warmup
     due = (since >= 0) & (since % refresh_interval == 0)
-    return due & (since == 0) if static else due
+    return due & (since == _first_since(refresh_interval, warmup)) if static else due
 
 
 def _when(group: dict) -> tuple:

@@ -257,3 +257,9 @@ def test_per_group_epi_settings():
         a.grad, b.grad = RAMP.clone(), RAMP.clone()
         opt.step()
     assert int(opt.isolation_mask(a).sum()) == 1 and int(opt.isolation_mask(b).sum()) == 5
+
+
+def test_static_without_warmup_isolates_at_the_first_interval():
+    # warmup_steps=0, interval 2: the documented rule's first refresh is step 2, and the only one
+    _, _, trace = run([RAMP] * 3 + [REVERSED] * 3, static=True, warmup_steps=0)
+    assert [frozen(b, a) for b, a, _ in trace] == [[]] + [[8, 9]] * 5
