@@ -17,15 +17,17 @@ class GroupRecord:
 
     `validated`: the group's setting objects as last validated (settings.settings_of), None to
     validate at the next step. `given`: the parameters the group was given (a wrapper may put
-    others in their place: layouts.Layouts). `histograms`: the kernel backends' histograms kept
-    for the next step, host-decided (`host`) and device-decided (`device`) steps apart: a step of
-    one kind drops the other's (they would be stale). `isolated`: the flat indices of each
-    tensor's isolated elements (the eager backend's cache), dropped when a mask changes."""
+    others in their place: layouts.Layouts). `histograms`: what the group's last step collected
+    for its next step's refresh (the kernel backends' window histograms, by launch group), and
+    which kind of step collected them (:meth:`kept_histograms`). `isolated`: the flat indices of
+    each tensor's isolated elements (the eager backend's cache), dropped whenever a mask may have
+    changed (:meth:`forget_masks`)."""
     group: dict
     validated: tuple | None = None
     given: list[Tensor] = field(default_factory=list)
     schedule: RefreshSchedule = field(default_factory=RefreshSchedule)
-    histograms: dict[str, dict] = field(default_factory=lambda: {"host": {}, "device": {}})
+    histograms: dict = field(default_factory=dict)
+    histograms_kind: str | None = None
     isolated: dict[Tensor, Tensor] = field(default_factory=dict)
     layout_checked: tuple[list, int] | None = None  # the params list (and its length) last checked
 
@@ -33,6 +35,18 @@ class GroupRecord:
         if not self.given:
             self.given = list(self.group["params"])
         self.given_ids = {id(p) for p in self.given}
+
+    def kept_histograms(self, kind: str | None) -> dict:
+        """The histograms for this step of the group, to read and then refill (step_driver.RefreshPlan):
+        those its previous step collected if that was a kernel step of the same `kind` ("host" or
+        "device"-decided), else none. `kind` None: this step collects none. Every step of the group
+        calls this once, so histograms live exactly one step: whatever happened since they were
+        counted (another backend's step, a settings change, an eager refresh, a device-decided
+        step) cannot leave stale ones behind (C5)."""
+        if kind is None or kind != self.histograms_kind:
+            self.histograms = {}
+        self.histograms_kind = kind
+        return self.histograms
 
     def forget_masks(self, params=None) -> None:
         """Drop the cached isolated indices (of `params`, default all): their masks changed."""

@@ -192,24 +192,25 @@ class EPIAdamW(Optimizer):
 
     def _step_group(self, record: GroupRecord, params: list[Tensor], backend: backends.Backend, on_device: bool,
                     skip: Tensor | None) -> None:
-        group, histograms = record.group, record.histograms
+        group = record.group
         states = [self._state_of(p, group) for p in params]
         partitioned = any(p in self._layouts.partitions for p in params)
         sharded = self._sharded(params)
         hyper = StepHyper.of(group)
         tensors = StepTensors.of(params, states, hyper, local if sharded else _whole)  # FSDP2: local shards
         refresh, plan = False, None
-        if on_device:  # capturable: the kernels refresh when the device says
-            histograms["host"].clear()
-            plan = RefreshPlan(states, group["isolation_ratio"], True, True, histograms["device"],
+        if on_device:  # capturable: the kernels refresh when the device says (the host cannot know)
+            plan = RefreshPlan(states, group["isolation_ratio"], True, True, record.kept_histograms("device"),
                                record.schedule.device_step(group, states, skip))
+            record.forget_masks(params)
         else:
-            histograms["device"].clear()
             refresh, collect = record.schedule.host_step(group, states, params if partitioned else None)
             if backend.refreshes(group, sharded):
-                plan = RefreshPlan(states, group["isolation_ratio"], refresh, collect, histograms["host"])
-            elif refresh:
-                self._layouts.refresh_masks(group, params, states, tensors.scores, backend.refresh_ops, sharded)
+                plan = RefreshPlan(states, group["isolation_ratio"], refresh, collect, record.kept_histograms("host"))
+            else:
+                record.kept_histograms(None)
+                if refresh:
+                    self._layouts.refresh_masks(group, params, states, tensors.scores, backend.refresh_ops, sharded)
         if refresh:
             record.forget_masks(params)
         if backend.wants_isolated_indices:
