@@ -5,8 +5,11 @@ restore. Here one function does everything per element (load p, g, m, v, s and t
 score and moments; write p only where not isolated), and torch.compile (Inductor's C++ backend on
 CPU, Triton on GPU) turns it into one vectorised loop over memory: 36 B per fp32 element.
 
-Math is fp32 whatever the storage dtype, in the order of torch's for-loop AdamW, so results agree
-with the eager backend to rounding (not to the bit: the fused loop rounds intermediates once).
+Math is fp32 whatever the storage dtype, in the order of DESIGN.md section 6 (torch's for-loop
+AdamW with every product, sum, quotient and square root rounded on its own; Inductor contracts no
+multiply-add on the CPU), so on the CPU results are the kernel backends' bit for bit, and the eager
+backend's for bf16/fp16 params; fp32 params agree with the eager backend (torch's own AdamW, whose lerp and
+addcmul are fused multiply-adds and whose CPU sqrt is not correctly rounded) to rounding.
 The mask is read as 64-bit words, each broadcast over its 64 elements, which keeps the loop
 vectorised (a per-byte gather would not be).
 
@@ -30,6 +33,7 @@ from ..score import score_ema_
 from ..step_records import StepHyper, StepTensors
 from ..step_scalars import step_scalars
 from ..threshold import score_keys, score_slots
+from .eager import sqrt_rn
 from .registry import Backend, register
 
 __all__ = ["BACKEND", "compiled_step", "COMPILED_REFRESH_OPS"]
@@ -118,16 +122,21 @@ def _tensor_step(p: Tensor, g: Tensor, m: Tensor, v: Tensor, s: Tensor | None, v
         s.copy_(s32)
     if maximize:
         g32 = -g32
+    # DESIGN.md section 6, operation for operation: ((1 - beta2) * g) * g, not g * g * (1 - beta2),
+    # which overflows from |g| ~ 1.85e19 on and rounds differently from the kernels
     m32 = m.float()
     m32 = m32 + (g32 - m32) * one_minus_b1
-    v32 = v.float() * b2 + g32 * g32 * one_minus_b2
+    v32 = v.float() * b2 + (one_minus_b2 * g32) * g32
     m.copy_(m32)
     v.copy_(v32)
     if vmax is not None:
         v32 = torch.maximum(vmax.float(), v32)
         vmax.copy_(v32)
     p32 = p.float()
-    update = p32 * decay - step_size * m32 / (v32.sqrt() / bc2_sqrt + eps)
+    # compiled, sqrt is the IEEE one (Inductor: the sqrt instruction, libdevice on GPU); run
+    # uncompiled (the fallback), torch.sqrt of fp32 CPU tensors is not correctly rounded
+    root = v32.sqrt() if torch.compiler.is_compiling() else sqrt_rn(v32)
+    update = p32 * decay - (step_size * m32) / (root / bc2_sqrt + eps)
     p.copy_(torch.where(isolated, p32, update))
 
 

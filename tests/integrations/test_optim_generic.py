@@ -173,11 +173,18 @@ class TestEPIOptimGeneric(TestCase):
 
     @optims(epi_db, dtypes=[torch.float32, torch.float64, torch.bfloat16])
     def test_ratio_zero_matches_adamw(self, device, dtype, optim_info):
+        # fp32/fp64: torch's own AdamW runs, bit for bit. bf16: every backend computes in fp32 and rounds
+        # each stored value once (DESIGN.md section 6), as torch's fused AdamW does, not as its for-loop
+        # or foreach AdamW (bf16 math): compared with fused=True, to bf16 rounding
+        exact = dtype != torch.bfloat16
         for inp in _configs(device, dtype, optim_info):
             with self.subTest(desc=inp.desc):
                 ref_p = _params(device, dtype)
                 epi_p = _clone(ref_p)
-                ref = AdamW(ref_p, **_adamw_kwargs(inp.kwargs))
+                adamw_kwargs = _adamw_kwargs(inp.kwargs)
+                if not exact:
+                    adamw_kwargs.update(fused=True, foreach=None)
+                ref = AdamW(ref_p, **adamw_kwargs)
                 epi = EPIAdamW(epi_p, **{**deepcopy(inp.kwargs), "isolation_ratio": 0.0})
                 for t in range(8):
                     grads = _grads(ref_p, t)
@@ -186,9 +193,12 @@ class TestEPIOptimGeneric(TestCase):
                     ref.step()
                     epi.step()
                     for r, e in zip(ref_p, epi_p):
-                        self._same(e, r, msg=f"step {t}")
+                        if exact:
+                            self._same(e, r, msg=f"step {t}")
+                        else:
+                            self.assertEqual(e, r, msg=f"step {t}")  # (TestCase's bf16 tolerance)
                         self.assertFalse(epi.isolation_mask(e).any())
-                    self._same_moments(epi, epi_p, ref, ref_p)
+                    self._same_moments(epi, epi_p, ref, ref_p, exact=exact)
                 # the comparison is not vacuous: AdamW did move every param
                 for r, p0 in zip(ref_p, _params(device, dtype)):
                     self.assertFalse(torch.equal(r, p0))
