@@ -103,9 +103,25 @@ class Layouts:
 
     # ------------------------------------------------------------------ masks of model parameters
 
-    def mask(self, p: Tensor, state: dict, gather: bool) -> Tensor:
-        """The mask of model parameter `p` in force (EPIAdamW.isolation_mask)."""
+    def _owner(self, p: object, records: Sequence[GroupRecord], what: str) -> tuple[Tensor, GroupRecord | None]:
+        """(what holds model parameter `p`, the record of its group): `p` itself or the copy a wrapper
+        steps in its place; the record None for a piece of a flat partition, or for a parameter a
+        wrapper replaced by a tensor not mapped yet (the first step maps it: `p` is then not in
+        `pieces`). TypeError/ValueError naming `what` (the method) if `p` is not a parameter of
+        this optimizer."""
+        if not isinstance(p, Tensor):
+            raise TypeError(f"{what}: p must be a parameter (a tensor) of this optimizer, got {type(p).__name__}")
         p = self.copies.get(p, p)
+        record = next((r for r in records if any(q is p for q in r.group["params"])), None)
+        if record is None and p not in self.pieces and not any(id(p) in r.given_ids for r in records):
+            raise ValueError(f"{what}: p is not a parameter of this optimizer")
+        return p, record
+
+    def mask(self, p: Tensor, records: Sequence[GroupRecord], state: dict, gather: bool) -> Tensor:
+        """The mask of model parameter `p` in force (EPIAdamW.isolation_mask)."""
+        p, record = self._owner(p, records, "isolation_mask")
+        if record is None and p not in self.pieces:  # replaced by a wrapper, not mapped yet: nothing isolated
+            return torch.zeros(full_shape(p), dtype=torch.bool, device=p.device)
         if p in self.pieces:
             flat, _, piece = self.piece(p)
             bits = piece_bits(state[flat]["isolation_mask"], piece.start, piece.numel) \
@@ -122,14 +138,15 @@ class Layouts:
                  state_of: Callable[[Tensor, dict], dict]) -> None:
         """Put `mask` in force for model parameter `p` (EPIAdamW.set_isolation_mask); `state_of(t,
         group)` is tensor t's optimizer state, created if it has none."""
-        p = self.copies.get(p, p)
-        record = next((r for r in records if any(q is p for q in r.group["params"])), None)
+        p, record = self._owner(p, records, "set_isolation_mask")
         if record is None and p not in self.pieces:
-            raise ValueError("set_isolation_mask: p is not a parameter of this optimizer (under DeepSpeed ZeRO: "
-                             "not until the first step has mapped the partitions)")
-        if not torch.is_tensor(mask) or mask.dtype != torch.bool or tuple(mask.shape) != full_shape(p):
-            raise ValueError(f"set_isolation_mask: mask must be a bool tensor of shape {full_shape(p)}, got "
-                             f"{getattr(mask, 'dtype', type(mask).__name__)} {tuple(getattr(mask, 'shape', ()))}")
+            raise ValueError("set_isolation_mask: a wrapper (DeepSpeed ZeRO) put another tensor in p's place; its "
+                             "layout is known from the first step on")
+        if not (torch.is_tensor(mask) and mask.dtype == torch.bool and tuple(mask.shape) == full_shape(p)
+                and mask.layout == torch.strided and not mask.is_meta):
+            got = (f"{mask.dtype} {tuple(mask.shape)} ({mask.layout}{', meta device' if mask.is_meta else ''})"
+                   if torch.is_tensor(mask) else type(mask).__name__)
+            raise ValueError(f"set_isolation_mask: mask must be a dense bool tensor of shape {full_shape(p)}, got {got}")
         if record is None:  # a model parameter of a flat partition: this rank's piece of the mask
             flat, j, piece = self.piece(p)
             record = self.partitions[flat][0]

@@ -24,7 +24,8 @@ from .mask import isolated_indices
 from .settings import (check_loaded_groups, check_score_source, check_stepped_params, checked_settings,
                        fill_defaults, settings_of, unchanged)
 from .sharding import is_sharded, local
-from .state import init_state, protect_epi_entries, restore_epi_entries, tensor_step
+from .loading import protect_epi_entries, restore_epi_entries
+from .state import init_state, tensor_step
 from .step_driver import RefreshPlan
 from .step_records import StepHyper, StepTensors
 
@@ -98,6 +99,14 @@ class EPIAdamW(Optimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         where = f" in param group {len(self.param_groups)}"
+        params = param_group["params"]
+        if not isinstance(params, (Tensor, set)):  # (torch refuses a set itself; a duplicate is refused here)
+            param_group["params"] = params = list(params)
+            seen: set[int] = set()
+            twice = next((i for i, p in enumerate(params) if id(p) in seen or seen.add(id(p))), None)
+            if twice is not None:
+                raise ValueError(f"EPIAdamW: parameter {twice}{where} appears in it twice (a duplicate would be "
+                                 "stepped twice per step; torch deprecates it too)")
         merged = {**self.defaults, **param_group}
         if merged["importance"] == "exp_avg_sq":  # the defaults' score settings do not apply to it
             merged.update((k, param_group.get(k)) for k in ("importance_beta", "importance_dtype"))
@@ -147,12 +156,12 @@ class EPIAdamW(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         work = []  # (record, stepped params, backend, whether it decides on the device): all checked first
-        for record in self._check_settings():
+        for i, record in enumerate(self._check_settings()):
             group = record.group
             params = [p for p in group["params"] if p.grad is not None]
             if params:
                 backend = backends.resolve(group["backend"], params[0].device)
-                check_stepped_params(group, params, backend)
+                check_stepped_params(group, params, backend, self.state, f" of param group {i}")
                 work.append((record, params, backend, group["capturable"] and backend.refreshes(group, self._sharded(params))))
         on_device = bool(work) and all(w[3] for w in work)  # no host read of the GradScaler's flag either
         if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing() and not on_device:
@@ -235,7 +244,7 @@ class EPIAdamW(Optimizer):
         none). `gather=True`: the whole tensor's mask, shaped like the whole `p`, on every rank (a
         collective over the shard group: every rank of it must call it). A model parameter that a
         wrapper replaced by a copy (fp32 master weights): the copy's mask."""
-        return self._layouts.mask(p, self.state, gather)
+        return self._layouts.mask(p, self._group_records(), self.state, gather)
 
     def request_refresh(self) -> None:
         """Make the next step of every param group a refresh step, whatever the schedule says (for

@@ -11,7 +11,7 @@ import importlib.util
 import warnings
 
 from ..step_driver import kernel_step
-from .registry import Backend, cuda_or_emulated, env_flag, register
+from .registry import KERNEL_PARAM_DTYPES, Backend, cuda_or_emulated, env_flag, register
 
 __all__ = ["BACKEND", "cuda_host_harness"]
 
@@ -38,7 +38,7 @@ def cuda_host_harness() -> bool:
     return env_flag("EPI_CUDA_HOST")
 
 
-BACKEND = register(Backend("cuda", functools.partial(kernel_step, "cuda"), refreshes_in_step=True,
+BACKEND = register(Backend("cuda", functools.partial(kernel_step, "cuda"), refreshes_in_step=True, param_dtypes=KERNEL_PARAM_DTYPES,
                            capturable_on_cpu=True, auto_rank=2, available=_has_extension,
                            install_hint="the CUDA extension was not built: reinstall with a CUDA toolchain, "
                                         "EPI_BUILD_CUDA=1",

@@ -18,10 +18,11 @@ import torch
 from ..refresh import EAGER_OPS, RefreshOps
 from ..step_records import StepHyper, StepTensors
 
-__all__ = ["AUTO", "Backend", "cuda_or_emulated", "env_flag", "register", "unregister", "get", "names", "available_backends", "checked_backend_name",
+__all__ = ["AUTO", "KERNEL_PARAM_DTYPES", "Backend", "cuda_or_emulated", "env_flag", "register", "unregister", "get", "names", "available_backends", "checked_backend_name",
            "resolve", "resolve_backend"]
 
 AUTO = "auto"  # the name that picks a backend per device (resolve)
+KERNEL_PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what the kernel sets step (abi.py's dtype codes)
 
 
 def _always() -> bool:
@@ -70,6 +71,7 @@ class Backend:
     available: Callable[[], bool] = _always
     install_hint: str = ""  # how to make an unavailable backend available
     device_error: Callable[[torch.device], str | None] = _any_device
+    param_dtypes: tuple[torch.dtype, ...] | None = None
 
     def check_device(self, device: torch.device) -> None:
         """RuntimeError if this backend cannot step tensors on `device`."""

@@ -21,7 +21,7 @@ LAYERS = (
     ("epi_kernels",),  # the package: what `import epi_kernels` gives
     ("epi_kernels.optimizer",),
     ("epi_kernels.settings", "epi_kernels.layouts", "epi_kernels.group_record", "epi_kernels.schedule",
-     "epi_kernels.grad_scaler"),  # the optimizer's parts
+     "epi_kernels.grad_scaler", "epi_kernels.loading"),  # the optimizer's parts
     ("epi_kernels.functional",),
     ("epi_kernels.backends",),  # the registry and one module per backend
     ("epi_kernels.step_driver",),

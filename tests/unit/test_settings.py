@@ -158,7 +158,10 @@ def _as(types, values):
 
 FLOATS = (float, np.float64, np.float32)
 INTS = (int, np.int64, np.int32, np.int16)
-junk = st.sampled_from([None, "0.1", "1", [0.5], b"x", object()])
+# values no setting takes, including ones a comparison cannot judge (arrays, complex numbers, tensors
+# of several elements or of bools): the error must still name the setting
+junk = st.sampled_from([None, "0.1", "1", [0.5], b"x", object(), 1 + 2j, np.array([0.1, 0.2]), np.array([[1]]),
+                        torch.tensor(True), torch.tensor([0.1, 0.2]), torch.tensor(1, dtype=torch.int64)])
 nonfinite = _as(FLOATS, st.sampled_from([float("nan"), float("inf"), -float("inf")]))
 bools = st.booleans()
 
@@ -204,6 +207,8 @@ INVALID = {
     "threshold": _bad_choice(("approx", "exact")), "backend": _bad_choice(("auto", "torch", "compiled", "triton", "cuda")),
     "importance_dtype": st.sampled_from([torch.float16, torch.float64, torch.int32, "float32"]),  # None: fp32
     "static": _bad_flag(), "amsgrad": _bad_flag(), "maximize": _bad_flag(),
+    "foreach": _bad_flag().filter(lambda v: v is not None), "fused": _bad_flag().filter(lambda v: v is not None),
+    "capturable": _bad_flag(), "differentiable": _bad_flag(),
     "lr": _negative(), "eps": _negative(), "weight_decay": _negative(), "betas": _bad_betas(),
 }
 
@@ -229,10 +234,12 @@ VALID = {  # (values, the numeric types they may come as)
     "isolation_ratio": (_unit(0.5), FLOATS), "importance_beta": (_unit(0.999), FLOATS),
     "lr": (_unit(0.1), FLOATS + INTS[:1]), "eps": (st.floats(1e-10, 1e-6), FLOATS),
     "weight_decay": (_unit(0.1), FLOATS), "refresh_interval": (st.integers(1, 4), INTS),
-    "warmup_steps": (st.integers(0, 4), INTS), "static": (st.integers(0, 1), INTS + (bool,)),
-    "amsgrad": (st.integers(0, 1), INTS + (bool,)), "maximize": (st.integers(0, 1), INTS + (bool,)),
+    "warmup_steps": (st.integers(0, 4), INTS), "static": (st.integers(0, 1), INTS + (bool, np.bool_)),
+    "amsgrad": (st.integers(0, 1), INTS + (bool, np.bool_)), "maximize": (st.integers(0, 1), INTS + (bool, np.bool_)),
+    "foreach": (st.integers(0, 1), INTS + (bool, np.bool_)), "fused": (st.integers(0, 1), INTS + (bool, np.bool_)),
 }
-PLAIN = {"refresh_interval": int, "warmup_steps": int, "static": bool, "amsgrad": bool, "maximize": bool}
+PLAIN = {"refresh_interval": int, "warmup_steps": int, "static": bool, "amsgrad": bool, "maximize": bool,
+         "foreach": bool, "fused": bool}
 
 
 @pytest.mark.parametrize("name", sorted(VALID))
