@@ -112,8 +112,10 @@ def _non_negative(x: object, name: str, what: str) -> float:
 
 def _real_tensor(x: Tensor, name: str, what: str) -> None:
     # (checked before comparing it: a comparison of several elements would fail on its own)
-    if x.numel() != 1 or not x.is_floating_point():
-        raise _Refused(f"Invalid {what}: {x!r} (a Tensor {name} must be a 1-element floating-point tensor)")
+    if x.numel() != 1:
+        raise _Refused(f"Invalid {what}: {x!r} (Tensor {name} must be 1-element)")  # (torch's words)
+    if not x.is_floating_point():
+        raise _Refused(f"Invalid {what}: {x!r} (Tensor {name} must be a floating-point tensor)")
 
 
 def _lr(lr: object, name: str, foreach_only: bool) -> float | Tensor:
@@ -293,7 +295,6 @@ def check_stepped_params(group: dict, params: list[Tensor], backend, states: dic
     settings say by `backend` (the group's resolved :class:`~epi_kernels.backends.Backend`), or
     their optimizer `states` (the optimizer's state dict) live elsewhere than they do. Runs for
     every group before a step writes anything, so whatever it refuses changes nothing."""
-    index = {id(q): i for i, q in enumerate(group["params"])}
     for p in params:
         why = _tensor_error(p, p.grad, backend)
         held = states.get(p, {}).get("exp_avg")  # (one entry stands for all: they are made and moved together)
@@ -303,7 +304,8 @@ def check_stepped_params(group: dict, params: list[Tensor], backend, states: dic
         if why is None and group["fused"] and p.device.type not in ("cpu", "cuda", "mps", "xpu"):
             why = f"`fused=True` requires all the params to be floating point Tensors of supported devices, got {p.device.type}"
         if why is not None:
-            raise RuntimeError(f"{why} (parameter {index.get(id(p), '?')}{where})")
+            index = next((i for i, q in enumerate(group["params"]) if q is p), "?")
+            raise RuntimeError(f"{why} (parameter {index}{where})")
     devices = {p.device for p in params}
     if (group["capturable"] and not backend.capturable_on_cpu and not torch.compiler.is_compiling()
             and any(d.type == "cpu" for d in devices)):
