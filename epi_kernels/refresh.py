@@ -5,17 +5,19 @@ At a refresh step t the new mask of each tensor is ``key(S) >= tau`` where S are
 """
 from __future__ import annotations
 
+import ctypes
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
 
+from . import threshold as th
 from .mask import jaccard_counts, packed_numel, popcount, score_mask, threshold_mask
-from .threshold import (KEY_NONE, TIE_NONE, approx_threshold, approx_thresholds, isolation_k,
-                        radix_thresholds, score_keys, score_slots, slices, tie_counts, tie_cuts)
+from .threshold import (KEY_NONE, TIE_NONE, approx_threshold, approx_thresholds, eager_slots, isolation_k,
+                        radix_thresholds, score_keys, slices, tie_counts, tie_cuts)
 
-__all__ = ["RefreshOps", "EAGER_OPS", "Shard", "refresh_masks"]
+__all__ = ["RefreshOps", "EAGER_OPS", "Shard", "Scaled", "refresh_masks", "release_heap"]
 
 
 @dataclass(frozen=True)
@@ -24,7 +26,7 @@ class RefreshOps:
     and computing keys as it goes: eager ATen ops, or their torch.compile'd forms (compiled
     backend). Either way the same integers come out."""
     keys: Callable[[Tensor], Tensor] = score_keys
-    bins: Callable[[Tensor, Tensor], Tensor] = score_slots
+    bins: Callable[[Tensor, Tensor], Tensor] = eager_slots
     mask: Callable[[Tensor, Tensor], Tensor] = score_mask
 
 
@@ -43,17 +45,50 @@ class Shard:
     shards: int = 1
 
 
-def _global_values(scores: Tensor) -> Tensor:
-    """Scores divided by their tensor's mean finite score (scope="global"): an fp32 copy, the one
-    refresh temporary that scales with the tensor (4 B per element of the group).
+class Scaled:
+    """A tensor's scores divided by a 0-dim fp32 divisor, computed slice by slice as the engine
+    reads them (threshold.slices), into a buffer reused from slice to slice (`scratch`): scope=
+    "global" compares these without an fp32 copy of the group's scores. A slice holds the fp32
+    quotients of a whole-tensor division (elementwise), until the next slice is read."""
 
-    The mean is accumulated in float64; non-finite scores count as 0 and stay ineligible.
+    def __init__(self, scores: Tensor, divisor: Tensor, scratch: th.Scratch) -> None:
+        self.scores, self.divisor, self.scratch = scores, divisor, scratch
+
+    @property
+    def device(self) -> torch.device:
+        return self.scores.device
+
+    def numel(self) -> int:
+        return self.scores.numel()
+
+    def __getitem__(self, index: slice) -> Tensor:
+        part = self.scores[index]
+        out = self.scratch(part, torch.float32)
+        if part.dtype != torch.float32:
+            return out.copy_(part).div_(self.divisor)
+        return torch.div(part, self.divisor, out=out)
+
+
+def _global_values(scores: Sequence[Tensor]) -> list[Scaled]:
+    """Each tensor's scores divided by its mean finite score (scope="global"), as :class:`Scaled`
+    sharing one set of slice buffers.
+
+    A mean is accumulated in float64, one partial sum per slice (threshold.SLICE elements, each
+    over a float64 copy of the slice: 8 B per element of one slice), the partial sums added in
+    order; non-finite scores count as 0 and stay ineligible.
     """
-    s = scores.detach()
-    if s.numel() == 0:
-        return s.to(torch.float32)
-    total = sum(torch.where(part.isfinite(), part, 0).sum(dtype=torch.float64) for _, part in slices(s))
-    return s.to(torch.float32) / (total / s.numel()).to(torch.float32)
+    scratch = th.Scratch()
+    out = []
+    for s in scores:
+        s = s.detach().reshape(-1)
+        if s.numel() == 0:
+            out.append(Scaled(s, torch.ones((), dtype=torch.float32, device=s.device), scratch))
+            continue
+        total = torch.zeros((), dtype=torch.float64, device=s.device)
+        for _, part in slices(s):
+            total += scratch(part, torch.float64).copy_(part).nan_to_num_(0.0, 0.0, 0.0).sum()
+        out.append(Scaled(s, (total / s.numel()).to(torch.float32), scratch))
+    return out
 
 
 def _threshold(values: Sequence[Tensor], k: int, anchor: int, mode: str, ops: RefreshOps) -> tuple[int, bool]:
@@ -72,6 +107,16 @@ def _store(state: dict, packed: Tensor, kept: Tensor, count: Tensor, tau: int, k
     state["threshold_exact"].fill_(exact)
 
 
+def _tidied(values: Tensor, out):
+    """`out`, after handing the C heap's free pages back (release_heap) if `values`, just read, are
+    a CPU tensor of several slices: each slice's passes can leave about a slice's worth of free
+    heap behind (blocks that are freed and asked for again do not always refit), which would add
+    up over a tensor's slices and a group's tensors."""
+    if values.device.type == "cpu" and values.numel() > th.SLICE:
+        release_heap()
+    return out
+
+
 def _cuts(values: Sequence[Tensor], taus: Sequence[tuple[int, bool]], ks: Sequence[int], ops: RefreshOps,
           shard: Shard | None, scope: str) -> list[int]:
     """Tie cuts (threshold.tie_cuts) of the tensors of one refresh batch. Only exact thresholds can
@@ -80,11 +125,12 @@ def _cuts(values: Sequence[Tensor], taus: Sequence[tuple[int, bool]], ks: Sequen
     cuts = [TIE_NONE] * len(values)
     if not exact:
         return cuts
+    scratch = th.Scratch()  # one set of slice buffers for all the tensors
     if scope == "global":  # one selection over the group's tensors, in order
         tau = taus[0][0]
-        counts = torch.stack([tie_counts(v, tau, ops.keys) for v in values])
+        counts = torch.stack([_tidied(v, tie_counts(v, tau, ops.keys, scratch)) for v in values])
         return tie_cuts(counts, list(enumerate(values)), tau, ks[0], ops.keys)
-    counts = torch.stack([tie_counts(values[i], taus[i][0], ops.keys) for i in exact])
+    counts = torch.stack([_tidied(values[i], tie_counts(values[i], taus[i][0], ops.keys, scratch)) for i in exact])
     if shard is not None:  # every shard's counts, each in its own row: [shards, len(exact), 2]
         rows = torch.zeros(shard.shards, *counts.shape, dtype=torch.int64)
         rows[shard.position] = counts
@@ -107,13 +153,26 @@ def _mask(values: Tensor, tau: int, cut: int, ops: RefreshOps) -> Tensor:
     return packed
 
 
+def _counts(old: Tensor, new: Tensor) -> tuple[Tensor, Tensor]:
+    """(|old & new|, |new|) of two packed masks (0-dim int64), SLICE bytes (the masks of 8 slices)
+    at a time: popcount makes a few int64 temporaries the size of the words it counts."""
+    kept = torch.zeros((), dtype=torch.int64, device=new.device)
+    count = torch.zeros((), dtype=torch.int64, device=new.device)
+    step = th.SLICE  # bytes (a multiple of 8: whole int64 words)
+    for lo in range(0, new.numel(), step):
+        words = new[lo:lo + step]
+        count += popcount(words)
+        kept += popcount(old[lo:lo + step] & words)
+    return kept, count
+
+
 def _apply(states: Sequence[dict], values: Sequence[Tensor], taus: Sequence[tuple[int, bool]], ks: Sequence[int],
            ops: RefreshOps, shard: Shard | None = None, scope: str = "tensor") -> None:
     """Masks from thresholds and tie cuts, their counts (summed over shards through one reduce),
     the states."""
     cuts = _cuts(values, taus, ks, ops, shard, scope)
-    packed = [_mask(v, tau, cut, ops) for v, (tau, _), cut in zip(values, taus, cuts)]
-    counts = [(popcount(st["isolation_mask"] & pk), popcount(pk)) for st, pk in zip(states, packed)]
+    packed = [_tidied(v, _mask(v, tau, cut, ops)) for v, (tau, _), cut in zip(values, taus, cuts)]
+    counts = [_counts(st["isolation_mask"], pk) for st, pk in zip(states, packed)]
     if shard is not None:  # shards: the whole tensors' counts
         counts = [tuple(row.unbind(0)) for row in shard.reduce(torch.stack([torch.stack(c) for c in counts]))]
     for st, pk, (kept, count), (tau, exact), k in zip(states, packed, counts, taus, ks):
@@ -153,13 +212,48 @@ def refresh_masks(states: Sequence[dict], *, isolation_ratio: float, scope: str,
                       for i, v in zip(batch, values)]
                 anchors = [int(st["threshold_bits"]) for st in sts]
                 if shard is None:
-                    taus = [_threshold([v], k, a, threshold, ops) for v, k, a in zip(values, ks, anchors)]
+                    taus = [_tidied(v, _threshold([v], k, a, threshold, ops)) for v, k, a in zip(values, ks, anchors)]
                 else:
                     taus = approx_thresholds([[v] for v in values], ks, anchors, ops.bins, ops.keys, shard.reduce)
                 _apply(sts, values, taus, ks, ops, shard)
-        return
-    values = [_global_values(s.reshape(-1)) for s in scores]
-    k = isolation_k(isolation_ratio, sum(v.numel() for v in values))
-    anchor = int(states[0]["threshold_bits"]) if states else KEY_NONE
-    tau = _threshold(values, k, anchor, threshold, ops)
-    _apply(states, values, [tau] * len(states), [k] * len(states), ops, scope="global")
+    else:
+        values = _global_values(scores)
+        k = isolation_k(isolation_ratio, sum(v.numel() for v in values))
+        anchor = int(states[0]["threshold_bits"]) if states else KEY_NONE
+        tau = _threshold(values, k, anchor, threshold, ops)
+        if any(v.device.type == "cpu" for v in values):
+            release_heap()
+        _apply(states, values, [tau] * len(states), [k] * len(states), ops, scope="global")
+    if any(s.device.type == "cpu" for s in scores):
+        release_heap()
+
+
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL(None).malloc_trim  # glibc; absent elsewhere (musl, macOS, Windows)
+    except (AttributeError, OSError, TypeError):
+        return None
+
+
+_TRIM = _malloc_trim()
+RELEASE_HEAP = True  # set False to leave the C heap as the refresh left it
+
+
+def release_heap() -> None:
+    """Hand the free pages of the C heap back to the system (glibc's malloc_trim(0); a no-op where
+    there is none or RELEASE_HEAP is False): refresh_masks calls it after the passes over each CPU
+    tensor of several slices and at its end.
+
+    glibc serves blocks under its mmap threshold from its heap, and the threshold rises to the size
+    of any freed mmapped block (up to 32 MiB), so a training process soon gets a refresh's slice
+    temporaries (threshold.SLICE) from the heap. Freed heap memory stays resident, and blocks that
+    are freed and asked for again do not refit their holes exactly (torch asks for 64-byte aligned
+    blocks; small allocations take the slivers between them), so the heap grows by a few times a
+    slice's temporaries per tensor, and that stayed resident, adding to every later step's peak
+    (bench/README.md, "Peak memory of a step and of a refresh": 3 to 6 B/param on a 20M-element
+    tensor, scope="tensor", before this). A release walks the heap's free blocks (under a
+    millisecond; about 10 ms per refresh of a 47-tensor model in all) and the pages it returns
+    are zeroed afresh when the heap reuses them.
+    """
+    if RELEASE_HEAP and _TRIM is not None:
+        _TRIM(0)

@@ -62,6 +62,7 @@ __all__ = [
     "RADIX_SHIFT", "RADIX_BATCH", "UNDER_SLOTS", "identity", "score_keys", "isolation_k", "tolerance", "window_origin", "window_bins", "window_histogram",
     "select_bin", "window_threshold", "radix_thresholds", "approx_threshold",
     "approx_thresholds", "exact_threshold", "needs_tie_cut", "tie_counts", "tie_cuts", "tie_cut", "SLICE", "slices", "score_slots",
+    "eager_slots", "Scratch",
 ]
 
 RADIX_SHIFT = 15  # repair: level 1 = key >> 15 (2**16 buckets), level 2 = low 15 bits
@@ -101,13 +102,18 @@ def identity(values: Tensor) -> Tensor:
     return values
 
 
-SLICE = 1 << 22  # elements per pass of the eager engine: its temporaries are bounded by a slice (4M elements: smaller slices cost more in allocation than they save)
+SLICE = 1 << 18  # elements per pass of the eager engine (a multiple of 64); below compiled.STATIC_NUMEL
 
 
 def slices(values: Tensor) -> Iterator[tuple[int, Tensor]]:
     """(offset, view) of consecutive SLICE-element slices of a flat tensor (a multiple of 64, so
-    each slice's packed mask is whole words). Every eager pass works slice by slice: a refresh's
-    temporaries (keys, slots, comparisons) then take a few tens of MB whatever the tensor's size."""
+    each slice's packed mask is whole words). Every eager pass works slice by slice, so a refresh's
+    temporaries (keys, slots, digits, comparisons, float64 partial sums) take at most about 9 B per
+    element of one slice (2.3 MiB) at a time, whatever the tensor's size. On the CPU that is what
+    the heap grows by during a refresh (glibc serves blocks this size from its heap, a few times
+    their size with reuse), which is why slices are small (bench/memory.py); refresh.release_heap
+    hands it back after the refresh. `values` may also be any object with ``numel()`` and slicing
+    (refresh.Scaled)."""
     for start in range(0, values.numel(), SLICE):
         yield start, values[start:start + SLICE]
 
@@ -117,6 +123,21 @@ def _keys(values: Sequence[Tensor], keys: Callable[[Tensor], Tensor]) -> Iterato
     for v in values:
         for _, part in slices(v):
             yield keys(part)
+
+
+class Scratch:
+    """Buffers reused from slice to slice by one pass (out= of its elementwise steps): one block per
+    dtype for the whole pass instead of a new one per slice, which the heap would not refit (see
+    refresh.release_heap)."""
+
+    def __init__(self) -> None:
+        self.buffers: dict[torch.dtype, Tensor] = {}
+
+    def __call__(self, like: Tensor, dtype: torch.dtype) -> Tensor:
+        buf = self.buffers.get(dtype)
+        if buf is None or buf.numel() < like.numel() or buf.device != like.device:
+            buf = self.buffers[dtype] = torch.empty(like.numel(), dtype=dtype, device=like.device)
+        return buf[:like.numel()]
 
 
 def needs_tie_cut(k: int, above: int, tied: int) -> bool:
@@ -135,11 +156,16 @@ def _nth_tied(values: Tensor, tau: int, n: int, keys: Callable[[Tensor], Tensor]
     raise ValueError("fewer tied keys than counted")
 
 
-def tie_counts(values: Tensor, tau: int, keys: Callable[[Tensor], Tensor] = identity) -> Tensor:
-    """(#{key > tau}, #{key == tau}) of one piece of values (`keys` maps them to keys): int64 [2], on the CPU."""
+def tie_counts(values: Tensor, tau: int, keys: Callable[[Tensor], Tensor] = identity,
+               scratch: Scratch | None = None) -> Tensor:
+    """(#{key > tau}, #{key == tau}) of one piece of values (`keys` maps them to keys): int64 [2], on the CPU.
+    `scratch`: buffers to reuse (one set for the pieces of a selection)."""
     counts = torch.zeros(2, dtype=torch.int64)
+    scratch = Scratch() if scratch is None else scratch
     for key in _keys([values], keys):
-        counts += torch.stack([torch.count_nonzero(key > tau), torch.count_nonzero(key == tau)]).cpu()
+        flags = scratch(key, torch.bool)
+        above = torch.count_nonzero(torch.gt(key, tau, out=flags))
+        counts += torch.stack([above, torch.count_nonzero(torch.eq(key, tau, out=flags))]).cpu()
     return counts
 
 
@@ -179,8 +205,22 @@ UNDER_SLOTS = 64  # keys below the window are spread over this many slots (see w
 
 
 def score_slots(scores: Tensor, origin: int | Tensor) -> Tensor:
-    """:func:`window_bins` of the keys of scores (one pass from scores to slots)."""
+    """:func:`window_bins` of the keys of scores (one pass from scores to slots). Pure tensor code:
+    the compiled backend compiles it (:func:`eager_slots` is the eager engine's form)."""
     return window_bins(score_keys(scores), origin)
+
+
+def eager_slots(scores: Tensor, origin: int | Tensor) -> Tensor:
+    """:func:`score_slots` with fewer temporaries (9 B per element at most, against 17): its keys
+    are its own, so they become the below-window slots in place, and the result is written over
+    the window slots. The same integers; eager only (out= of an input)."""
+    key = score_keys(scores)
+    b = key - origin
+    b >>= BIN_SHIFT
+    b.clamp_(max=WINDOW_BINS).add_(1)
+    key &= UNDER_SLOTS - 1
+    key += WINDOW_BINS + 2
+    return torch.where(b > 0, b, key, out=b)
 
 
 def window_bins(key: Tensor, origin: int | Tensor) -> Tensor:
@@ -261,12 +301,14 @@ def radix_thresholds(values: Sequence[Sequence[Tensor]], ks: Sequence[int],
     (identity: they are keys), slice by slice."""
     n_hi, n_lo = 1 << (31 - RADIX_SHIFT), 1 << RADIX_SHIFT
     hi, zeros = [], []
+    scratch = Scratch()
     for tensor_values in values:
         counts = torch.zeros(n_hi, dtype=torch.int64)
         zero = 0
         for key in _keys(tensor_values, keys):
-            counts += torch.bincount(key >> RADIX_SHIFT, minlength=n_hi).cpu()
-            zero += int(torch.count_nonzero(key == 0))
+            zero += key.numel() - int(torch.count_nonzero(key))
+            digits = torch.bitwise_right_shift(key, RADIX_SHIFT, out=scratch(key, key.dtype))
+            counts += torch.bincount(digits, minlength=n_hi).cpu()
         zeros.append(zero)
         counts[0] -= zero  # key 0 (ineligible) shares bucket 0 with the smallest denormals
         hi.append(counts)
@@ -279,7 +321,9 @@ def radix_thresholds(values: Sequence[Sequence[Tensor]], ks: Sequence[int],
     for i, bucket, _ in level2:
         counts = torch.zeros(n_lo, dtype=torch.int64)
         for key in _keys(values[i], keys):
-            counts += torch.bincount(key[(key >> RADIX_SHIFT) == bucket] & (n_lo - 1), minlength=n_lo).cpu()
+            digits = torch.bitwise_right_shift(key, RADIX_SHIFT, out=scratch(key, key.dtype))
+            inside = torch.eq(digits, bucket, out=scratch(key, torch.bool))
+            counts += torch.bincount(key[inside].bitwise_and_(n_lo - 1), minlength=n_lo).cpu()
         if bucket == 0:
             counts[0] -= zeros[i]
         lo.append(counts)
