@@ -13,6 +13,7 @@ import sys
 import torch
 from torch import Tensor
 
+from . import threshold as th
 from .threshold import score_keys
 
 __all__ = ["packed_numel", "pack_mask", "threshold_mask", "score_mask", "unpack_mask", "isolated_indices", "popcount",
@@ -62,17 +63,34 @@ def unpack_mask(packed: Tensor, numel: int) -> Tensor:
 
 @torch.compiler.disable  # a data-dependent size: traced, it breaks the graph and recompiles as counts change
 def isolated_indices(packed_mask: Tensor, numel: int) -> Tensor:
-    """Flat (logical-order) int64 indices of the isolated elements of a packed mask."""
-    return unpack_mask(packed_mask, numel).nonzero().squeeze(1)
+    """Flat (logical-order) int64 indices of the isolated elements of a packed mask, written into
+    one tensor of their count, SLICE elements of the mask unpacked at a time: the temporaries take
+    about 10 B per element of one slice, not 2 B per element of the tensor (a refresh of the
+    torch backend rebuilds these; bench/memory.py)."""
+    out = torch.empty(int(popcount(packed_mask)), dtype=torch.int64, device=packed_mask.device)
+    filled = 0
+    for lo in range(0, numel, th.SLICE):  # SLICE is a multiple of 64: whole bytes of the mask
+        n = min(th.SLICE, numel - lo)
+        found = unpack_mask(packed_mask[lo // 8:(lo + n + 7) // 8], n).nonzero().squeeze(1)
+        out[filled:filled + found.numel()] = found.add_(lo)
+        filled += found.numel()
+    return out
 
 
-def popcount(packed: Tensor) -> Tensor:
-    """Number of set bits in a packed mask, as a 0-dim int64 tensor (SWAR bit counting per word)."""
-    x = packed.view(torch.int64)
-    x = x - ((x >> 1) & 0x5555555555555555)
-    x = (x & 0x3333333333333333) + ((x >> 2) & 0x3333333333333333)
-    x = (x + (x >> 4)) & 0x0F0F0F0F0F0F0F0F
-    return ((x * 0x0101010101010101) >> 56).sum()  # per word: the byte counts summed in the top byte
+def popcount(packed: Tensor, also: Tensor | None = None) -> Tensor:
+    """Number of set bits in a packed mask (in ``packed & also`` given a second mask of its size),
+    as a 0-dim int64 tensor: SWAR bit counting per int64 word, SLICE bytes at a time (its
+    temporaries are a few times the size of the words they count)."""
+    total = torch.zeros((), dtype=torch.int64, device=packed.device)
+    for lo in range(0, packed.numel(), th.SLICE):  # SLICE is a multiple of 8: whole words
+        step = slice(lo, lo + th.SLICE)
+        words = packed[step] if also is None else packed[step] & also[step]
+        x = words.view(torch.int64)
+        x = x - ((x >> 1) & 0x5555555555555555)
+        x = (x & 0x3333333333333333) + ((x >> 2) & 0x3333333333333333)
+        x = (x + (x >> 4)) & 0x0F0F0F0F0F0F0F0F
+        total += ((x * 0x0101010101010101) >> 56).sum()  # per word: the byte counts summed in the top byte
+    return total
 
 
 def jaccard_counts(inter: Tensor, count_a: Tensor, count_b: Tensor) -> Tensor:

@@ -8,7 +8,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from epi_kernels import threshold as th
-from epi_kernels.mask import packed_numel
+from epi_kernels.mask import isolated_indices, pack_mask, packed_numel, popcount
 from epi_kernels.refresh import EAGER_OPS, refresh_masks
 from epi_kernels.state import init_epi_state
 
@@ -183,3 +183,29 @@ def test_no_refresh_temporary_scales_with_the_tensor(monkeypatch, scope, thresho
             st["threshold_bits"].fill_(th.KEY_NONE)
         refresh_masks(states, isolation_ratio=0.01, scope=scope, threshold=threshold)  # radix path
     assert seen.largest <= max(8 * 32768, 8 << 16, packed_numel(n))
+
+
+@pytest.mark.parametrize("n", SIZES + [64 * SMALL + 3])
+def test_isolated_indices_and_counts_do_not_depend_on_slices(monkeypatch, n):
+    g = torch.Generator().manual_seed(n)
+    masks = [torch.rand(n, generator=g) < p for p in (0.0, 0.01, 0.5, 1.0)]
+    for mask, other in zip(masks, masks[1:] + masks[:1]):
+        packed, packed_other = pack_mask(mask), pack_mask(other)
+        small, whole = twice(monkeypatch, lambda: (isolated_indices(packed, n), popcount(packed),
+                                                   popcount(packed, packed_other)))
+        assert all(torch.equal(a, b) for a, b in zip(small, whole))
+        assert torch.equal(small[0], torch.arange(n)[mask])  # the oracle: the bool mask's own positions
+        assert small[1].item() == int(mask.sum()) and small[2].item() == int((mask & other).sum())
+
+
+def test_isolated_indices_temporaries_are_bounded_by_a_slice(monkeypatch):
+    """The torch backend rebuilds the index after each refresh: nothing it allocates but the index
+    itself (8 B per isolated element) may scale with the tensor (a bool per element would)."""
+    monkeypatch.setattr(th, "SLICE", 32768)
+    n = 1_500_000
+    mask = torch.rand(n, generator=torch.Generator().manual_seed(6)) < 0.01
+    packed = pack_mask(mask)
+    with _Allocations() as seen:
+        index = isolated_indices(packed, n)
+    assert torch.equal(index, torch.arange(n)[mask])
+    assert seen.largest <= max(8 * 32768, 8 * index.numel()) < n
