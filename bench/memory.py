@@ -33,7 +33,7 @@ tensor of >= 1M elements is compiled for its size at step 1, and counts in "plai
 CUDA (`--device cuda`): torch.cuda.max_memory_allocated above memory_allocated at the start (exact,
 the caching allocator's view); the malloc settings do not apply.
 
-    python bench/memory.py                                   # CPU: the whole matrix below, 3 repeats (~30 min)
+    python bench/memory.py                                   # CPU: the whole matrix below, 3 repeats (~10 min on 2 cores)
     python bench/memory.py --configs torch --shapes 20M --repeats 1 --pinned
     python bench/memory.py --device cuda --configs adamw,triton,cuda,torch --out DIR
 
