@@ -1,6 +1,6 @@
 """`python -m epi_kernels`: what this installation can run (for bug reports and setup checks):
-versions, the backends available, whether the CUDA extension is built and loads, the GPUs seen,
-and which backend `backend="auto"` picks on them."""
+versions, whether Triton's interpreter can run with them, the backends available, whether the CUDA
+extension is built and loads, the GPUs seen, and which backend `backend="auto"` picks on them."""
 from __future__ import annotations
 
 import importlib.metadata
@@ -11,12 +11,24 @@ import torch
 
 from . import __version__
 from .backends import available_backends, resolve
+from .backends.triton import interpreter_version_error
+
+
+def _interpreter(triton: str) -> str:
+    """Whether backend="triton" can run in Triton `triton`'s interpreter with the installed NumPy."""
+    try:
+        numpy = importlib.metadata.version("numpy")
+    except importlib.metadata.PackageNotFoundError:
+        return "needs NumPy, which is not installed"
+    return interpreter_version_error(triton, numpy) or f"runs with NumPy {numpy}"
 
 
 def report() -> list[str]:
     lines = [f"epi_kernels {__version__}, torch {torch.__version__}, python {platform.python_version()}"]
-    triton = importlib.util.find_spec("triton")
-    lines.append(f"triton: {importlib.metadata.version('triton') if triton else 'not installed'}")
+    triton = importlib.metadata.version("triton") if importlib.util.find_spec("triton") else None
+    lines.append(f"triton: {triton or 'not installed'}")
+    if triton:
+        lines.append(f"Triton's interpreter (TRITON_INTERPRET=1, CPU tensors): {_interpreter(triton)}")
     if importlib.util.find_spec("epi_kernels._C") is None:
         lines.append("CUDA extension epi_kernels._C: not built (no nvcc at install time, or EPI_BUILD_CUDA=0)")
     else:

@@ -8,6 +8,8 @@ as the "torch" reference does. Each case runs in a subprocess: the Triton it imp
 PYTHONPATH (.triton-3.6: the GPU machine's, installed there by .ci/setup), with this environment's
 NumPy.
 """
+import importlib.metadata
+import importlib.util
 import json
 import os
 import subprocess
@@ -97,3 +99,34 @@ def test_interpreter_step_or_clear_refusal(installation):
         assert "error" not in out, f"Triton {out['triton']} with NumPy {out['numpy']}: {out['error']}"
         assert out["isolated"] == 30 and out["masks_equal"] and out["scores_equal"], out
         assert out["param_diff"] < 1e-6, out
+
+
+@pytest.mark.parametrize("triton_version, numpy_version, refused", [
+    ("3.6.0", "2.4.6", True), ("3.6.0", "2.3.5", False), ("3.9.0", "2.4.6", False), ("3.6.0", None, None),
+])
+def test_python_m_epi_kernels_says_whether_the_interpreter_runs(monkeypatch, triton_version, numpy_version, refused):
+    """The installation report (python -m epi_kernels, asked for in bug reports) names the versions
+    and the fix where the interpreter cannot run, whether or not Triton is installed here."""
+    from epi_kernels import __main__ as cli
+
+    versions, real_version, real_find = {"triton": triton_version, "numpy": numpy_version}, \
+        importlib.metadata.version, importlib.util.find_spec
+
+    def version(name):
+        if name not in versions:
+            return real_version(name)
+        if versions[name] is None:
+            raise importlib.metadata.PackageNotFoundError(name)
+        return versions[name]
+
+    monkeypatch.setattr(importlib.metadata, "version", version)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "triton" else real_find(name, *a))
+    lines = [line for line in cli.report() if line.startswith("Triton's interpreter")]
+    assert len(lines) == 1, cli.report()
+    if refused is None:
+        assert "NumPy" in lines[0] and "not installed" in lines[0]
+    elif refused:
+        for text in (f"Triton {triton_version}", f"NumPy {numpy_version}", 'pip install "numpy<2.4"', "triton>=3.7"):
+            assert text in lines[0]
+    else:
+        assert lines[0].endswith(f"runs with NumPy {numpy_version}")
