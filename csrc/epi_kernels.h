@@ -37,6 +37,9 @@ struct Tables {
 };
 
 cudaError_t device_count(int* count);
+// The CUDA version of the runtime linked in (e.g. 13000) and the newest the installed driver
+// supports (0 without a driver): a driver older than the runtime's major version cannot run it.
+cudaError_t cuda_versions(int* runtime, int* driver);
 
 // What a fused step reads besides the tables (unused pointers may be null).
 struct StepInputs {

@@ -15,7 +15,7 @@ namespace {
 
 // What every thread of a block reads, kept in shared memory and re-read (volatile) where it is used
 // instead of being held in registers across the loop: the 40 fp32 values of a group (48 with
-// amsgrad) must fit in 64 registers per thread (4 blocks of 256 threads per SM) with everything else.
+// amsgrad) must fit in the register budget (FUSED_MIN_BLOCKS below) with everything else.
 struct BlockState {
   const int64_t* row;  // the tensor's table row: column addresses
   int64_t first, end;  // elements [first, end) of the chunk that exist
@@ -53,10 +53,21 @@ __device__ __forceinline__ void store_group(const volatile BlockState& b, int pa
   if (f & STEP_REFRESH) column_at<uint8_t>(b, COL_MASK)[i >> 3] = static_cast<uint8_t>(bits);
 }
 
+// Blocks per SM the fused step's register budget must allow (__launch_bounds__): 4 (64 registers a
+// thread, 50 % occupancy) on sm_80/sm_90. ptxas for sm_100/sm_120 needs up to 78 registers for the
+// same code and spills 16-32 bytes a thread into local memory at 64, so there the budget is 3 blocks
+// (at most 85 registers; no spills): 37.5 % occupancy on sm_100 (2048 threads per SM), 50 % on
+// sm_120 (1536). The grid does not depend on it: a block per chunk.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 1000
+constexpr int FUSED_MIN_BLOCKS = 3;
+#else
+constexpr int FUSED_MIN_BLOCKS = 4;
+#endif
+
 // SCORE: the importance column is a score EMA of its own; without it (STEP_V_SCORES, S = P) the
 // scores are exp_avg_sq: no score is loaded or stored, and v's new values are what COLLECT counts.
 template <class P, class S, bool HIST, bool SCORE>
-__global__ void __launch_bounds__(THREADS, 4)
+__global__ void __launch_bounds__(THREADS, FUSED_MIN_BLOCKS)
 fused_step_kernel(Tables t, unsigned flags, const float* scalars, const int32_t* control, const int32_t* tau_of, const int64_t* cut_of, const int32_t* origin_of,
                   int64_t* hist_out, int64_t* over_out, int64_t* counts) {
   using PR = typename P::raw;

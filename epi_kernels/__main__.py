@@ -11,6 +11,7 @@ import torch
 
 from . import __version__
 from .backends import available_backends, resolve
+from .backends.cuda import cuda_version_text, driver_problem
 from .backends.triton import interpreter_version_error
 
 
@@ -41,7 +42,13 @@ def report() -> list[str]:
                 devices = f"{_C.device_count()} CUDA device(s)"
             except RuntimeError as e:
                 devices = str(e)
-            lines.append(f"CUDA extension epi_kernels._C: {_C.__file__}; {devices}")
+            runtime, driver = _C.cuda_versions()
+            versions = (f"built with CUDA {cuda_version_text(runtime)}, driver "
+                        f"{'CUDA ' + cuda_version_text(driver) if driver else 'not installed'}")
+            lines.append(f"CUDA extension epi_kernels._C: {_C.__file__}; {versions}; {devices}")
+            problem = driver_problem()
+            if problem:
+                lines.append(f"  it cannot run on this machine's GPUs: {problem}")
     lines.append(f"backends available: {', '.join(available_backends())}")
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):

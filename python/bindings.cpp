@@ -45,6 +45,12 @@ PYBIND11_MODULE(_C, m) {
     return n;
   }, "Number of CUDA devices; RuntimeError with the CUDA message when there is no driver or device.");
 
+  m.def("cuda_versions", [] {
+    int runtime = 0, driver = 0;
+    check(epi::cuda_versions(&runtime, &driver), "cuda_versions");
+    return py::make_tuple(runtime, driver);
+  }, "(CUDA runtime version built in, newest CUDA version the driver supports; 0: no driver), e.g. (13000, 12080).");
+
   m.def("constants", [] {
     py::dict d;
     d["KEY_NONE"] = epi::KEY_NONE;

@@ -10,10 +10,12 @@ import importlib
 import importlib.util
 import warnings
 
+import torch
+
 from ..step_driver import kernel_step
 from .registry import KERNEL_PARAM_DTYPES, Backend, cuda_or_emulated, env_flag, register
 
-__all__ = ["BACKEND", "cuda_host_harness"]
+__all__ = ["BACKEND", "cuda_host_harness", "cuda_version_text", "driver_problem"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -30,7 +32,34 @@ def _has_extension() -> bool:
         warnings.warn(f"epi_kernels._C is installed but does not load ({e}); backend='cuda' is unavailable",
                       RuntimeWarning, stacklevel=2)
         return False
+    problem = driver_problem()
+    if problem:
+        warnings.warn(f"epi_kernels._C cannot run on this machine's GPUs: {problem}; backend='cuda' is unavailable",
+                      RuntimeWarning, stacklevel=2)
+        return False
     return True
+
+
+def driver_problem() -> str | None:
+    """Why the loaded extension's CUDA runtime cannot use this machine's driver, or None. A runtime
+    runs on any driver of its major CUDA version or newer (a release wheel built with CUDA 13 needs
+    an R580+ driver). Asked only where torch sees a GPU: without one no kernel launches (the host
+    harness needs no driver)."""
+    if not torch.cuda.is_available():
+        return None
+    from .. import _C  # noqa: PLC0415 - loaded by the caller
+
+    runtime, driver = _C.cuda_versions()
+    if driver // 1000 >= runtime // 1000:
+        return None
+    return (f"it was built with CUDA {cuda_version_text(runtime)}, which needs a driver for CUDA {runtime // 1000}.x "
+            f"or newer, and the driver here supports CUDA {cuda_version_text(driver)}: update the driver, or build "
+            "the extension from source with the toolkit here (`pip install .` in a clone)")
+
+
+def cuda_version_text(version: int) -> str:
+    """13000 -> "13.0" (CUDA's integer versions: 1000 * major + 10 * minor)."""
+    return f"{version // 1000}.{version % 1000 // 10}"
 
 
 def cuda_host_harness() -> bool:

@@ -3,7 +3,6 @@
 The mode logic of setup.py is unit-tested on fake nvcc files. The built module is checked when this
 machine has nvcc: then `pip install -e .` must have built it (static cudart, sm_80 + sm_90 code)."""
 import importlib
-import importlib.util
 import os
 import pathlib
 import re
@@ -14,16 +13,7 @@ import sys
 import pytest
 import torch
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
-
-
-def load_setup():
-    """setup.py as a module: its setup() call runs only as __main__, so importing has no effect."""
-    pytest.importorskip("setuptools")
-    spec = importlib.util.spec_from_file_location("epi_setup", ROOT / "setup.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from support.build import ROOT, find_cuobjdump, load_setup
 
 
 @pytest.fixture
@@ -130,15 +120,6 @@ def test_cudart_is_static():
         pytest.skip("no ldd")
     out = subprocess.run(["ldd", so], capture_output=True, text=True, check=True).stdout
     assert "libcudart" not in out, out
-
-
-def find_cuobjdump():
-    home = os.environ.get("CUDA_HOME", "/usr/local/cuda")
-    candidates = [shutil.which("cuobjdump"), os.path.join(home, "bin", "cuobjdump"), "/usr/local/cuda/bin/cuobjdump"]
-    triton = importlib.util.find_spec("triton")  # the triton wheel bundles one; found without importing
-    if triton and triton.submodule_search_locations:
-        candidates.append(os.path.join(triton.submodule_search_locations[0], "backends/nvidia/bin/cuobjdump"))
-    return next((c for c in candidates if c and os.access(c, os.X_OK)), None)
 
 
 def test_fatbin_has_sm80_and_sm90():

@@ -101,6 +101,37 @@ def test_extension_that_does_not_load_is_reported_and_not_used(monkeypatch):
         backends.get("cuda").available.cache_clear()
 
 
+@pytest.mark.parametrize("runtime,driver,usable", [(13000, 12080, False), (13000, 0, False), (13000, 13000, True),
+                                                   (13010, 13000, True), (12080, 13020, True)])
+def test_a_driver_older_than_the_built_in_runtime_is_reported_and_not_used(C, monkeypatch, runtime, driver, usable):
+    """A release wheel built with CUDA 13 on a machine whose driver supports only CUDA 12: backend="auto"
+    must pick another backend, with a warning naming both versions, instead of failing at the first
+    launch. Only where torch sees a GPU (simulated here)."""
+    from epi_kernels import backends
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(C, "cuda_versions", lambda: (runtime, driver))
+    backends.get("cuda").available.cache_clear()
+    try:
+        if usable:
+            assert "cuda" in backends.available_backends()
+        else:
+            want = rf"built with CUDA {runtime // 1000}\.{runtime % 1000 // 10}, .* supports CUDA {driver // 1000}\."
+            with pytest.warns(RuntimeWarning, match=want):
+                assert "cuda" not in backends.available_backends()
+            assert backends.resolve_backend("auto", torch.device("cuda")) != "cuda"
+    finally:
+        backends.get("cuda").available.cache_clear()
+
+
+def test_the_built_in_runtime_and_the_driver_are_reported(C):
+    runtime, driver = C.cuda_versions()
+    assert runtime >= 12000 and runtime % 10 == 0, runtime  # 1000 * major + 10 * minor, from the static runtime
+    assert driver == 0 or driver >= 10000, driver
+    if torch.cuda.is_available():
+        assert driver >= runtime // 1000 * 1000, (runtime, driver)  # else the GPU tests could not run
+
+
 # --- int64 counts: window histograms, k and the repair path's need/scratch may exceed 2^31 ---------
 
 def _host_window_select(C, hist, over, origin, k):
