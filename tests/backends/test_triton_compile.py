@@ -1,7 +1,8 @@
 """The Triton kernels held to the real compiler: every variant the launchers can produce compiles
-for sm_80 and sm_90 (PTX, then a cubin by the ptxas Triton ships), and the machine code has the
-properties the kernels are designed for. No GPU needed: tests/support/triton_aot.py drives the
-launchers, compiles what they launch and reports; these tests read the report.
+for sm_80, sm_90, sm_100 and sm_120 (A100, H100, B200, RTX 50 / RTX PRO Blackwell: PTX, then a cubin
+by the ptxas Triton ships), and the machine code has the properties the kernels are designed for, on
+each of the four. No GPU needed: tests/support/triton_aot.py drives the launchers, compiles what
+they launch and reports; these tests read the report.
 
 Triton's interpreter, which the other tests use, accepts programs the compiler rejects and says
 nothing about speed: this is the check that the GPU path exists at all.
@@ -27,6 +28,8 @@ ENVIRONMENTS = [None] + EXTRA  # None: the Triton installed in this environment
 ELEMENTS_PER_THREAD = 4  # BLOCK / (32 * num_warps) in triton_backend: one 128-bit access per fp32 column
 FP32_LOADS, FP32_STORES = 5, 4  # per thread and tile: p, g, m, v, s read; s, m, v, p written
 HIST_INSTRUCTIONS_PER_ELEMENT = 40  # PTX instructions the window histogram adds per element (measured: ~32)
+ARCHS = [80, 90, 100, 120]  # the targets triton_aot.py compiles for by default
+FALLBACK_STACK = 8  # bytes, outside every loop, of the misaligned fused step only (test_no_kernel_spills)
 MIN_OCCUPANCY = 0.25  # of the fused step; the design asks 0.5 (the CUDA kernels reach it), see bench/README.md
 
 
@@ -76,19 +79,25 @@ def test_every_variant_compiles(report):
     errors = [f"{v['kernel']} sm_{v['arch']} {v.get('constexprs')}:\n{v['error']}"
               for v in report["variants"] if "error" in v]
     assert not errors, f"Triton {report['triton']}: {len(errors)} variants do not compile:\n" + "\n".join(errors[:3])
+    assert sorted(report["archs"]) == ARCHS, report["archs"]
+    assert sorted({v["arch"] for v in report["variants"]}) == ARCHS
     for arch in report["archs"]:
         launched = {v["kernel"] for v in report["variants"] if v["arch"] == arch}
         assert launched == set(report["kernels"]), f"kernels the launchers never launch: {set(report['kernels']) - launched}"
     # archs x param dtypes x (2 score dtypes + scores from exp_avg_sq) x amsgrad x aligned
-    assert len(fused_steps(report)) == 2 * 3 * 3 * 2 * 2
+    assert len(fused_steps(report)) == len(report["archs"]) * 3 * 3 * 2 * 2
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("score", [True, False], ids=["own-scores", "exp_avg_sq-scores"])
 def test_fp32_fused_step_uses_128_bit_accesses(report, score):
+    """On every target, the fp32 step's tile loop reads and writes each column with 128-bit (or
+    wider) accesses, in the PTX and in the SASS."""
     # importance="exp_avg_sq" (SCORE off) neither loads nor stores a score: one access fewer each way
     fewer = 0 if score else 1
-    for v in fused_steps(report, P_TYPE="fp32", S_TYPE="fp32", ALIGNED="True", SCORE=str(score)):
+    variants = fused_steps(report, P_TYPE="fp32", S_TYPE="fp32", ALIGNED="True", SCORE=str(score))
+    assert sorted({v["arch"] for v in variants}) == ARCHS
+    for v in variants:
         extra = v["constexprs"]["AMSGRAD"] == "True"
         loops = hot_loops(v)
         assert loops, f"sm_{v['arch']}: no loop with 128-bit stores"
@@ -103,8 +112,18 @@ def test_fp32_fused_step_uses_128_bit_accesses(report, score):
 
 @pytest.mark.slow
 def test_no_kernel_spills(report):
-    spilled = [(v["kernel"], v["arch"], v["constexprs"], v["stack"], v["spill_instructions"])
-               for v in report["variants"] if v["stack"] or v["local"] or v["spill_instructions"]]
+    """No variant spills inside a loop, and none but the misaligned fused step (the scalar fallback for
+    views that are not 16-byte aligned) has a stack frame at all. That one may keep a value or two on
+    the stack outside its loops (at most FALLBACK_STACK bytes): ptxas for sm_120 does so under its own
+    register cap (168); capping at 192 removes the spill but costs an occupancy step (25 % -> 16.7 %
+    or 33.3 % -> 25 %), so the spill stays (bench/README.md, "Triton kernels: registers and occupancy")."""
+    spilled = []
+    for v in report["variants"]:
+        fallback = v["kernel"] == "fused_step_kernel" and v["constexprs"].get("ALIGNED") == "False"
+        in_loops = sum(loop["spills"] for loop in v["sass_loops"])
+        if in_loops or v["local"] or v["stack"] > (FALLBACK_STACK if fallback else 0) or (
+                v["spill_instructions"] and not fallback):
+            spilled.append((v["kernel"], v["arch"], v["constexprs"], v["stack"], v["spill_instructions"], in_loops))
     assert not spilled
 
 

@@ -9,7 +9,10 @@ binder for the target (so signature, specialisation and constexprs are the launc
 by ``triton.compile`` to PTX and a cubin with the ptxas that Triton ships, and read back with the
 wheel's cuobjdump (registers, stack, SASS).
 
-    python tests/support/triton_aot.py OUT.json [--arch 80 90]
+    python tests/support/triton_aot.py OUT.json [--arch 80 90 100 120]
+
+The default targets: sm_80 (A100), sm_90 (H100), sm_100 (B200) and sm_120 (RTX 50 / RTX PRO Blackwell);
+Triton compiles sm_90 and up as the "a" variants (sm_90a, sm_100a, sm_120a).
 
 Run it in a process without TRITON_INTERPRET (the kernels must be JIT functions, not interpreted
 ones); tests/backends/test_triton_compile.py does, once per Triton installation, and checks the report.
@@ -42,6 +45,18 @@ from epi_kernels.state import IMPORTANCE_DTYPES  # noqa: E402
 from epi_kernels.threshold import WINDOW_BINS  # noqa: E402
 
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+ARCHS = [80, 90, 100, 120]
+
+# Per-SM limits of each target, for the occupancy model of `analyse` (NVIDIA's occupancy calculator,
+# cuda_occupancy.h, which Triton ships in backends/nvidia/include, and the CUDA programming guide's
+# table of compute capabilities). Common to all four: 65536 32-bit registers per SM, split over 4
+# sub-partitions, allocated per warp in units of 256 (cudaOccRegAllocationGranularity: 256 for every
+# major from 3 to 12). They differ in resident warps: 2048 threads (64 warps) on the data-centre parts
+# sm_80, sm_90 and sm_100, but 1536 threads (48 warps) on sm_120, as on sm_86/sm_89; and in resident
+# blocks (cudaOccMaxBlocksPerMultiprocessor: 32, but 24 on sm_120).
+MAX_WARPS_PER_SM = {80: 64, 90: 64, 100: 64, 120: 48}
+MAX_BLOCKS_PER_SM = {80: 32, 90: 32, 100: 32, 120: 24}
+REGISTERS_PER_SM, SUB_PARTITIONS, REGISTER_UNIT = 65536, 4, 256
 
 
 # ---- the launches the launchers make ---------------------------------------------------------
@@ -116,7 +131,13 @@ def cuobjdump(cubin: bytes, *flags: str) -> str:
 
 PTX_BLOCK = re.compile(r"^\s*\$L__BB(\d+_\d+):(.*)$")
 SASS_INSTR = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
-SASS_BRANCH = re.compile(r"\bBRA\s+(?:`\()?(0x[0-9a-f]+)")
+# A branch's target is its last operand, after any predicate operand: "@P2 BRA 0xaa0" (sm_80/sm_90
+# loops), "BRA.U UP0, 0xa40" (sm_100/sm_120 loops branch on uniform predicates), "@!P2 BRA !P3, 0x8c90".
+SASS_BRANCH = re.compile(r"\bBRA(?:\.[A-Z0-9_]+)*\s+(?:!?U?[PR][T0-9]+\s*,\s*)?(?:`\()?(0x[0-9a-f]+)")
+# Global accesses and their width in bits (no size modifier: 32): "LDG.E.128", "STG.E.U8",
+# "LDG.E.64.CONSTANT", "LDG.E.ENL2.256" (sm_100's 256-bit loads), predicates before them.
+SASS_GLOBAL = re.compile(r"\b(LDG|STG)((?:\.[A-Z0-9_]+)*)(?=\s|$)")
+PTX_GLOBAL = re.compile(r"\b(ld|st)\.global((?:\.[A-Za-z0-9:_]+)*)\s")
 
 
 def ptx_instructions(lines):
@@ -155,23 +176,51 @@ def ptx_loops(lines):
     return list(bodies.values())
 
 
+def ptx_global_accesses(ins):
+    """(op, bits) of each ld.global/st.global: bits is the vector length times the element's width
+    (ld.global.v4.b32: 128, ld.global.v2.b64: 128, ld.global.v8.f32: 256)."""
+    out = []
+    for i in ins:
+        m = PTX_GLOBAL.search(i)
+        if m:
+            mods = m.group(2).split(".")
+            lanes = next((int(x[1:]) for x in mods if re.fullmatch(r"v\d+", x)), 1)
+            width = next((int(x[1:]) for x in reversed(mods) if re.fullmatch(r"[bfsu]\d+", x)), 0)
+            out.append((m.group(1), lanes * width))
+    return out
+
+
+def sass_global_accesses(ins):
+    """(op, bits) of each LDG/STG, from its size modifier (U8, S16, 64, 128, 256; none: 32)."""
+    out = []
+    for i in ins:
+        m = SASS_GLOBAL.search(i)
+        if m:
+            sizes = [int(s) for s in re.findall(r"\.[US]?(8|16|32|64|128|256)(?=\.|$)", m.group(2))]
+            out.append((m.group(1), sizes[-1] if sizes else 32))
+    return out
+
+
 def ptx_loop_facts(body):
     ins = ptx_instructions(body)
+    acc = ptx_global_accesses(ins)
     return {"instructions": len(ins),
-            "ld_v4": sum(bool(re.search(r"\bld\.global(\.\w+)*\.v4\.", i)) for i in ins),
-            "st_v4": sum(bool(re.search(r"\bst\.global(\.\w+)*\.v4\.", i)) for i in ins),
+            # 128-bit or wider (v4 of 32-bit elements: one per fp32 column and thread)
+            "ld_v4": sum(op == "ld" and bits >= 128 for op, bits in acc),
+            "st_v4": sum(op == "st" and bits >= 128 for op, bits in acc),
             "stores": sum(bool(re.search(r"\bst\.global", i)) for i in ins),
             "global_atomics": sum(bool(re.search(r"\b(atom|red)\.global", i)) for i in ins)}
 
 
 def sass_loop_facts(body):
     ins = sass_instructions(body)
-    loads = [k for k, i in enumerate(ins) if re.search(r"\bLDG\b", i)]
-    stores = [k for k, i in enumerate(ins) if re.search(r"\bSTG\b", i)]
-    loads128 = [k for k in loads if ".128" in ins[k]]
-    stores128 = [k for k in stores if ".128" in ins[k]]
+    acc = [(k, *a) for k, i in enumerate(ins) for a in sass_global_accesses([i])]
+    loads = [k for k, op, _ in acc if op == "LDG"]
+    stores = [k for k, op, _ in acc if op == "STG"]
+    loads128 = [k for k, op, bits in acc if op == "LDG" and bits >= 128]  # 128-bit or wider
+    stores128 = [k for k, op, bits in acc if op == "STG" and bits >= 128]
     return {"instructions": len(ins), "ldg": len(loads), "stg": len(stores), "ldg128": len(loads128),
-            "stg128": len(stores128),
+            "stg128": len(stores128), "spills": sum(bool(re.search(r"\b(LDL|STL)\b", i)) for i in ins),
             "loads_after_first_store": sum(k > stores[0] for k in loads) if stores else 0}
 
 
@@ -185,11 +234,14 @@ def analyse(ck, arch: int) -> dict:
     sass_lines = sass.splitlines()
     ptx_lines = ptx.splitlines()
     num_warps = ck.metadata.num_warps
-    per_warp = -(-reg * 32 // 256) * 256  # registers are allocated per warp in units of 256
-    warps = min(64, 65536 // per_warp // num_warps * num_warps)  # 64 warps per SM on sm_80/sm_90
+    # resident blocks as cudaOccMaxActiveBlocksPerMultiprocessor counts them, but for shared memory
+    # (not modelled: 4 KiB per block at most in these kernels, which sm_120's 100 KiB holds 19 times)
+    per_warp = -(-reg * 32 // REGISTER_UNIT) * REGISTER_UNIT
+    warps_by_registers = REGISTERS_PER_SM // SUB_PARTITIONS // per_warp * SUB_PARTITIONS
+    blocks = min(MAX_WARPS_PER_SM[arch] // num_warps, MAX_BLOCKS_PER_SM[arch], warps_by_registers // num_warps)
     return {
         "registers": reg, "stack": stack, "local": local, "num_warps": num_warps, "shared": ck.metadata.shared,
-        "occupancy": warps / 64,
+        "occupancy": blocks * num_warps / MAX_WARPS_PER_SM[arch],
         "spill_instructions": sum(bool(re.search(r"\b(LDL|STL)\b", i)) for i in sass_instructions(sass_lines)),
         "ptx_fma_f32": len(re.findall(r"\bfma\.rn(\.ftz)?\.f32\b", ptx)),
         "ptx_popc": len(re.findall(r"\bpopc\.", ptx)),
@@ -236,7 +288,7 @@ def compile_all(archs) -> dict:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("out")
-    ap.add_argument("--arch", type=int, nargs="+", default=[80, 90])
+    ap.add_argument("--arch", type=int, nargs="+", default=ARCHS, choices=sorted(MAX_WARPS_PER_SM))
     args = ap.parse_args(argv)
     report = compile_all(args.arch)
     with open(args.out, "w") as f:
