@@ -49,8 +49,8 @@ def test_wheel_is_a_manylinux_wheel_that_needs_only_the_c_runtimes(release_wheel
     assert needed <= ALLOWED_NEEDED, f"the module needs {sorted(needed - ALLOWED_NEEDED)} (CUDA runtime, torch?)"
     tag = (int(m.group(2)), int(m.group(3)))
     assert glibc <= tag, f"the module needs glibc {glibc} but the wheel claims manylinux_{tag[0]}_{tag[1]}"
-    # the oldest glibc the toolchain here reaches (README "Release wheel" says why): a change is news
-    assert tag == (2, 34), f"manylinux_{tag[0]}_{tag[1]}: update README's install section"
+    # the oldest glibc the toolchain here reaches (csrc/README.md "The release wheel" says why): a change is news
+    assert tag == (2, 34), f"manylinux_{tag[0]}_{tag[1]}: update README.md and csrc/README.md"
 
 
 def test_wheel_has_a_cubin_for_every_release_target_and_ptx_for_newer_gpus(release_wheel):
