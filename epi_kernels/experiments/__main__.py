@@ -13,6 +13,7 @@ import sys
 import torch
 
 from . import report
+from .environment import environment
 from .data import default_cache_dir
 from .train import METHODS, cores
 
@@ -210,7 +211,7 @@ def main(argv: list[str] | None = None) -> tuple[dict, str]:
         from .multitask import run  # noqa: PLC0415
     folder = report.run_folder(args.out, args.experiment)
     results, text = run(args, folder)
-    results["environment"] = report.environment()
+    results["environment"] = environment()
     results["folder"] = str(folder)
     report.write(folder, results, text)
     print("\n" + text + f"\n\nresults, tables and plots: {folder}")
