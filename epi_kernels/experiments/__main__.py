@@ -1,9 +1,11 @@
 """python -m epi_kernels.experiments [multitask|forgetting|frontier|ablation|drift] [options]
 
-With no arguments: the main job, multi-task SFT with a shifting task mix (multitask), 5 seeds,
-AdamW, static isolation, EPI per tensor and global, and EPI with AdamW's second moment as the score
-(importance="exp_avg_sq"), paired by seed (about 14 minutes on 2 CPU
-cores). Every run writes results.json, results.md and PNG plots to a new folder under --out (runs/).
+With no arguments: the main job, multi-task SFT with a shifting task mix (multitask), 10 seeds,
+AdamW, static isolation, EPI per tensor and global, paired by seed, with each verdict's split-half
+check (about 25 minutes on 2 fast CPU cores, 90 on slow ones). Every run writes results.json (with
+the environment it ran in), results.md and PNG plots to a new folder under --out (runs/).
+--replicate FILE reruns a committed run and says which verdicts held; --combine pools runs with
+disjoint seeds.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from . import report
 from .environment import environment
 from .data import default_cache_dir
 from .train import METHODS, cores
+from .verdicts import STABLE, verdict_table
 
 EXPERIMENTS = ("multitask", "forgetting", "frontier", "ablation", "drift")
 # each learnable by the tiny model (EM well above its majority-answer baseline); sorting first: learned
@@ -29,8 +32,9 @@ DEFAULTS = {
                   seeds=1, snapshot_every=100),
     "frontier": dict(tasks=["numbers__place_value", "comparison__pair"], stage1_steps=800, stage2_steps=300,
                      seeds=3, ratios=[0.01, 0.03, 0.1, 0.3], methods=["adamw", "static", "random", "epi", "epi-global"]),
-    "multitask": dict(tasks=MAIN_TASKS, steps=960, seeds=5, eval_every=80,
-                      methods=["adamw", "static", "epi", "epi-global", "epi-v"]),
+    # 10 seeds: two halves of 5 for the split-half check of every verdict (verdicts.py)
+    "multitask": dict(tasks=MAIN_TASKS, steps=960, seeds=10, eval_every=80,
+                      methods=["adamw", "static", "epi", "epi-global"]),
     "ablation": dict(tasks=MAIN_TASKS, steps=960, seeds=3, eval_every=80, intervals=[5, 25, 100],
                      betas=[0.9, 0.99, 0.999]),
 }
@@ -91,7 +95,20 @@ def parse(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--tiny", action="store_true", help="toy sizes: a smoke test in seconds")
     ap.add_argument("--out", default="runs", help="parent folder of the run folder")
     ap.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    ap.add_argument("--replicate", metavar="FILE", help="rerun the experiment a results.json records, with its "
+                    "settings (only --jobs, --out, --cache-dir and --no-progress may be given beside it), and say "
+                    "per paired difference whether the verdict held")
+    ap.add_argument("--combine", metavar="FILE", nargs="+", help="pool results.json files of one multitask or "
+                    "ablation experiment with the same settings and disjoint seeds (e.g. a committed run and more "
+                    "seeds run elsewhere) into one run's results, tables and verdicts (only --out and --no-progress "
+                    "may be given beside it)")
     args = ap.parse_args(argv)
+    if args.replicate and args.combine:
+        ap.error("argument --combine: not with --replicate")
+    if args.replicate:
+        return _replication(ap, args, argv)
+    if args.combine:
+        return _combination(ap, args, argv)
     _check_args(ap, args)
     if args.model == "smollm2":
         if args.experiment not in ("forgetting", "multitask"):
@@ -115,6 +132,54 @@ def parse(argv: list[str]) -> argparse.Namespace:
         args.methods = list(METHODS)
     _check_sizes(ap, args)
     return args
+
+
+def _replication(ap: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str]) -> argparse.Namespace:
+    """--replicate FILE: this command line's LOCAL flags, every other setting from the file."""
+    from . import replicate  # noqa: PLC0415
+
+    _only_beside(ap, "replicate", argv, replicate.LOCAL)
+    try:
+        committed = replicate.load(args.replicate)
+    except ValueError as e:
+        ap.error(f"argument --replicate: {e}")
+    local = [a for i, a in enumerate(argv) if a != "--replicate" and (i == 0 or argv[i - 1] != "--replicate")
+             and not a.startswith("--replicate=")]
+    rerun = parse([committed["experiment"], *local])
+    for key, value in replicate.settings(committed, rerun).items():
+        setattr(rerun, key, value)
+    if rerun.device == "cuda" and not torch.cuda.is_available():
+        ap.error("argument --replicate: the committed run trained on cuda, which is not available on this machine")
+    _check_args(ap, rerun)
+    _check_sizes(ap, rerun)
+    rerun.replicate, rerun.committed = args.replicate, committed
+    return rerun
+
+
+def _combination(ap: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str]) -> argparse.Namespace:
+    """--combine FILE ...: the pooled runs' settings, this command line's --out and --no-progress."""
+    from . import combine  # noqa: PLC0415
+
+    _only_beside(ap, "combine", argv, ("out", "progress"))
+    if len(args.combine) < 2:
+        ap.error("argument --combine: at least two files")
+    try:
+        files = combine.load(args.combine)
+    except ValueError as e:
+        ap.error(f"argument --combine: {e}")
+    for key, value in combine.settings(files, args).items():
+        setattr(args, key, value)
+    args.files = files
+    return args
+
+
+def _only_beside(ap: argparse.ArgumentParser, flag: str, argv: list[str], local: tuple[str, ...]) -> None:
+    """A run whose settings come from files takes only the flags that cannot change its results."""
+    others = _given(argv) - {flag, "no_progress", *local}
+    if others or any(a in EXPERIMENTS for a in argv):
+        allowed = ", ".join("--" + k.replace("_", "-") for k in local if k != "progress")
+        ap.error(f"argument --{flag}: the experiment and its settings come from the file; besides it only "
+                 f"{allowed} and --no-progress may be given (got {', '.join(sorted(others)) or 'an experiment'})")
 
 
 class _Help(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -209,10 +274,28 @@ def main(argv: list[str] | None = None) -> tuple[dict, str]:
         from .ablation import run  # noqa: PLC0415
     else:
         from .multitask import run  # noqa: PLC0415
+    committed, files = vars(args).pop("committed", None), vars(args).pop("files", None)
     folder = report.run_folder(args.out, args.experiment)
-    results, text = run(args, folder)
+    if files is not None:
+        from . import combine  # noqa: PLC0415
+
+        results, text = combine.run(args, folder, files)
+    else:
+        results, text = run(args, folder)
     results["environment"] = environment()
     results["folder"] = str(folder)
+    if results.get("paired"):
+        results["verdicts"], verdict_text = verdict_table(results["paired"])
+        if any(v["split_half"] for row in results["verdicts"].values() for v in row.values()):
+            text += ("\n\nVerdicts: stated where disjoint halves of the seeds agree in at least "
+                     f"{STABLE:.0%} of the ways to split them, else inconclusive\n\n" + verdict_text)
+    if committed is not None:
+        from .replicate import report as replication_report  # noqa: PLC0415
+
+        results["replication"], replication_text = replication_report(committed, args.replicate, results)
+        text += "\n\n" + replication_text
+        for line in results["replication"]["environment_differences"]:
+            print(f"warning: the environment differs from the committed run's: {line}", file=sys.stderr)
     report.write(folder, results, text)
     print("\n" + text + f"\n\nresults, tables and plots: {folder}")
     return results, text

@@ -24,6 +24,14 @@ _SIMD = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512v
          "avx512_fp16", "amx_tile", "amx_bf16", "asimd", "sve")
 
 
+_FROM_WORKERS: dict[str, str] = {}  # packages imported by the worker processes of parallel runs (train.run_many)
+
+
+def add_worker_packages(packages: dict[str, str]) -> None:
+    """Count what a worker process imported (the model's libraries load only there) as imported."""
+    _FROM_WORKERS.update(packages)
+
+
 def environment() -> dict[str, object]:
     """This process's environment: call it after the run, so every package the run imported is listed."""
     return {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "host": platform.node(),
@@ -33,16 +41,17 @@ def environment() -> dict[str, object]:
 
 
 def imported_packages() -> dict[str, str]:
-    """{distribution: version} of every installed distribution a module in sys.modules comes from."""
+    """{distribution: version} of every installed distribution a module in sys.modules comes from,
+    and of those the worker processes reported."""
     owners = importlib.metadata.packages_distributions()
     names = {dist for module in list(sys.modules) for dist in owners.get(module.partition(".")[0], ())}
-    out = {}
+    out = dict(_FROM_WORKERS)
     for name in sorted(names, key=str.lower):
         try:
             out[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:  # a stale egg-info entry
             continue
-    return out
+    return dict(sorted(out.items(), key=lambda item: item[0].lower()))
 
 
 def git_revision() -> str | None:

@@ -48,6 +48,26 @@ def mean_drop(ems: list[float]) -> float:
     return total / len(ems)
 
 
+def measures(curve: list[dict], tasks: list[str]) -> dict[str, object]:
+    """A run's measures, all functions of its EM curve: the final EM, the largest and the mean drop
+    below the best so far, and the EM over training (the area under the curve over its length), per
+    task and averaged over tasks (the worst-task drop: the largest drop of any task)."""
+    ems = {n: [c[n] for c in curve] for n in tasks}
+    final = {n: e[-1] for n, e in ems.items()}
+    drops = {n: largest_drop(e) for n, e in ems.items()}
+    below_best = {n: mean_drop(e) for n, e in ems.items()}
+    over_training = {n: sum(e) / len(e) for n, e in ems.items()}
+    worst = max(drops, key=drops.get)
+    return {"final": final, "final_average": _average(final), "largest_drop": drops,
+            "mean_largest_drop": _average(drops), "worst_drop": drops[worst], "worst_task": worst,
+            "mean_drop": below_best, "mean_drop_average": _average(below_best),
+            "em_over_training": over_training, "em_over_training_average": _average(over_training)}
+
+
+def _average(per_task: dict[str, float]) -> float:
+    return sum(per_task.values()) / len(per_task)
+
+
 def one_run(args, tasks, label: str, method: str, overrides: dict, seed: int) -> dict:
     """One training run of a variant (a method with optional refresh_interval / importance_beta
     overrides): its EM curve, final EM per task, largest drops and seconds."""
@@ -70,22 +90,11 @@ def one_run(args, tasks, label: str, method: str, overrides: dict, seed: int) ->
     train(model, opt, tok, sampler([t.train for t in tasks], weights), args.steps, batch_size=args.batch,
           seed=seed, desc=f"{label} seed {seed}", progress=args.progress, every=args.eval_every, on_every=evaluate)
     seconds = time.perf_counter() - start
-    final = {t.name: curve[-1][t.name] for t in tasks}
-    ems = {t.name: [c[t.name] for c in curve] for t in tasks}
-    drops = {n: largest_drop(e) for n, e in ems.items()}
-    worst = max(drops, key=drops.get)
-    below_best = {n: mean_drop(e) for n, e in ems.items()}
-    over_training = {n: sum(e) / len(e) for n, e in ems.items()}
     record = {"seed": seed, "variant": label, "method": method, **settings, "curve": curve, "seconds": seconds,
-              "final": final, "final_average": sum(final.values()) / len(final),
-              "largest_drop": drops, "mean_largest_drop": sum(drops.values()) / len(drops),
-              "worst_drop": drops[worst], "worst_task": worst,
-              "mean_drop": below_best, "mean_drop_average": sum(below_best.values()) / len(below_best),
-              "em_over_training": over_training,
-              "em_over_training_average": sum(over_training.values()) / len(over_training),
+              **measures(curve, [t.name for t in tasks]),
               "heldout_nll_increase": nll(model) - nll_before if nll else None}
     log(f"{label} seed {seed}: final average EM {record['final_average']:.3f}, worst-task drop "
-        f"{drops[worst]:.3f} ({worst}), {seconds:.0f} s")
+        f"{record['worst_drop']:.3f} ({record['worst_task']}), {seconds:.0f} s")
     return record
 
 
@@ -112,8 +121,15 @@ def run_variants(args, folder, variants: list[tuple[str, str, dict]], experiment
     seeds = range(args.seed, args.seed + args.seeds)
     runs = run_many(one_run, {label: (args, tasks, label, method, over) for label, method, over in variants}, seeds,
                     jobs=args.jobs, threads=args.threads)
-    names = [t.name for t in tasks]
-    nll = runs[variants[0][0]][0]["heldout_nll_increase"] is not None
+    return analyse(args, folder, experiment, runs, {t.name: majority_baseline(t) for t in tasks}, phase)
+
+
+def analyse(args, folder, experiment: str, runs: dict[str, list[dict]], baselines: dict[str, float],
+            phase: int) -> tuple[dict, str]:
+    """Summary, paired differences, plots and tables of the runs of every variant (in seed order;
+    `baselines`: each task's majority-answer EM)."""
+    names = list(baselines)
+    nll = next(iter(runs.values()))[0]["heldout_nll_increase"] is not None
     summary = {label: {"final_average": mean_std([r["final_average"] for r in rs]),
                        "worst_drop": mean_std([r["worst_drop"] for r in rs]),
                        "mean_largest_drop": mean_std([r["mean_largest_drop"] for r in rs]),
@@ -124,7 +140,6 @@ def run_variants(args, folder, variants: list[tuple[str, str, dict]], experiment
                        **({"heldout_nll_increase": mean_std([r["heldout_nll_increase"] for r in rs])} if nll else {})}
                for label, rs in runs.items()}
     differences, paired_text = paired_table(runs, metrics(names))
-    baselines = {t.name: majority_baseline(t) for t in tasks}
     best = {n: max(s[n]["mean"] for s in summary.values()) for n in names}
     barely = [n for n, em in best.items() if em < baselines[n] + LEARNED_MARGIN]
     if barely:

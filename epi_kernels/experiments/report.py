@@ -6,8 +6,6 @@ import statistics
 import time
 from pathlib import Path
 
-import torch
-
 
 def log(line: str) -> None:
     """A progress line that does not break tqdm's bars."""
@@ -44,7 +42,11 @@ _T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 
 def paired(values: list[float], baseline: list[float], higher_is_better: bool) -> dict[str, object]:
     """The per-seed differences values - baseline (same seed, checkpoint and data order): mean, a
     95 % t confidence interval (None for one seed), and in how many seeds the method was better."""
-    diffs = [v - b for v, b in zip(values, baseline)]
+    return paired_differences([v - b for v, b in zip(values, baseline)], higher_is_better)
+
+
+def paired_differences(diffs: list[float], higher_is_better: bool) -> dict[str, object]:
+    """`paired`'s summary of per-seed differences already taken (e.g. a subset of the seeds)."""
     mean = statistics.fmean(diffs)
     half = (_T975.get(len(diffs) - 1, 1.96) * statistics.stdev(diffs) / len(diffs) ** 0.5) if len(diffs) > 1 else None
     better = sum((d > 0) if higher_is_better else (d < 0) for d in diffs)

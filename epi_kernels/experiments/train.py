@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 
 from .. import EPIAdamW
 from ..threshold import isolation_k
+from .environment import add_worker_packages, imported_packages
 
 METHODS = ("adamw", "static", "random", "epi", "epi-global", "epi-v")
 
@@ -112,5 +113,6 @@ def run_many(fn: Callable, groups: dict, seeds, *, jobs: int, threads: int) -> d
         with ProcessPoolExecutor(min(jobs, len(calls)), mp_context=multiprocessing.get_context("spawn"),
                                  initializer=torch.set_num_threads, initargs=(threads,)) as pool:
             done = [future.result() for future in [pool.submit(fn, *call) for call in calls]]
+            add_worker_packages(pool.submit(imported_packages).result())  # the model's libraries load there
     n = len(seeds)
     return {group: done[i * n:(i + 1) * n] for i, group in enumerate(groups)}

@@ -146,7 +146,7 @@ def test_each_experiment_runs_at_toy_size(experiment, tmp_path):
         assert all(saved["overlap_matrix"][i][i] == 1.0 for i in range(n))
         assert saved["independent_floor"] == pytest.approx(0.3 / 1.7)
     else:
-        assert set(saved["runs"]) == {"adamw", "static", "epi", "epi-global", "epi-v"}
+        assert set(saved["runs"]) == {"adamw", "static", "epi", "epi-global"}
         assert set(saved["majority_baseline"]) == set(saved["tasks"]) and "majority-answer baseline" in text
         for runs in saved["runs"].values():
             for r in runs:
