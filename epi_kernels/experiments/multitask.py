@@ -150,20 +150,22 @@ def analyse(args, folder, experiment: str, runs: dict[str, list[dict]], baseline
                "paired": differences}
     _plot(results, folder)
     plot_paired(differences, folder / f"{experiment}-paired.png", f"{experiment}, paired by seed")
-    rows = [[label, *(fmt(s[n]) for n in names), fmt(s["final_average"]), fmt(s["worst_drop"]),
-             f"{s['seconds']['mean']:.1f}"] + ([fmt(s["heldout_nll_increase"])] if nll else [])
-            for label, s in summary.items()]
-    rows.append(["majority-answer baseline", *(f"{baselines[n]:.3f}" for n in names), "", "", ""]
+    rows = [[label, *(fmt(s[n]) for n in names), fmt(s["final_average"]), fmt(s["em_over_training_average"]),
+             fmt(s["worst_drop"]), fmt(s["mean_drop_average"]), f"{s['seconds']['mean']:.1f}"]
+            + ([fmt(s["heldout_nll_increase"])] if nll else []) for label, s in summary.items()]
+    rows.append(["majority-answer baseline", *(f"{baselines[n]:.3f}" for n in names), "", "", "", "", ""]
                 + ([""] if nll else []))
     text = (f"{experiment.capitalize()} ({args.model} model): {args.steps} steps, task mix shifting every {phase} "
             f"steps ({' -> '.join(names)} dominant, 0.8 of each batch), ratio {args.ratio}, "
             + ("" if experiment == "ablation" else
                f"refresh every {args.refresh_interval}, importance beta {args.importance_beta}, ")
             + f"{args.seeds} seeds (mean ± std); final exact match per task on {args.eval_items} held-out "
-              f"questions each; worst-task drop: the largest fall of any task's EM below its best so far, "
-              f"over the evaluations every {args.eval_every} steps\n\n"
+              f"questions each, evaluated every {args.eval_every} steps; EM over training: the mean over those "
+              f"evaluations and tasks; worst-task drop: the largest fall of any task's EM below its best so far; "
+              f"mean drop below best: how far below its best so far a task's EM sits, averaged over the "
+              f"evaluations and tasks\n\n"
             + table(["variant" if experiment == "ablation" else "method", *names, "final average",
-                     "worst-task drop", "train s"] + (["held-out NLL increase"] if nll else []), rows)
+                     "EM over training", "worst-task drop", "mean drop below best", "train s"] + (["held-out NLL increase"] if nll else []), rows)
             + "\n\nPaired by seed (same initialisation and data order): mean difference [95 % t interval; * "
               "where it excludes zero], seeds in which the method was better\n\n" + paired_text)
     return results, text
