@@ -294,8 +294,9 @@ def main(argv: list[str] | None = None) -> tuple[dict, str]:
 
         results["replication"], replication_text = replication_report(committed, args.replicate, results)
         text += "\n\n" + replication_text
-        for line in results["replication"]["environment_differences"]:
-            print(f"warning: the environment differs from the committed run's: {line}", file=sys.stderr)
+        for source, lines in results["replication"]["environment_differences"].items():
+            for line in lines:
+                print(f"warning: the environment differs from the run of {source}: {line}", file=sys.stderr)
     report.write(folder, results, text)
     print("\n" + text + f"\n\nresults, tables and plots: {folder}")
     return results, text

@@ -45,13 +45,16 @@ def settings(committed: dict, args) -> dict[str, object]:
 def report(committed: dict, path: str, rerun: dict) -> tuple[dict, str]:
     """The environment differences and the verdict-by-verdict comparison: results.json's
     "replication" entry and the text appended to the rerun's table."""
-    env = differences(committed.get("environment", {}), rerun["environment"])
+    # a combined file's runs ran where its sources did, not where they were combined
+    sources = [(c["path"], c.get("environment") or {}) for c in committed.get("combined_from", ())]
+    env = {source: differences(recorded, rerun["environment"])
+           for source, recorded in sources or [(path, committed.get("environment", {}))]}
     rows, text = replication(committed["paired"], rerun["paired"])
     held = sum(r["held"] for r in rows)
-    head = (f"Replication of {path} (committed {committed.get('environment', {}).get('date', 'at an unknown date')}): "
-            f"{held} of {len(rows)} verdicts held (better / worse where the 95 % interval excludes zero, "
-            f"else no difference; numbers are not expected to match across machines)")
-    envtext = ("\n\nEnvironment differences from the committed run:\n" + "\n".join(f"- {line}" for line in env)
-               if env else "\n\nEnvironment: the same as the committed run's (date and host aside)")
+    head = (f"Replication of {path}: {held} of {len(rows)} verdicts held (better / worse where the 95 % interval "
+            f"excludes zero, else no difference; numbers are not expected to match across machines)")
+    envtext = "".join(f"\n\nEnvironment differences from the run of {source}:\n" + "\n".join(f"- {x}" for x in lines)
+                      if lines else f"\n\nEnvironment: the same as the run of {source} (date and host aside)"
+                      for source, lines in env.items())
     return ({"committed": path, "environment_differences": env, "held": held, "verdicts": rows},
             head + envtext + "\n\n" + text)

@@ -117,7 +117,7 @@ def test_replicate_reruns_the_file_and_says_which_verdicts_held(tmp_path, capsys
     again, text = _toy(tmp_path, "b", "--replicate", str(path))
     assert again["config"]["seeds"] == 6 and again["config"]["methods"] == ["adamw", "static"]
     assert again["replication"]["held"] == len(again["replication"]["verdicts"]) == 3
-    assert again["replication"]["environment_differences"] == [] and "3 of 3 verdicts held" in text
+    assert again["replication"]["environment_differences"] == {str(path): []} and "3 of 3 verdicts held" in text
 
     # a committed file whose forgetting verdict was "worse" and whose run had another numpy
     saved["paired"]["static - adamw"]["forgetting (lower is better)"]["ci95"] = [0.01, 0.02]
@@ -175,6 +175,11 @@ def test_combine_pools_disjoint_seeds_into_one_run(tmp_path):
     assert paired["mean drop below best (lower is better)"]["diffs"] == pytest.approx([0, 0, 0, 0])  # never fell
     assert [c["seeds"] for c in combined["combined_from"]] == [[0, 1], [2, 3]]
     assert f"Combined from {paths[0]}: seeds 0-1" in text
+    # its replication reruns the pooled seeds and compares with the environments the runs had
+    combined_file = Path(combined["folder"]) / "results.json"
+    again, _ = _toy(tmp_path, "r", "--replicate", str(combined_file))
+    assert again["config"]["seeds"] == 4 and again["config"]["methods"] == ["adamw", "epi"]
+    assert set(again["replication"]["environment_differences"]) == set(map(str, paths))
 
 
 @pytest.mark.parametrize("change,message", [
