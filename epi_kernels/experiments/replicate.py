@@ -38,7 +38,7 @@ def load(path: str) -> dict:
 def settings(committed: dict, args) -> dict[str, object]:
     """The rerun's settings: the committed run's config, with `args`' LOCAL flags; settings the
     file does not record (an older version) keep this version's defaults."""
-    keep = {"replicate", *LOCAL}
+    keep = {"replicate", "combine", *LOCAL}  # a rerun of a combined result runs its seeds, it combines nothing
     return {key: value for key, value in committed["config"].items() if key not in keep and hasattr(args, key)}
 
 

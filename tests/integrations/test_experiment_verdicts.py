@@ -179,6 +179,7 @@ def test_combine_pools_disjoint_seeds_into_one_run(tmp_path):
     combined_file = Path(combined["folder"]) / "results.json"
     again, _ = _toy(tmp_path, "r", "--replicate", str(combined_file))
     assert again["config"]["seeds"] == 4 and again["config"]["methods"] == ["adamw", "epi"]
+    assert again["config"]["combine"] is None and again["config"]["replicate"] == str(combined_file)
     assert set(again["replication"]["environment_differences"]) == set(map(str, paths))
 
 
