@@ -61,6 +61,20 @@ def model_mix(total: int = 25_000_000, width: int = 512) -> Case:
     return Case(f"mix-{sum(math.prod(s) for s in shapes) / 1e6:.0f}M", shapes)
 
 
+def llama_mix(layers: int = 6, vocab: int = 8192, hidden: int = 512, intermediate: int = 1376) -> Case:
+    """A small Llama's tensors: embedding, per layer q/k/v/o, gate/up/down and two RMSNorm weights,
+    the final norm and an untied output head. Default: 57 tensors, 27.4M parameters."""
+    layer = [(hidden, hidden)] * 4 + [(intermediate, hidden)] * 2 + [(hidden, intermediate)] + [(hidden,)] * 2
+    shapes = ((vocab, hidden),) + tuple(layer) * layers + ((hidden,), (vocab, hidden))
+    return Case(f"llama-{sum(math.prod(s) for s in shapes) / 1e6:.0f}M", shapes)
+
+
+def seven_tensors() -> Case:
+    """25.2M parameters in 7 large tensors: embedding and head (8192 x 1024), q/k/v/o (1024 x 1024)
+    and one 1024 x 4096 matrix."""
+    return Case("7x-25M", ((8192, 1024), (8192, 1024)) + ((1024, 1024),) * 4 + ((1024, 4096),))
+
+
 def runnable_backends(device: str) -> list[str]:
     """Backends that can step tensors on `device` here (Triton on CPU only in its interpreter)."""
     out = []
@@ -84,7 +98,7 @@ def dry_cases() -> list[Case]:
 
 
 def cpu_cases(quick: bool) -> list[Case]:
-    return [flat(MiB, "1M")] if quick else [flat(MiB, "1M"), flat(25 * MiB, "25M"), model_mix()]
+    return [flat(MiB, "1M")] if quick else [flat(MiB, "1M"), flat(25 * MiB, "25M"), model_mix(), llama_mix(), seven_tensors()]
 
 
 def gpu_cases(quick: bool) -> list[Case]:
@@ -231,9 +245,15 @@ def timed(fn: Callable[[], object], device: str) -> float:
 def summary(samples: list[float]) -> dict[str, float]:
     """Median and spread of timing samples (seconds in, milliseconds out)."""
     ms = sorted(1e3 * s for s in samples)
-    q = statistics.quantiles(ms, n=4) if len(ms) >= 2 else [ms[0]] * 3
+    q = statistics.quantiles(ms, n=4, method="inclusive") if len(ms) >= 2 else [ms[0]] * 3
     return {"median_ms": statistics.median(ms), "min_ms": ms[0], "max_ms": ms[-1], "q1_ms": q[0], "q3_ms": q[2],
             "n": len(ms)}
+
+
+def ratio_summary(a: list[float], b: list[float]) -> dict[str, float]:
+    """Median and range of per-round ratios a/b (interleaved rounds)."""
+    r = sorted(x / y for x, y in zip(a, b))
+    return {"median": statistics.median(r), "min": r[0], "max": r[-1]}
 
 
 def machine_info(device: str) -> dict[str, object]:

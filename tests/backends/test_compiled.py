@@ -1,4 +1,4 @@
-"""backend="compiled" (one torch.compile'd loop per tensor) against the eager torch backend."""
+"""backend="compiled" (torch.compile'd loops, small tensors stepped a group per call) against the eager torch backend."""
 import warnings
 
 import pytest
@@ -60,16 +60,54 @@ def test_compiled_matches_eager(dtype, kw):
 
 def test_size_specialised_kernels_match_eager(monkeypatch):
     monkeypatch.setattr(compiled, "STATIC_NUMEL", 64)  # the test tensors >= 64 get exact-size kernels
-    for f in (compiled._step_kernel, compiled.COMPILED_REFRESH_OPS.keys, compiled.COMPILED_REFRESH_OPS.bins,
-              compiled._score_words_kernel):
+    monkeypatch.setattr(compiled, "EXACT_STEP_NUMEL", 64)
+    for f in (compiled._step_kernel, compiled._group_kernel, compiled.COMPILED_REFRESH_OPS.keys,
+              compiled.COMPILED_REFRESH_OPS.bins, compiled._score_words_kernel):
         monkeypatch.setattr(f, "compiled", {})
         monkeypatch.setattr(f, "sizes", set())
     p_eager, o_eager = _run("torch", torch.float32)
     p_comp, o_comp = _run("compiled", torch.float32)
-    assert compiled._step_kernel.compiled.keys() == {False, True}  # both kinds of kernel ran
+    assert compiled._step_kernel.compiled.keys() == {False}  # the non-contiguous 10x24, alone
+    assert compiled._group_kernel.compiled.keys() == {False, True}  # 7 elements; 65, 33x31, 1 and () exact
     for a, b in zip(p_eager, p_comp):
         assert torch.equal(o_eager.isolation_mask(a), o_comp.isolation_mask(b))
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+
+
+def test_groups_of_small_tensors_match_eager_and_compile_once_per_group_length(monkeypatch):
+    # 11 small tensors in groups of 3 whose equal sizes form different patterns (a a b, b a b, a a a)
+    monkeypatch.setattr(compiled, "GROUP_SIZE", 3)
+    monkeypatch.setattr(compiled._group_kernel, "compiled", {})
+    monkeypatch.setattr(compiled._group_kernel, "sizes", set())
+    g = torch.Generator().manual_seed(3)
+    shapes = [(7,), (7,), (9,), (9,), (7,), (9,), (5,), (5,), (5,), (40, 3), (11, 11)]
+
+    def run(backend):
+        params = [torch.nn.Parameter(torch.randn(s, generator=torch.Generator().manual_seed(i)))
+                  for i, s in enumerate(shapes)]
+        opt = EPIAdamW(params, backend=backend, lr=0.05, isolation_ratio=0.2, refresh_interval=2)
+        for _ in range(4):
+            for p in params:  # mixed magnitudes: every rounding counts
+                p.grad = torch.randn(p.shape, generator=g) * 10.0 ** torch.randint(-4, 4, p.shape, generator=g)
+            opt.step()
+        return params, opt
+
+    before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    p_comp, o_comp = run("compiled")
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"] - before
+    g.manual_seed(3)
+    p_eager, o_eager = run("torch")
+    isolated = 0
+    for a, b in zip(p_eager, p_comp):
+        assert torch.equal(o_eager.isolation_mask(a), o_comp.isolation_mask(b))
+        isolated += int(o_comp.isolation_mask(b).sum())
+        assert torch.equal(o_eager.state[a]["importance"], o_comp.state[b]["importance"])
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    assert isolated > 0
+    # groups of 3, 3, 3 and 2 tensors: two graphs (no graph per pattern of equal sizes), plus
+    # whatever the refresh functions compiled
+    assert len(compiled._group_kernel.sizes) == 2
+    assert graphs <= 2 + 4, graphs
 
 
 def test_compiled_keeps_isolated_elements_bit_identical():
