@@ -13,11 +13,13 @@ addcmul are fused multiply-adds and whose CPU sqrt is not correctly rounded) to 
 The mask is read as 32-bit words, each broadcast over its 32 elements, which keeps the loop
 vectorised (a per-byte gather would not be) with 8-lane int32 shifts; 64-bit words cost two 4-lane
 int64 vectors per 8 elements (measured on this project's 2-core AMD machine, a 4M-element step with
-64-bit words took 1.43x as long as the same step without a mask, with 32-bit words 1.03x).
+64-bit words took 1.5-1.7x as long as the same step without a mask, with 32-bit words 1.03x).
 
-Tensors below STATIC_NUMEL elements are stepped GROUP_SIZE at a time by one compiled function
-(dynamo unrolls the loop over the group): a compiled call costs tens of microseconds on the host
-(guards, wrappers), which on a model of many small tensors cost more than their arithmetic.
+Contiguous tensors are stepped up to GROUP_SIZE per compiled call (dynamo unrolls the loop over
+the group): those of EXACT_STEP_NUMEL elements or more with others of their shape, by a kernel
+compiled for that shape (a shape-generic kernel indexes the mask with a modulo by a symbolic
+size), smaller ones by one shape-generic kernel. A compiled call costs tens to hundreds of
+microseconds on the host (guards, wrappers), more than a small tensor's arithmetic.
 
 Refreshes use compiled copies of the threshold engine's elementwise passes (keys, histogram slots,
 packed mask), which return the same integers as the eager ones.
@@ -60,8 +62,8 @@ class _CompiledOrEager:
     """Call `fn` compiled with torch.compile; on a compiler failure, warn once and call it
     uncompiled from then on (compiler failures happen before anything is written).
 
-    Large tensors (first argument >= STATIC_NUMEL elements) get a kernel compiled for their exact
-    size: measured on this project's 2-core CPU machines, shape-generic kernels ran up to 2x slower
+    Large tensors (first argument >= STATIC_NUMEL elements, or as the caller's `exact` says) get a
+    kernel compiled for their exact size: measured on this project's 2-core CPU machines, shape-generic kernels ran up to 2x slower
     on them. A model has few distinct large sizes, so few compilations (up to MAX_SIZES per
     function); smaller tensors share one shape-generic kernel, as their cost is mostly the call."""
 
