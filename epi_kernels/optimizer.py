@@ -140,7 +140,8 @@ class EPIAdamW(Optimizer):
         return out
 
     def _state_of(self, p: Tensor, group: dict) -> dict:
-        part = self._layouts.partitions.get(p)
+        # (`p in` a dict of tensors hashes in Python: skipped where no partition is held, the usual case)
+        part = self._layouts.partitions.get(p) if self._layouts.partitions else None
         return init_state(self.state[p], p, group, pieces=len(part[1].pieces) if part else None)
 
     # ------------------------------------------------------------------ step
@@ -197,7 +198,8 @@ class EPIAdamW(Optimizer):
         return records
 
     def _sharded(self, params: list[Tensor]) -> bool:
-        return any(is_sharded(p) or p in self._layouts.partitions for p in params)
+        partitions = self._layouts.partitions
+        return any(is_sharded(p) or (partitions and p in partitions) for p in params)
 
     def _step_group(self, record: GroupRecord, params: list[Tensor], backend: backends.Backend, on_device: bool,
                     skip: Tensor | None) -> None:

@@ -269,8 +269,18 @@ def check_score_source(group: dict, importance: str, index: int, state: dict) ->
                                f"state was made with {made}: the score source cannot change mid-run")
 
 
+_STEPPABLE = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+
+
 def _tensor_error(p: Tensor, grad: Tensor, backend) -> str | None:
     """Why `backend` cannot step parameter `p` with gradient `grad` (None if it can)."""
+    dtype = p.dtype
+    # the usual case in one expression (this runs for every parameter of every step): a dense
+    # real floating-point parameter the backend steps, off the meta device, and a gradient like it
+    if (dtype in _STEPPABLE and (backend.param_dtypes is None or dtype in backend.param_dtypes)
+            and p.layout == torch.strided and grad.layout == torch.strided and grad.dtype == dtype
+            and grad.shape == p.shape and grad.device == p.device and p.device.type != "meta"):
+        return None
     if grad.is_sparse:
         return "EPIAdamW does not support sparse gradients"
     if torch.is_complex(p):
