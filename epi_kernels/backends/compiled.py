@@ -16,8 +16,8 @@ int64 vectors per 8 elements (measured on this project's 2-core AMD machine, a 4
 64-bit words took 1.5-1.7x as long as the same step without a mask, with 32-bit words 1.03x).
 
 Contiguous tensors are stepped up to GROUP_SIZE per compiled call (dynamo unrolls the loop over
-the group): those of EXACT_STEP_NUMEL elements or more with others of their shape, by a kernel
-compiled for that shape (a shape-generic kernel indexes the mask with a modulo by a symbolic
+the group), flattened: those of EXACT_STEP_NUMEL elements or more with others of their size, by a
+kernel compiled for that size (a shape-generic kernel indexes the mask with a modulo by a symbolic
 size), smaller ones by one shape-generic kernel. A compiled call costs tens to hundreds of
 microseconds on the host (guards, wrappers), more than a small tensor's arithmetic.
 
