@@ -17,7 +17,7 @@ from .group_record import GroupRecord
 from .mask import pack_mask, unpack_mask
 from .partitions import (Partition, Piece, find_partition, full_shape, gather_pieces, piece_bits, put_piece_bits,
                          refresh_partition)
-from .refresh import RefreshOps, refresh_masks
+from .refresh import RefreshOps, refresh_masks, selection_shard
 from .sharding import gather_shards, is_sharded, local, shard_of
 
 __all__ = ["Layouts", "is_given"]
@@ -71,10 +71,10 @@ class Layouts:
                                    "layout of it is known: per-tensor isolation would select over a slice of "
                                    "several parameters. Supported wrappers: DeepSpeed ZeRO stages 1-3 (README). "
                                    "To add parameters yourself, use add_param_group")
-            if settings["scope"] != "tensor" or settings["threshold"] != "approx":
-                raise RuntimeError(f"EPIAdamW under DeepSpeed ZeRO ({where}) supports scope='tensor' with "
-                                   f"threshold='approx' only, got scope={settings['scope']!r}, "
-                                   f"threshold={settings['threshold']!r}")
+            if settings["scope"] == "global" and part.split:
+                raise RuntimeError(f"EPIAdamW under DeepSpeed ZeRO 3 ({where}) with scope='global' needs each param "
+                                   "group in one sub-group (each sub-group is stepped by a call of its own): raise "
+                                   "zero_optimization.sub_group_size to at least the group's parameter count")
             st = state.get(p, {})
             if "threshold_bits" in st and tuple(st["threshold_bits"].shape) != (len(part.pieces),):
                 raise RuntimeError(f"EPIAdamW: {where} holds a flat partition of {len(part.pieces)} parameters, but "
@@ -84,6 +84,12 @@ class Layouts:
             for j, piece in enumerate(part.pieces):
                 self.pieces[piece.param] = (p, j)
         record.layout_checked = (params, len(params))  # (the list itself: its id cannot be reused)
+
+    def check_selection(self, group: dict, params: Sequence[Tensor], where: str) -> None:
+        """ValueError if scope="global" cannot select over `params` (a group's stepped tensors) as one:
+        its whole tensors must all be shards of one process group, or none (refresh.selection_shard)."""
+        if group["scope"] == "global":
+            selection_shard([shard_of(p) for p in params if p not in self.partitions], where)
 
     @torch.compiler.disable  # integer threshold engine with host reads: one graph break, not dozens
     def refresh_masks(self, group: dict, params: Sequence[Tensor], states: Sequence[dict], scores: Sequence[Tensor],
@@ -99,7 +105,8 @@ class Layouts:
         for p, st, s in zip(params, states, scores):
             part = self.partitions.get(p)
             if part is not None:  # each flat partition: its pieces in one batch (one collective per phase)
-                refresh_partition(st, s, part[1], isolation_ratio=group["isolation_ratio"], ops=ops)
+                refresh_partition(st, s, part[1], isolation_ratio=group["isolation_ratio"], scope=group["scope"],
+                                  threshold=group["threshold"], ops=ops)
 
     # ------------------------------------------------------------------ masks of model parameters
 

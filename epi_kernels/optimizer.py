@@ -163,6 +163,8 @@ class EPIAdamW(Optimizer):
             if params:
                 backend = backends.resolve(group["backend"], params[0].device)
                 check_stepped_params(group, params, backend, self.state, f" of param group {i}")
+                if self._sharded(params):
+                    self._layouts.check_selection(group, params, f" in param group {i}")
                 work.append((record, params, backend, group["capturable"] and backend.refreshes(group, self._sharded(params))))
         on_device = bool(work) and all(w[3] for w in work)  # no host read of the GradScaler's flag either
         if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing() and not on_device:

@@ -49,8 +49,10 @@ class Piece:
 @dataclass(frozen=True)
 class Partition:
     """The pieces of a flat partition, one per model parameter the partition's layout covers (the
-    same parameters, in the same order, on every rank of the group)."""
+    same parameters, in the same order, on every rank of the group). `split`: the partition holds
+    only part of its param group (ZeRO 3 with several sub-groups, each stepped by its own call)."""
     pieces: tuple[Piece, ...]
+    split: bool = False
 
 
 def _rank_and_size(group) -> tuple[int, int]:
@@ -133,7 +135,9 @@ def _zero3(flat: Tensor, params: Sequence[Tensor]) -> Partition | None:
         pieces.append(Piece(p, start, max(0, min(n, p.ds_numel - offset)), offset,
                             Shard(p.ds_numel, reducer(p.ds_process_group), rank, size)))
         start += n
-    return Partition(tuple(pieces))
+    groups = getattr(wrapper, "sub_group_to_group_id", {})
+    split = sum(g == groups.get(index) for g in groups.values()) > 1
+    return Partition(tuple(pieces), split)
 
 
 def full_shape(p: Tensor) -> tuple[int, ...]:
@@ -176,14 +180,15 @@ def _piece_state(state: dict, j: int, piece: Piece) -> dict:
     return out
 
 
-def refresh_partition(state: dict, scores: Tensor, partition: Partition, *, isolation_ratio: float,
-                      ops: RefreshOps) -> None:
-    """New masks of every piece of a flat partition (scope='tensor', threshold='approx'): one
-    collective for the window histograms of all its pieces, one for their mask counts."""
+def refresh_partition(state: dict, scores: Tensor, partition: Partition, *, isolation_ratio: float, scope: str,
+                      threshold: str, ops: RefreshOps) -> None:
+    """New masks of every piece of a flat partition, each piece a shard of its model parameter
+    (scope="tensor": one selection per parameter; "global": one over the partition's parameters):
+    one collective per phase for all its pieces."""
     pieces = partition.pieces
     views = [_piece_state(state, j, pc) for j, pc in enumerate(pieces)]
     flat = scores.reshape(-1)
-    refresh_masks(views, isolation_ratio=isolation_ratio, scope="tensor", threshold="approx", ops=ops,
+    refresh_masks(views, isolation_ratio=isolation_ratio, scope=scope, threshold=threshold, ops=ops,
                   shards=[pc.shard for pc in pieces], scores=[flat.narrow(0, pc.start, pc.numel) for pc in pieces])
     for pc, view in zip(pieces, views):
         if pc.numel:

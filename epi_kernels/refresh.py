@@ -14,10 +14,11 @@ from torch import Tensor
 
 from . import threshold as th
 from .mask import jaccard_counts, packed_numel, popcount, score_mask, threshold_mask
-from .threshold import (KEY_NONE, TIE_NONE, approx_threshold, approx_thresholds, eager_slots, isolation_k,
-                        radix_thresholds, score_keys, slices, tie_counts, tie_cuts)
+from .normalise import exponent_sums, mean_of_sums
+from .threshold import (KEY_NONE, TIE_NONE, approx_threshold, approx_thresholds, eager_slots, exact_thresholds,
+                        isolation_k, radix_thresholds, score_keys, slices, tie_counts, tie_cuts)
 
-__all__ = ["RefreshOps", "EAGER_OPS", "Shard", "Scaled", "refresh_masks", "release_heap"]
+__all__ = ["RefreshOps", "EAGER_OPS", "Shard", "Scaled", "refresh_masks", "selection_shard", "release_heap"]
 
 
 @dataclass(frozen=True)
@@ -69,32 +70,24 @@ class Scaled:
         return torch.div(part, self.divisor, out=out)
 
 
-def _global_values(scores: Sequence[Tensor]) -> list[Scaled]:
-    """Each tensor's scores divided by its mean finite score (scope="global"), as :class:`Scaled`
-    sharing one set of slice buffers.
-
-    A mean is accumulated in float64, one partial sum per slice (threshold.SLICE elements, each
-    over a float64 copy of the slice: 8 B per element of one slice), the partial sums added in
-    order; non-finite scores count as 0 and stay ineligible.
-    """
+def _normalised(scores: Sequence[Tensor], numels: Sequence[int], ops: RefreshOps,
+                reduce: Callable[[Tensor], Tensor]) -> list[Scaled]:
+    """Each tensor's scores divided by its mean finite score (scope="global"; normalise.py defines
+    the mean), as :class:`Scaled` sharing one set of slice buffers. `numels`: the whole tensors'
+    numels; `reduce` sums the exponent sums of all the tensors over their shards in one call."""
     scratch = th.Scratch()
-    out = []
-    for s in scores:
-        s = s.detach().reshape(-1)
-        if s.numel() == 0:
-            out.append(Scaled(s, torch.ones((), dtype=torch.float32, device=s.device), scratch))
-            continue
-        total = torch.zeros((), dtype=torch.float64, device=s.device)
-        for _, part in slices(s):
-            total += scratch(part, torch.float64).copy_(part).nan_to_num_(0.0, 0.0, 0.0).sum()
-        out.append(Scaled(s, (total / s.numel()).to(torch.float32), scratch))
-    return out
+    flat = [s.detach().reshape(-1) for s in scores]
+    sums = reduce(torch.stack([exponent_sums(ops.keys, s, scratch) for s in flat])) if flat else []
+    return [Scaled(s, torch.tensor(mean_of_sums(row, n), dtype=torch.float32, device=s.device), scratch)
+            for s, row, n in zip(flat, sums, numels)]
 
 
-def _threshold(values: Sequence[Tensor], k: int, anchor: int, mode: str, ops: RefreshOps) -> tuple[int, bool]:
+def _threshold(values: Sequence[Tensor], k: int, anchor: int, mode: str, ops: RefreshOps,
+               reduce: Callable[[Tensor], Tensor] = th.identity) -> tuple[int, bool]:
+    """The threshold of one selection over `values` (one tensor, or a group's pooled)."""
     if mode == "exact":  # the radix select: the exact k-th largest key, in bounded memory
-        return radix_thresholds([values], [k], keys=ops.keys)[0], True
-    return approx_threshold(values, k, anchor, ops.bins, ops.keys)
+        return radix_thresholds([values], [k], reduce, ops.keys)[0], True
+    return approx_threshold(values, k, anchor, ops.bins, ops.keys, reduce)
 
 
 def _store(state: dict, packed: Tensor, kept: Tensor, count: Tensor, tau: int, k: int, exact: bool) -> None:
@@ -126,10 +119,15 @@ def _cuts(values: Sequence[Tensor], taus: Sequence[tuple[int, bool]], ks: Sequen
     if not exact:
         return cuts
     scratch = th.Scratch()  # one set of slice buffers for all the tensors
-    if scope == "global":  # one selection over the group's tensors, in order
+    if scope == "global":  # one selection over the group's tensors: tensor order, then shard order
         tau = taus[0][0]
         counts = torch.stack([_tidied(v, tie_counts(v, tau, ops.keys, scratch)) for v in values])
-        return tie_cuts(counts, list(enumerate(values)), tau, ks[0], ops.keys)
+        width, position = (shard.shards, shard.position) if shard is not None else (1, 0)
+        if shard is not None:  # every shard's counts of tensor i in row i * width + its position
+            rows = torch.zeros(len(values), width, 2, dtype=torch.int64)
+            rows[:, position] = counts
+            counts = shard.reduce(rows).reshape(-1, 2)
+        return tie_cuts(counts, [(i * width + position, v) for i, v in enumerate(values)], tau, ks[0], ops.keys)
     counts = torch.stack([_tidied(values[i], tie_counts(values[i], taus[i][0], ops.keys, scratch)) for i in exact])
     if shard is not None:  # every shard's counts, each in its own row: [shards, len(exact), 2]
         rows = torch.zeros(shard.shards, *counts.shape, dtype=torch.int64)
@@ -183,36 +181,65 @@ def refresh_masks(states: Sequence[dict], *, isolation_ratio: float, scope: str,
     """
     shards = list(shards) if shards is not None else [None] * len(states)
     scores = list(scores) if scores is not None else [st["importance"] for st in states]
-    if any(shards) and (scope != "tensor" or threshold != "approx"):
-        raise NotImplementedError("sharded (FSDP2) parameters support scope='tensor' with threshold='approx' only")
-    if scope == "tensor":
-        by_group: dict = {}
-        for i, shard in enumerate(shards):
-            by_group.setdefault((shard.reduce, shard.position, shard.shards) if shard else None, []).append(i)
-        for key, idx in by_group.items():
-            batches = [[i] for i in idx] if key is None else [idx]
-            for batch in batches:
-                sts = [states[i] for i in batch]
-                shard = shards[batch[0]]
-                values = [scores[i].reshape(-1) for i in batch]
-                ks = [isolation_k(isolation_ratio, shards[i].numel if shards[i] else v.numel())
-                      for i, v in zip(batch, values)]
-                anchors = [int(st["threshold_bits"]) for st in sts]
-                if shard is None:
-                    taus = [_tidied(v, _threshold([v], k, a, threshold, ops)) for v, k, a in zip(values, ks, anchors)]
-                else:
-                    taus = approx_thresholds([[v] for v in values], ks, anchors, ops.bins, ops.keys, shard.reduce)
-                _apply(sts, values, taus, ks, ops, shard)
+    if scope == "global":
+        _refresh_group(states, scores, shards, isolation_ratio, threshold, ops)
     else:
-        values = _global_values(scores)
-        k = isolation_k(isolation_ratio, sum(v.numel() for v in values))
-        anchor = int(states[0]["threshold_bits"]) if states else KEY_NONE
-        tau = _threshold(values, k, anchor, threshold, ops)
-        if any(v.device.type == "cpu" for v in values):
-            release_heap()
-        _apply(states, values, [tau] * len(states), [k] * len(states), ops, scope="global")
+        _refresh_tensors(states, scores, shards, isolation_ratio, threshold, ops)
     if any(s.device.type == "cpu" for s in scores):
         release_heap()
+
+
+def selection_shard(shards: Sequence[Shard | None], where: str = "") -> Shard | None:
+    """The shard group of a scope="global" selection over tensors described by `shards`: None when
+    no tensor is sharded; ValueError unless every tensor is sharded over the same group at the same
+    position (a replicated tensor beside shards would be counted once per rank)."""
+    first = shards[0] if shards else None
+    if all(s is None for s in shards):
+        return None
+    if any(s is None or (s.reduce, s.position, s.shards) != (first.reduce, first.position, first.shards)
+           for s in shards):
+        raise ValueError(f"scope='global'{where} selects over tensors that are all sharded over one process "
+                         "group (FSDP2 fully_shard, HSDP, DeepSpeed ZeRO) or none of them; this group mixes "
+                         "sharded and unsharded tensors or shard groups: put them in separate param groups")
+    return first
+
+
+def _refresh_group(states: Sequence[dict], scores: Sequence[Tensor], shards: Sequence[Shard | None],
+                   isolation_ratio: float, threshold: str, ops: RefreshOps) -> None:
+    """scope="global": one top-k over all tensors' mean-normalised scores, one threshold."""
+    shard = selection_shard(shards)
+    reduce = shard.reduce if shard is not None else th.identity
+    numels = [sh.numel if sh is not None else s.numel() for s, sh in zip(scores, shards)]
+    values = _normalised(scores, numels, ops, reduce)
+    k = isolation_k(isolation_ratio, sum(numels))
+    anchor = int(states[0]["threshold_bits"]) if states else KEY_NONE
+    tau = _threshold(values, k, anchor, threshold, ops, reduce)
+    if any(v.device.type == "cpu" for v in values):
+        release_heap()
+    _apply(states, values, [tau] * len(states), [k] * len(states), ops, shard, scope="global")
+
+
+def _refresh_tensors(states: Sequence[dict], scores: Sequence[Tensor], shards: Sequence[Shard | None],
+                     isolation_ratio: float, threshold: str, ops: RefreshOps) -> None:
+    """scope="tensor": one top-k per tensor; the shards of one process group as one batch."""
+    by_group: dict = {}
+    for i, shard in enumerate(shards):
+        by_group.setdefault((shard.reduce, shard.position, shard.shards) if shard else None, []).append(i)
+    for key, idx in by_group.items():
+        for batch in ([[i] for i in idx] if key is None else [idx]):
+            sts = [states[i] for i in batch]
+            shard = shards[batch[0]]
+            values = [scores[i].reshape(-1) for i in batch]
+            ks = [isolation_k(isolation_ratio, shards[i].numel if shards[i] else v.numel())
+                  for i, v in zip(batch, values)]
+            anchors = [int(st["threshold_bits"]) for st in sts]
+            if shard is None:
+                taus = [_tidied(v, _threshold([v], k, a, threshold, ops)) for v, k, a in zip(values, ks, anchors)]
+            elif threshold == "exact":
+                taus = [(tau, True) for tau in exact_thresholds([[v] for v in values], ks, ops.keys, shard.reduce)]
+            else:
+                taus = approx_thresholds([[v] for v in values], ks, anchors, ops.bins, ops.keys, shard.reduce)
+            _apply(sts, values, taus, ks, ops, shard)
 
 
 def _malloc_trim() -> Callable[[int], int] | None:

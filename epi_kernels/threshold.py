@@ -60,7 +60,7 @@ from .abi import (BIN_SHIFT, BIN_WIDTH, KEY_NONE, MANTISSA_BITS, TIE_NONE, TOLER
 __all__ = [
     "KEY_NONE", "TIE_NONE", "MANTISSA_BITS", "WINDOW_OCTAVES", "BIN_SHIFT", "BIN_WIDTH", "WINDOW_BINS",
     "RADIX_SHIFT", "RADIX_BATCH", "UNDER_SLOTS", "identity", "score_keys", "isolation_k", "tolerance", "window_origin", "window_bins", "window_histogram",
-    "select_bin", "window_threshold", "radix_thresholds", "approx_threshold",
+    "select_bin", "window_threshold", "radix_thresholds", "exact_thresholds", "approx_threshold",
     "approx_thresholds", "exact_threshold", "needs_tie_cut", "tie_counts", "tie_cuts", "tie_cut", "SLICE", "slices", "score_slots",
     "eager_slots", "Scratch",
 ]
@@ -351,10 +351,18 @@ def approx_thresholds(values: Sequence[Sequence[Tensor]], ks: Sequence[int], anc
             out[i] = (tau, False)
             answered.add(i)
     repair = [i for i, k in enumerate(ks) if k >= 1 and i not in answered]
-    for j in range(0, len(repair), RADIX_BATCH):  # bounded memory: 512 KiB of level-1 counts per tensor
-        part = repair[j:j + RADIX_BATCH]
-        for i, tau in zip(part, radix_thresholds([values[i] for i in part], [ks[i] for i in part], reduce, keys)):
-            out[i] = (tau, True)
+    for i, tau in zip(repair, exact_thresholds([values[i] for i in repair], [ks[i] for i in repair], keys, reduce)):
+        out[i] = (tau, True)
+    return out
+
+
+def exact_thresholds(values: Sequence[Sequence[Tensor]], ks: Sequence[int], keys: Callable[[Tensor], Tensor] = identity,
+                     reduce: Callable[[Tensor], Tensor] = identity) -> list[int]:
+    """:func:`radix_thresholds` of several tensors, RADIX_BATCH at a time (bounded memory: 512 KiB
+    of level-1 counts per tensor; one `reduce` per level per batch)."""
+    out: list[int] = []
+    for j in range(0, len(values), RADIX_BATCH):
+        out += radix_thresholds(values[j:j + RADIX_BATCH], ks[j:j + RADIX_BATCH], reduce, keys)
     return out
 
 

@@ -18,7 +18,7 @@ pytest.importorskip("deepspeed", reason="deepspeed is not installed (pip install
 
 from epi_kernels import EPIAdamW  # noqa: E402
 from support.deepspeed_worker import (  # noqa: E402
-    CONFIGS, EPI, REFUSED, SAVE_AT, STEPS, batch, loss_of, model, snapshot)
+    CONFIGS, EPI, REFUSED, SAVE_AT, STEPS, batch, loss_of, model, settings_of, snapshot)
 from support.devices import CPU_KERNEL_BACKENDS  # noqa: E402
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]  # torchrun launches of 2 DeepSpeed ranks
@@ -43,13 +43,13 @@ def results(tmp_path_factory):
     return {name: torch.load(out / f"{name}.pt", weights_only=False) for name in names}
 
 
-def _single_process(backend, bf16=False):
+def _single_process(backend, bf16=False, **settings):
     """The reference: the same model, batches and settings in one process, no DeepSpeed. bf16: a
     bf16 model whose fp32 copies ("master weights") EPIAdamW steps, copied back after each step."""
     m = model().to(torch.bfloat16 if bf16 else torch.float32)
     params = list(m.parameters())
     master = [torch.nn.Parameter(p.detach().float()) for p in params] if bf16 else params
-    opt = EPIAdamW(master, backend=backend, **EPI)
+    opt = EPIAdamW(master, backend=backend, **EPI, **settings)
     snaps = []
     for step in range(STEPS):
         x, y = (t.to(params[0].dtype) for t in batch(step))
@@ -82,7 +82,7 @@ def _assert_same(run, ref):
 def test_zero_stage_isolates_per_model_parameter_like_one_process(results, name):
     cfg, backend = CONFIGS[name]
     got = results[name]
-    ref, ref_state = _single_process(backend, bf16=name.endswith("bf16"))
+    ref, ref_state = _single_process(backend, bf16=name.endswith("bf16"), **settings_of(name))
     assert sum(s["selected"] for s in ref[-1]["stats"]) > 0  # something is isolated (refreshes at 2, 4, 6)
     for step in range(STEPS):
         _assert_same(got["steps"][step], ref[step])
@@ -98,9 +98,8 @@ def test_zero_stage_isolates_per_model_parameter_like_one_process(results, name)
 
 @pytest.mark.parametrize("name,message", [
     ("elastic", "does not support elastic_checkpoint"),
-    ("global", "supports scope='tensor' with threshold='approx' only, got scope='global'"),
-    ("exact", "supports scope='tensor' with threshold='approx' only, got scope='tensor', threshold='exact'"),
-    ("global-mid-run", "supports scope='tensor' with threshold='approx' only, got scope='global'")])
+    ("global-subgroups", "with scope='global' needs each param group in one sub-group"),
+    ("global-subgroups-mid-run", "with scope='global' needs each param group in one sub-group")])
 def test_zero_settings_that_cannot_hold_raise_at_the_first_step(results, name, message):
     """At the first step, or the first after the setting changed (never a silent flat top-k)."""
     assert results[name]["error"] is not None

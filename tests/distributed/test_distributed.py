@@ -1,7 +1,8 @@
 """DDP: EPIAdamW works unchanged under DistributedDataParallel (2 CPU processes, gloo, loopback):
 every rank keeps the same masks and parameters, equal to a single-process run on the whole batch.
-FSDP2 (1-D mesh, with each backend) and HSDP (2 x 2 mesh): the shards' masks put together, the
-thresholds, the counts and the parameters equal a single-process run's.
+FSDP2 (1-D mesh, with each backend) and HSDP (2 x 2 mesh), with scope="tensor" and "global" and
+both threshold modes: the shards' masks put together, the thresholds, the counts and the
+parameters equal a single-process run's.
 
 Inputs are small integers and the loss a sum, so gradients are exact whatever the reduction order:
 the comparison can be bit for bit."""
@@ -72,7 +73,7 @@ def _leave():
     os._exit(0)
 
 
-def _fsdp_rank(rank, init_file, out, mesh_shape, backend):
+def _fsdp_rank(rank, init_file, out, mesh_shape, backend, settings):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -81,7 +82,7 @@ def _fsdp_rank(rank, init_file, out, mesh_shape, backend):
     model = _model()
     names = ("replicate", "shard")[-len(mesh_shape):]  # 2-D: HSDP
     fully_shard(model, mesh=init_device_mesh("cpu", mesh_shape, mesh_dim_names=names))
-    opt = EPIAdamW(model.parameters(), backend=backend, **EPI)
+    opt = EPIAdamW(model.parameters(), backend=backend, **EPI, **settings)
     for step in range(STEPS):
         x = _batch(step, world).chunk(world)[rank]
         opt.zero_grad()
@@ -95,16 +96,27 @@ def _fsdp_rank(rank, init_file, out, mesh_shape, backend):
     _leave()
 
 
-@pytest.mark.parametrize("mesh_shape,backend", [
-    pytest.param((WORLD,), "torch", id="fsdp2-torch"),
-    *[pytest.param((WORLD,), b.values[0], marks=b.marks, id=f"fsdp2-{b.values[0]}") for b in CPU_KERNEL_BACKENDS],
-    pytest.param((2, 2), "torch", id="hsdp-2x2-torch")])
-def test_fsdp2_shards_pick_the_whole_tensors_threshold(tmp_path, mesh_shape, backend):
+GLOBAL, EXACT = {"scope": "global"}, {"threshold": "exact"}
+
+
+@pytest.mark.parametrize("mesh_shape,backend,settings", [
+    pytest.param((WORLD,), "torch", {}, id="fsdp2-torch"),
+    *[pytest.param((WORLD,), b.values[0], {}, marks=b.marks, id=f"fsdp2-{b.values[0]}") for b in CPU_KERNEL_BACKENDS],
+    pytest.param((2, 2), "torch", {}, id="hsdp-2x2-torch"),
+    # scope="global": one selection over the group (exponent sums, histograms and counts all-reduced)
+    pytest.param((WORLD,), "torch", GLOBAL, id="fsdp2-global-torch"),
+    *[pytest.param((WORLD,), b.values[0], GLOBAL, marks=b.marks, id=f"fsdp2-global-{b.values[0]}")
+      for b in CPU_KERNEL_BACKENDS],
+    pytest.param((2, 2), "torch", GLOBAL, id="hsdp-2x2-global-torch"),
+    pytest.param((WORLD,), "torch", EXACT, id="fsdp2-exact-torch"),
+    pytest.param((WORLD,), "torch", {**GLOBAL, **EXACT}, id="fsdp2-global-exact-torch")])
+def test_fsdp2_shards_pick_the_whole_tensors_threshold(tmp_path, mesh_shape, backend, settings):
     world, shards = math.prod(mesh_shape), mesh_shape[-1]
-    mp.spawn(_fsdp_rank, args=(str(tmp_path / "init"), str(tmp_path), mesh_shape, backend), nprocs=world, join=True)
+    mp.spawn(_fsdp_rank, args=(str(tmp_path / "init"), str(tmp_path), mesh_shape, backend, settings), nprocs=world,
+             join=True)
     ranks = [torch.load(tmp_path / f"fsdp{r}.pt", weights_only=False) for r in range(world)]
     model = _model()
-    opt = EPIAdamW(model.parameters(), backend=backend, **EPI)  # the same elementwise arithmetic
+    opt = EPIAdamW(model.parameters(), backend=backend, **EPI, **settings)  # the same elementwise arithmetic
     for step in range(STEPS):
         opt.zero_grad()
         (model(_batch(step, world)).sum() / world).backward()
@@ -114,9 +126,10 @@ def test_fsdp2_shards_pick_the_whole_tensors_threshold(tmp_path, mesh_shape, bac
             group = ranks[replica * shards:(replica + 1) * shards]
             whole = torch.cat([r["masks"][i] for r in group])  # shards are consecutive rows
             assert torch.equal(whole, opt.isolation_mask(p))  # same threshold as the unsharded tensor
-        assert opt.isolation_mask(p).sum() > 0 or p.numel() < 5
+        assert opt.isolation_mask(p).sum() > 0 or p.numel() < 5 or settings.get("scope") == "global"
         for r in ranks:
             assert torch.equal(r["gathered"][i], opt.isolation_mask(p))
             assert torch.equal(r["params"][i], p.detach())
             assert r["stats"][i]["threshold_bits"] == opt.isolation_stats()[i]["threshold_bits"]
             assert r["stats"][i]["selected"] == opt.isolation_stats()[i]["selected"]  # counts summed too
+    assert sum(int(opt.isolation_mask(p).sum()) for p in model.parameters()) > 0

@@ -29,12 +29,21 @@ CONFIGS = {"zero0": (dict(stage=0), "torch"), "zero1": (dict(stage=1), "torch"),
            "zero2-offload": (dict(stage=2, offload_optimizer=dict(device="cpu")), "torch"),
            "zero3-offload": (dict(stage=3, sub_group_size=1500, offload_optimizer=dict(device="cpu")), "torch"),
            # bf16 training: a bf16 model, fp32 master partitions
-           "zero2-bf16": (dict(stage=2), "torch"), "zero3-bf16": (dict(stage=3), "torch")}
+           "zero2-bf16": (dict(stage=2), "torch"), "zero3-bf16": (dict(stage=3), "torch"),
+           # scope="global" (one selection over the partition's model parameters) and exact thresholds
+           "zero1-global": (dict(stage=1), "torch"), "zero2-global": (dict(stage=2), "torch"),
+           "zero3-global": (dict(stage=3), "torch"), "zero2-exact": (dict(stage=2), "torch"),
+           "zero3-global-exact": (dict(stage=3), "torch")}
 # settings that cannot hold under ZeRO: name -> (zero_optimization, EPIAdamW arguments, group settings
 # changed after one step)
 REFUSED = {"elastic": (dict(stage=2, elastic_checkpoint=True), {}, {}),
-           "global": (dict(stage=2), dict(scope="global"), {}), "exact": (dict(stage=3), dict(threshold="exact"), {}),
-           "global-mid-run": (dict(stage=1), {}, dict(scope="global"))}
+           "global-subgroups": (dict(stage=3, sub_group_size=1500), dict(scope="global"), {}),
+           "global-subgroups-mid-run": (dict(stage=3, sub_group_size=1500), {}, dict(scope="global"))}
+
+
+def settings_of(name):
+    """The EPIAdamW settings a configuration's name asks for beside EPI."""
+    return {**({"scope": "global"} if "-global" in name else {}), **({"threshold": "exact"} if "-exact" in name else {})}
 
 
 def model():
@@ -102,12 +111,12 @@ def run(name, out_dir):
     cfg, backend = CONFIGS[name]
     bf16 = name.endswith("bf16")
     dtype = torch.bfloat16 if bf16 else torch.float32
-    eng, epi, params, gathered = engine_for(cfg, bf16, backend=backend)
+    eng, epi, params, gathered = engine_for(cfg, bf16, backend=backend, **settings_of(name))
     steps = train(eng, epi, params, gathered, range(SAVE_AT), dtype)
     eng.save_checkpoint(f"{out_dir}/ckpt-{name}", tag="t")
     steps += train(eng, epi, params, gathered, range(SAVE_AT, STEPS), dtype)
     views = state_views(params) if cfg["stage"] else None  # (ZeRO 0: whole tensors, no views)
-    eng2, epi2, params2, gathered2 = engine_for(cfg, bf16, backend=backend)
+    eng2, epi2, params2, gathered2 = engine_for(cfg, bf16, backend=backend, **settings_of(name))
     eng2.load_checkpoint(f"{out_dir}/ckpt-{name}", tag="t")
     resumed = train(eng2, epi2, params2, gathered2, range(SAVE_AT, STEPS), dtype)
     return {"steps": steps, "resumed": resumed, "views": views, "epi_step": [g["epi_step"] for g in epi.param_groups],

@@ -31,7 +31,7 @@ LAYERS = (
     ("epi_kernels.kernels",),
     ("epi_kernels.launch", "epi_kernels.step_records", "epi_kernels.step_scalars"),  # records and tables
     ("epi_kernels.partitions", "epi_kernels.state", "epi_kernels.sharding", "epi_kernels.refresh",
-     "epi_kernels.mask", "epi_kernels.score"),  # reference refresh, sharding, state
+     "epi_kernels.mask", "epi_kernels.score", "epi_kernels.normalise"),  # reference refresh, sharding, state
     ("epi_kernels.threshold",),
     ("epi_kernels.abi",),
 )

@@ -124,20 +124,20 @@ def test_refreshed_states_do_not_depend_on_slices(monkeypatch, threshold, ratio)
 
 @pytest.mark.parametrize("threshold", ["approx", "exact"])
 def test_global_scope_does_not_depend_on_slices(monkeypatch, threshold):
-    # integer scores: the float64 sums of the means are exact in any order, so the partial sums
-    # of the slices cannot move a mean; ties of the normalised scores across slices and tensors
+    # mixed magnitudes: the means are exact integer sums (normalise.py), so slices cannot move one;
+    # and integer scores: ties of the normalised scores across slices and tensors
     g = torch.Generator().manual_seed(3)
-    scores = [torch.randint(0, 40, (n,), generator=g).float() for n in (3 * SMALL + 7, 2000, 900)]
+    scores = [mixed(3 * SMALL + 7, 8), torch.randint(0, 40, (2000,), generator=g).float(), mixed(900, 9)]
     small, whole = twice(monkeypatch, lambda: _refreshes(scores, "global", threshold, 0.1))
     assert _equal(small, whole)
 
 
-def test_global_values_slices_are_the_whole_tensor_divided(monkeypatch):
-    from epi_kernels.refresh import _global_values
+def test_normalised_slices_are_the_whole_tensor_divided(monkeypatch):
+    from epi_kernels.refresh import _normalised
 
     monkeypatch.setattr(th, "SLICE", SMALL)
     s = mixed(3 * SMALL + 5, 4)
-    scaled = _global_values([s])[0]
+    scaled = _normalised([s], [s.numel()], EAGER_OPS, th.identity)[0]
     sliced = torch.cat([part.clone() for _, part in th.slices(scaled)])  # (a slice lasts until the next)
     assert torch.equal(sliced.view(torch.int32), (s / scaled.divisor).view(torch.int32))  # bits, NaNs too
     finite = s.nan_to_num(0.0, 0.0, 0.0).double()

@@ -221,39 +221,75 @@ def test_pack_of_the_oracle_is_the_stored_mask():
     assert torch.equal(threshold_mask(keys, 0x3F800000, 77), pack_mask(torch.arange(200) < 77))
 
 
-def _refresh_sharded(tensors, bounds, ratio):
-    """refresh_masks of `tensors` split at `bounds` over simulated ranks (threads): the joined masks."""
+def _refresh_sharded(tensors, bounds, ratio, scope="tensor", threshold="approx"):
+    """refresh_masks of `tensors` split at `bounds` over simulated ranks (threads): the joined masks,
+    and rank 0's states."""
     world = len(bounds) + 1
     group = _ThreadGroup(world)
     pieces = [[t[a:b] for a, b in zip([0, *bounds], [*bounds, t.numel()])] for t in tensors]
     states = [_states([piece[r] for piece in pieces]) for r in range(world)]
+    errors = []
 
     def rank(r):
-        shards = [Shard(t.numel(), group.reduce_for(r), r, world) for t in tensors]
-        refresh_masks(states[r], isolation_ratio=ratio, scope="tensor", threshold="approx", shards=shards)
+        reduce = group.reduce_for(r)  # one per rank, as sharding.reducer makes one per process group
+        shards = [Shard(t.numel(), reduce, r, world) for t in tensors]
+        try:
+            refresh_masks(states[r], isolation_ratio=ratio, scope=scope, threshold=threshold, shards=shards)
+        except BaseException as e:  # (a thread's exception would otherwise vanish)
+            errors.append(e)
+            group.barrier.abort()
 
     threads = [threading.Thread(target=rank, args=(r,)) for r in range(world)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+    assert not errors, errors
     return [torch.cat([unpack_mask(states[r][i]["isolation_mask"], pieces[i][r].numel()) for r in range(world)])
             for i in range(len(tensors))]
 
 
+MODES = [("tensor", "approx"), ("tensor", "exact"), ("global", "approx"), ("global", "exact")]
+
+
 @settings(max_examples=60, deadline=None)
 @given(n=st.integers(8, 3000), levels=st.integers(1, 6), ratio=st.floats(0.01, 0.6),
-       cuts=st.lists(st.floats(0.0, 1.0), min_size=1, max_size=3), seed=st.integers(0, 2**31))
-def test_any_shard_split_reaches_the_unsharded_masks(n, levels, ratio, cuts, seed):
+       cuts=st.lists(st.floats(0.0, 1.0), min_size=1, max_size=3), seed=st.integers(0, 2**31),
+       mode=st.sampled_from(MODES), magnitudes=st.booleans())
+def test_any_shard_split_reaches_the_unsharded_masks(n, levels, ratio, cuts, seed, mode, magnitudes):
+    """In every mode: one whole-tensor selection (scope="tensor") or one over the group ("global",
+    whose means come from exponent sums added over the shards) equals the unsharded one, ties
+    included (taken in tensor order, then shard order)."""
     g = torch.Generator().manual_seed(seed)
     tensors = [tie_scores(g, n, levels), tie_scores(g, n // 2 + 1, 50)]  # ties, and few ties
+    if magnitudes:  # tensors of very different scales, one of them with denormals and non-finite scores
+        tensors = [tensors[0] * 1e-30, tensors[1] * 1e20]
+        tensors[0][::7] = 1e-44
+        tensors[1][:: max(1, n // 3)] = float("inf")
     bounds = sorted(int(c * min(t.numel() for t in tensors)) for c in cuts)  # uneven, empty shards too
+    scope, threshold = mode
     whole = _states(tensors)
-    refresh_masks(whole, isolation_ratio=ratio, scope="tensor", threshold="approx")
-    for t, w, joined in zip(tensors, whole, _refresh_sharded(tensors, bounds, ratio)):
-        k = th.isolation_k(ratio, t.numel())
+    refresh_masks(whole, isolation_ratio=ratio, scope=scope, threshold=threshold)
+    total = sum(t.numel() for t in tensors)
+    for t, w, joined in zip(tensors, whole, _refresh_sharded(tensors, bounds, ratio, scope, threshold)):
         assert torch.equal(joined, unpack_mask(w["isolation_mask"], t.numel()))
-        assert int(w["isolated_count"]) <= k + tol(k)
+        k = th.isolation_k(ratio, t.numel() if scope == "tensor" else total)
+        assert int(w["isolation_k"]) == k
+    if scope == "tensor":
+        assert all(int(w["isolated_count"]) <= int(w["isolation_k"]) + tol(int(w["isolation_k"])) for w in whole)
+    else:
+        k = th.isolation_k(ratio, total)
+        assert sum(int(w["isolated_count"]) for w in whole) <= k + tol(k)
+
+
+def test_global_scope_refuses_a_group_mixing_shards_and_whole_tensors():
+    from epi_kernels.refresh import selection_shard
+
+    shard = Shard(10, lambda c: c, 0, 2)
+    assert selection_shard([None, None]) is None and selection_shard([shard, shard]) is shard
+    for mixed in ([shard, None], [None, shard], [shard, Shard(10, lambda c: c, 1, 2)]):
+        with pytest.raises(ValueError, match="scope='global' in param group 3 selects over tensors that are all"):
+            selection_shard(mixed, " in param group 3")
 
 
 @pytest.mark.parametrize("backend", [p for p in CPU_KERNEL_BACKENDS if p.values[0] == "cuda"])

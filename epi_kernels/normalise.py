@@ -1,0 +1,58 @@
+"""scope="global"'s per-tensor divisor: the mean of a tensor's finite scores, defined so that every
+split of the tensor (slices, FSDP2 shards, ZeRO pieces) and every summation order gives the same
+fp32 divisor, bit for bit (DESIGN.md section 1, "scope='global'").
+
+1. **An exact integer sum.** Each score's key (threshold.score_keys: the fp32 bit pattern of |s|,
+   0 for zero and non-finite scores) is split into its exponent field e (bits 23-30) and its
+   significand m (the 23 fraction bits, plus the implicit 2**23 when e >= 1), so the score is
+   exactly m * 2**(max(e, 1) - 150). m is added to counter e of an int64 [256]: the
+   *exponent sums*. Integer addition commutes, so slices and shards add their counters (one
+   all_reduce for a whole group's tensors). A counter overflows only past 2**39 elements of one
+   exponent in one tensor.
+2. **One fp64 in a fixed order.** ``total = 0.0``; for e = 0, 1, ..., 254 with a nonzero counter:
+   ``total += fp64(sums[e]) * 2.0**(max(e, 1) - 150)`` (the conversion rounds to nearest even, the
+   product is exact, so a fused multiply-add gives the same sum). The mean is
+   ``fp32(total / fp64(numel))``: one fp64 division, then rounding to fp32, both to nearest even.
+   numel counts every element of the whole tensor (non-finite scores as 0). A tensor with no
+   positive finite score has mean 0, and its quotients (0/0, s/0) are then ineligible.
+3. The normalised score is ``fp32(s / mean)``, one IEEE division rounded to nearest even
+   (refresh.Scaled); its key is the key the selection compares.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .threshold import Scratch, slices
+
+__all__ = ["EXPONENTS", "exponent_sums", "mean_of_sums"]
+
+EXPONENTS = 256  # one counter per value of the fp32 exponent field (255, non-finite, stays 0)
+_WEIGHTS = [2.0 ** (max(e, 1) - 150) for e in range(EXPONENTS)]  # 2**-149 .. 2**105, exact in fp64
+
+
+def exponent_sums(keys_of, values: Tensor, scratch: Scratch | None = None) -> Tensor:
+    """The exponent sums (int64 [256], on the CPU) of `values`, whose keys `keys_of` computes,
+    slice by slice (at most 8 B per element of one slice: the int64 significands)."""
+    scratch = Scratch() if scratch is None else scratch
+    sums = torch.zeros(EXPONENTS, dtype=torch.int64, device=values.device)
+    for _, part in slices(values):
+        key = keys_of(part)
+        exponent = torch.bitwise_right_shift(key, 23, out=scratch(key, torch.int32))
+        significand = scratch(key, torch.int64).copy_(key)
+        # m = key - (max(e, 1) - 1) * 2**23: the fraction, plus the implicit bit when e >= 1
+        significand -= torch.clamp(exponent, min=1).sub_(1).bitwise_left_shift_(23)
+        sums.index_add_(0, exponent, significand)
+    return sums.cpu()
+
+
+def mean_of_sums(sums: Tensor, numel: int) -> float:
+    """The mean (a Python float holding an fp32 value) from a tensor's exponent sums and its whole
+    numel, by step 2's fixed sequence of fp64 operations (Python floats are IEEE fp64)."""
+    total = 0.0
+    for e, m in enumerate(sums.tolist()):
+        if m:
+            total += float(m) * _WEIGHTS[e]
+    if numel == 0:
+        return 0.0
+    return torch.tensor(total / float(numel), dtype=torch.float64).to(torch.float32).item()
