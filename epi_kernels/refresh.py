@@ -63,6 +63,10 @@ class Scaled:
         return self.scores.numel()
 
     def __getitem__(self, index: slice) -> Tensor:
+        if index.start == 0 and self.scores.device.type == "cpu" and self.scores.numel() > th.SLICE:
+            # a pass over a group's tensors (its pooled histogram, radix levels, tie counts) starts
+            # this tensor: hand back what the previous tensor's slices left free (_tidied)
+            release_heap()
         part = self.scores[index]
         out = self.scratch(part, torch.float32)
         if part.dtype != torch.float32:
@@ -77,7 +81,7 @@ def _normalised(scores: Sequence[Tensor], numels: Sequence[int], ops: RefreshOps
     numels; `reduce` sums the exponent sums of all the tensors over their shards in one call."""
     scratch = th.Scratch()
     flat = [s.detach().reshape(-1) for s in scores]
-    sums = reduce(torch.stack([exponent_sums(ops.keys, s, scratch) for s in flat])) if flat else []
+    sums = reduce(torch.stack([_tidied(s, exponent_sums(ops.keys, s, scratch)) for s in flat])) if flat else []
     return [Scaled(s, torch.tensor(mean_of_sums(row, n), dtype=torch.float32, device=s.device), scratch)
             for s, row, n in zip(flat, sums, numels)]
 
