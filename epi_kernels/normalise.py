@@ -23,32 +23,35 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .threshold import Scratch, slices
+from .threshold import score_keys, slices
 
-__all__ = ["EXPONENTS", "exponent_sums", "mean_of_sums"]
+__all__ = ["EXPONENTS", "slice_exponent_sums", "exponent_sums", "mean_of_sums"]
 
 EXPONENTS = 256  # one counter per value of the fp32 exponent field (255, non-finite, stays 0)
 _WEIGHTS = [2.0 ** (max(e, 1) - 150) for e in range(EXPONENTS)]  # 2**-149 .. 2**105, exact in fp64
 _UNITS = torch.tensor([1.0 / w for w in _WEIGHTS], dtype=torch.float64)
 
 
-def exponent_sums(keys_of, values: Tensor, scratch: Scratch | None = None) -> Tensor:
-    """The exponent sums (int64 [256], on the CPU) of `values`, whose keys `keys_of` computes,
-    slice by slice (at most 8 B per element of one slice: the fp64 copy of the scores).
+def slice_exponent_sums(scores: Tensor) -> Tensor:
+    """The fp64 sum of the |scores| of each exponent field (fp64 [256]; 0 for ineligible scores)
+    of one slice of scores. Pure tensor code: the compiled backend compiles it."""
+    key = score_keys(scores)
+    value = key.view(torch.float32).to(torch.float64)  # |s|, 0 where ineligible
+    return torch.zeros(EXPONENTS, dtype=torch.float64, device=key.device).index_add_(0, key >> 23, value)
+
+
+def exponent_sums(values: Tensor, sums_of=slice_exponent_sums) -> Tensor:
+    """The exponent sums (int64 [256], on the CPU) of `values`, slice by slice (at most 8 B per
+    element of one slice: the fp64 copy of the scores), `sums_of` summing each slice.
 
     Within a slice the scores of one exponent are added as fp64 values: each is a multiple of its
     exponent's unit 2**(max(e, 1) - 150) below 2**24 units, so every partial sum of fewer than
     2**29 of them is exact in any order; divided by the unit, it is the integer sum of their
     significands. Slices (threshold.SLICE = 2**18 elements) add those integers."""
-    scratch = Scratch() if scratch is None else scratch
     sums = torch.zeros(EXPONENTS, dtype=torch.int64, device=values.device)
     units = _UNITS.to(values.device)
     for _, part in slices(values):
-        key = keys_of(part)
-        value = scratch(key, torch.float64).copy_(key.view(torch.float32))  # |s|, 0 where ineligible
-        exponent = torch.bitwise_right_shift(key, 23, out=scratch(key, torch.int32))
-        part_sums = torch.zeros(EXPONENTS, dtype=torch.float64, device=values.device).index_add_(0, exponent, value)
-        sums += part_sums.mul_(units).to(torch.int64)
+        sums += sums_of(part).mul_(units).to(torch.int64)
     return sums.cpu()
 
 

@@ -39,6 +39,7 @@ import torch._inductor.config as inductor_config
 import torch.fx.experimental._config as fx_config
 from torch import Tensor
 
+from ..normalise import slice_exponent_sums
 from ..refresh import RefreshOps
 from ..score import score_ema_
 from ..step_records import StepHyper, StepTensors
@@ -197,8 +198,8 @@ def _group_step(ps: list[Tensor], gs: list[Tensor], ms: list[Tensor], vs: list[T
 _step_kernel = _CompiledOrEager(_tensor_step)
 _group_kernel = _CompiledOrEager(_group_step)
 _score_words_kernel = _CompiledOrEager(_score_words)
-COMPILED_REFRESH_OPS = RefreshOps(keys=_CompiledOrEager(score_keys),
-                                  bins=_CompiledOrEager(score_slots), mask=_score_mask)
+COMPILED_REFRESH_OPS = RefreshOps(keys=_CompiledOrEager(score_keys), bins=_CompiledOrEager(score_slots),
+                                  mask=_score_mask, sums=_CompiledOrEager(slice_exponent_sums))
 
 
 def compiled_step(tensors: StepTensors, hyper: StepHyper, plan: None = None) -> None:

@@ -133,3 +133,35 @@ def test_fsdp2_shards_pick_the_whole_tensors_threshold(tmp_path, mesh_shape, bac
             assert r["stats"][i]["threshold_bits"] == opt.isolation_stats()[i]["threshold_bits"]
             assert r["stats"][i]["selected"] == opt.isolation_stats()[i]["selected"]  # counts summed too
     assert sum(int(opt.isolation_mask(p).sum()) for p in model.parameters()) > 0
+
+
+def _mixed_rank(rank, init_file, out):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    model = _model()
+    fully_shard(model, mesh=init_device_mesh("cpu", (WORLD,)))
+    extra = torch.nn.Parameter(torch.ones(5))  # not sharded: replicated on every rank
+    opt = EPIAdamW([*model.parameters(), extra], scope="global", **EPI)
+    model(_batch(0).chunk(WORLD)[rank]).sum().backward()
+    extra.grad = torch.ones(5)
+    before = [p.to_local().clone() for p in model.parameters()]
+    try:
+        opt.step()
+        error = None
+    except ValueError as e:
+        error = str(e)
+    unchanged = all(torch.equal(a, p.to_local()) for a, p in zip(before, model.parameters()))
+    torch.save({"error": error, "unchanged": unchanged and torch.equal(extra, torch.ones(5)), "state": len(opt.state)},
+               f"{out}/mixed{rank}.pt")
+    _leave()
+
+
+def test_global_scope_over_shards_and_a_replicated_tensor_is_refused_before_anything_changes(tmp_path):
+    mp.spawn(_mixed_rank, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=True)
+    for r in range(WORLD):
+        got = torch.load(tmp_path / f"mixed{r}.pt", weights_only=False)
+        assert got["error"] is not None and "scope='global' in param group 0" in got["error"]
+        assert "mixes sharded and unsharded tensors" in got["error"]
+        assert got["unchanged"] and got["state"] == 0

@@ -47,13 +47,13 @@ def mixed(n: int, seed: int) -> torch.Tensor:
 @given(values=st.lists(FP32, min_size=0, max_size=300), cut=st.floats(0.0, 1.0), seed=st.integers(0, 2**31))
 def test_exponent_sums_are_the_exact_sum_in_any_order_and_split(values, cut, seed):
     s = torch.tensor(values, dtype=torch.float32)
-    sums = exponent_sums(th.score_keys, s)
+    sums = exponent_sums(s)
     assert sums.dtype == torch.int64 and sums.shape == (256,) and int(sums[255]) == 0
     assert sum(Fraction(int(m)) * weight(e) for e, m in enumerate(sums.tolist())) == exact_sum(s)
     perm = s[torch.randperm(s.numel(), generator=torch.Generator().manual_seed(seed))]
     at = int(cut * s.numel())
-    assert torch.equal(exponent_sums(th.score_keys, perm), sums)
-    assert torch.equal(exponent_sums(th.score_keys, perm[:at]) + exponent_sums(th.score_keys, perm[at:]), sums)
+    assert torch.equal(exponent_sums(perm), sums)
+    assert torch.equal(exponent_sums(perm[:at]) + exponent_sums(perm[at:]), sums)
     if exact_sum(s) and s.numel():
         assert mean_of_sums(sums, s.numel()) in fp32_neighbours(exact_sum(s) / s.numel())
 
@@ -61,27 +61,36 @@ def test_exponent_sums_are_the_exact_sum_in_any_order_and_split(values, cut, see
 @pytest.mark.parametrize("n,seed", [(1, 0), (1000, 1), (70_000, 2)])
 def test_mixed_magnitudes_split_in_slices_give_the_mean_of_the_whole(monkeypatch, n, seed):
     s = mixed(n, seed)
-    whole = exponent_sums(th.score_keys, s)
+    whole = exponent_sums(s)
     monkeypatch.setattr(th, "SLICE", 128)
-    assert torch.equal(exponent_sums(th.score_keys, s), whole)
+    assert torch.equal(exponent_sums(s), whole)
     exact = exact_sum(s)
     assert exact == 0 or mean_of_sums(whole, n) in fp32_neighbours(exact / n)
 
 
 def test_bf16_scores_are_widened_first():
     s = mixed(3000, 3).to(torch.bfloat16)
-    sums = exponent_sums(th.score_keys, s)
+    sums = exponent_sums(s)
     assert sum(Fraction(int(m)) * weight(e) for e, m in enumerate(sums.tolist())) == exact_sum(s.float())
 
 
 def test_means_by_hand():
-    sums = exponent_sums(th.score_keys, torch.tensor([1.0, 2.0, 3.0, 4.0]))
+    sums = exponent_sums(torch.tensor([1.0, 2.0, 3.0, 4.0]))
     assert mean_of_sums(sums, 4) == 2.5
     # three of the smallest denormal (2**-149) over 4 elements: 0.75 * 2**-149 rounds up to 2**-149
-    sums = exponent_sums(th.score_keys, torch.tensor([2.0 ** -149] * 3 + [float("nan")]))
+    sums = exponent_sums(torch.tensor([2.0 ** -149] * 3 + [float("nan")]))
     assert sums[0] == 3 and mean_of_sums(sums, 4) == 2.0 ** -149
-    assert mean_of_sums(exponent_sums(th.score_keys, torch.zeros(5)), 5) == 0.0
+    assert mean_of_sums(exponent_sums(torch.zeros(5)), 5) == 0.0
     assert mean_of_sums(torch.zeros(256, dtype=torch.int64), 0) == 0.0
     # a sum past fp32's range still has a finite fp32 mean when the numel brings it back
-    sums = exponent_sums(th.score_keys, torch.full((4,), 3e38))
+    sums = exponent_sums(torch.full((4,), 3e38))
     assert mean_of_sums(sums, 4) == float(np.float32(3e38))
+
+
+def test_the_compiled_backends_slice_sums_equal_the_eager_ones():
+    from epi_kernels.backends.compiled import COMPILED_REFRESH_OPS
+    from epi_kernels.normalise import slice_exponent_sums
+
+    for n in (1, 777, 5000):
+        s = mixed(n, n)
+        assert torch.equal(exponent_sums(s, COMPILED_REFRESH_OPS.sums), exponent_sums(s, slice_exponent_sums))
