@@ -176,13 +176,14 @@ def refresh_masks(states: Sequence[dict], *, isolation_ratio: float, scope: str,
     (`scores[i]`, default: each state's "importance"; importance="exp_avg_sq" passes exp_avg_sq).
 
     Writes each state's packed mask, threshold and refresh statistics (the caller records the
-    refresh step). scope="tensor": one top-k
-    per tensor; scope="global": one top-k over all tensors' mean-normalised scores, sharing one
-    threshold. `shards[i]` describes state i's tensor when it is a shard of a larger one (FSDP2):
-    its counts are summed over the shard group, so k and the threshold are the whole tensor's;
-    the shards of a group go through each phase together: one collective for all their window
+    refresh step). scope="tensor": one top-k per tensor; scope="global": one top-k over all
+    tensors' mean-normalised scores (normalise.py), sharing one threshold. `shards[i]` describes
+    state i's tensor when it is a shard of a larger one (FSDP2, a ZeRO partition's piece): its
+    counts are summed over the shard group, so k and the threshold are the whole tensor's (with
+    scope="global", every tensor must be a shard of one group, or none: selection_shard). The
+    shards of a group go through each phase together: one collective for all their window
     histograms, one for all their mask counts (and, for tensors the window cannot answer, one per
-    radix level per threshold.RADIX_BATCH tensors).
+    radix level per threshold.RADIX_BATCH tensors; for scope="global", first one for the means).
     """
     shards = list(shards) if shards is not None else [None] * len(states)
     scores = list(scores) if scores is not None else [st["importance"] for st in states]

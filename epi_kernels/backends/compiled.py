@@ -35,7 +35,6 @@ import warnings
 from typing import Callable
 
 import torch
-import torch._inductor.config as inductor_config
 import torch.fx.experimental._config as fx_config
 from torch import Tensor
 
@@ -76,7 +75,7 @@ class _CompiledOrEager:
             fn.__code__.replace(co_name=fn.__name__ + "_exact_size"), fn.__globals__,
             fn.__name__ + "_exact_size", fn.__defaults__, fn.__closure__)}
         self.compiled: dict[bool, Callable] = {}
-        self.sizes: set[tuple] = set()  # argument signatures that already have an exact-size kernel
+        self.sizes: set[tuple] = set()  # argument signatures already traced (_signature: exact or generic)
 
     def __call__(self, *args, exact: bool | None = None, signature: tuple | None = None):
         """`exact`: whether to call the exact-size kernel (default: for >= STATIC_NUMEL elements);
@@ -126,8 +125,7 @@ def _new_signature():
     sizes along a model's tensor list compiled a graph of its own)."""
     cfg = torch._dynamo.config
     name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
-    with cfg.patch(**{name: max(MAX_SIZES, getattr(cfg, name))}), fx_config.patch(use_duck_shape=False), \
-            inductor_config.patch(size_asserts=False):
+    with cfg.patch(**{name: max(MAX_SIZES, getattr(cfg, name))}), fx_config.patch(use_duck_shape=False):
         yield
 
 
