@@ -12,10 +12,11 @@ import torch
 from torch import Tensor
 
 from .abi import CHUNK, COLUMNS, FLAGS, TIE_NONE, WINDOW_BINS
+from .normalise import EXPONENTS
 from .threshold import KEY_NONE, window_origin
 
-__all__ = ["StepFlags", "Kernels", "Launch", "kernel_window_histograms", "kernel_select", "score_launch",
-           "origins", "to_device"]
+__all__ = ["StepFlags", "Kernels", "Launch", "kernel_window_histograms", "kernel_select", "kernel_global_select",
+           "score_launch", "origins", "to_device"]
 
 
 class StepFlags(namedtuple("StepFlagFields", FLAGS, defaults=(False,) * len(FLAGS))):
@@ -48,23 +49,38 @@ class Kernels(Protocol):
     that can reach a tensor's size are int64 (hist, over, counts, k); keys and flags are int32
     (tau, origin, repair)."""
 
-    def window_histogram(self, launch: Launch, origin: Tensor, hist: Tensor, over: Tensor) -> None:
-        """Add the window histograms of the stored scores into hist [T, WINDOW_BINS] / over [T]."""
+    def window_histogram(self, launch: Launch, origin: Tensor, hist: Tensor, over: Tensor,
+                         means: Tensor | None = None) -> None:
+        """Add the window histograms of the stored scores into hist [T, WINDOW_BINS] / over [T];
+        with `means` (float32 [T], scope="global"), of every tensor's scores over its mean into
+        row 0, around origin[0]."""
 
     def select(self, launch: Launch, hist: Tensor, over: Tensor, origin: Tensor, k: Tensor,
-               tau: Tensor, repair: Tensor, cut: Tensor, gate: Tensor | None = None) -> None:
+               tau: Tensor, repair: Tensor, cut: Tensor, gate: Tensor | None = None,
+               means: Tensor | None = None) -> None:
         """tau [T] from the window histograms, then the repair path for the tensors it flags
         (repair [T] is left holding the window's flags: 1 where the repair path answered), then the
         tie cut (threshold.tie_cuts) of repaired tensors whose ties overflow: cut int64 [T] comes
         filled with TIE_NONE and is written only for those. A 0-dim int32 `gate` of 0 turns the
-        repair path off (a capturable step that does not refresh)."""
+        repair path off (a capturable step that does not refresh). With `means` (scope="global"),
+        one selection over every tensor's scores over its mean: hist, over, origin, k, tau and
+        repair have one row, cut has T (the group's tie rule)."""
+
+    def means(self, launch: Launch, gate: Tensor, sums: Tensor, means: Tensor) -> None:
+        """scope="global": each tensor's exponent sums (int64 [T, 256], zeroed) and mean (float32
+        [T]) of its stored scores (normalise.py); the sums stay 0 where the 0-dim `gate` is 0."""
+
+    def raw_thresholds(self, launch: Launch, means: Tensor, tau: Tensor, lo: Tensor, hi: Tensor) -> None:
+        """scope="global": the raw keys lo / hi (int32 [T]) that select each tensor's keys over its
+        mean >= tau[0] / > tau[0] (kernels/means.py)."""
 
     def fused_step(self, launch: Launch, flags: StepFlags, scalars: Tensor, control: Tensor, tau: Tensor | None,
                    cut: Tensor | None, origin: Tensor | None, hist: Tensor | None, over: Tensor | None,
-                   counts: Tensor | None) -> None:
+                   counts: Tensor | None, above: Tensor | None = None) -> None:
         """The fused step of every element of the launch, with each tensor's scalars (float32
         [T, len(abi.SCALARS)]) and the control words (int32 [len(abi.CONTROL)]) from device memory;
-        a refresh sets mask bit i of tensor t to ``key > tau[t] or (key == tau[t] and i < cut[t])``."""
+        a refresh sets mask bit i of tensor t to ``key >= tau[t]`` before the tie cut ``i < cut[t]``
+        and ``key >= above[t]`` from it on (`above` None: tau[t] + 1)."""
 
 
 def chunk_rows(numels: list[int], chunk: int) -> list[tuple[int, int]]:
@@ -182,6 +198,27 @@ def kernel_select(kernels: Kernels, launch: Launch, hist: Tensor, over: Tensor, 
     cut = torch.full((launch.tensors,), TIE_NONE, dtype=torch.int64, device=launch.device)
     kernels.select(launch, hist, over, origin, k, tau, repair, cut, gate)
     return tau, repair != 0, cut
+
+
+def kernel_global_select(kernels: Kernels, launch: Launch, anchor: Tensor, k: Tensor,
+                         gate: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """scope="global": one selection over the launch's tensors' scores, each divided by its mean
+    (normalise.py), with the reference's integers (refresh._refresh_group, threshold="approx"):
+    (tau int32 [1] on the normalised keys, repaired bool [1], the raw thresholds lo and hi int32 [T]
+    the fused step applies, cut int64 [T]). `anchor` int32 [1]: the group's previous threshold;
+    `k` int64 [1]; where the 0-dim int32 `gate` is 0, the passes over the scores do nothing."""
+    means, lo, hi = launch.zeros(dtype=torch.float32), launch.zeros(), launch.zeros()
+    tau, repair = (torch.zeros(1, dtype=torch.int32, device=launch.device) for _ in range(2))
+    hist = torch.zeros(1, WINDOW_BINS, dtype=torch.int64, device=launch.device)
+    over = torch.zeros(1, dtype=torch.int64, device=launch.device)
+    origin = torch.where(gate != 0, origins(anchor), 0).to(torch.int32)
+    cut = torch.full((launch.tensors,), TIE_NONE, dtype=torch.int64, device=launch.device)
+    if launch.programs:
+        kernels.means(launch, gate, launch.zeros(EXPONENTS, dtype=torch.int64), means)
+        kernels.window_histogram(launch, origin, hist, over, means)
+    kernels.select(launch, hist, over, origin, k, tau, repair, cut, gate, means)
+    kernels.raw_thresholds(launch, means, tau, lo, hi)
+    return tau, repair != 0, lo, hi, cut
 
 
 def score_launch(scores: list[Tensor]) -> Launch:

@@ -18,6 +18,9 @@ writes is declared mutated, and nothing else is written (opcheck verifies it).
 * ``window_histogram``: window histograms of stored scores around ``origin``.
 * ``select_thresholds``: tau of each tensor from the window histograms and its ``k``, then the
   repair path and tie cuts for the tensors the window cannot answer (where ``gate`` is not 0).
+* ``select_global``: scope="global"'s one selection over the scores divided by their tensors'
+  means (:func:`epi_kernels.launch.kernel_global_select`), with the raw thresholds (``above``
+  from the tie cut on) that ``fused_step_`` applies.
 """
 from __future__ import annotations
 
@@ -28,9 +31,9 @@ from torch import Tensor
 
 from .abi import WINDOW_BINS
 from .kernel_sets import kernel_set
-from .launch import Launch, StepFlags, kernel_select, kernel_window_histograms, score_launch
+from .launch import Launch, StepFlags, kernel_global_select, kernel_select, kernel_window_histograms, score_launch
 
-__all__ = ["fused_step_", "window_histogram", "select_thresholds"]
+__all__ = ["fused_step_", "window_histogram", "select_thresholds", "select_global"]
 
 _MUTATED = ("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "importances", "masks", "hist", "over", "counts")
 
@@ -39,7 +42,7 @@ def _fused_step(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor
                 max_exp_avg_sqs: list[Tensor], importances: list[Tensor], masks: list[Tensor], scalars: Tensor,
                 control: Tensor, tau: Optional[Tensor], cut: Optional[Tensor], origin: Optional[Tensor],
                 hist: Optional[Tensor], over: Optional[Tensor], counts: Optional[Tensor], kernels: str,
-                flags: int) -> None:
+                flags: int, above: Optional[Tensor] = None) -> None:
     kset, context = kernel_set(kernels, params[0].device)
     step_flags = StepFlags.from_bits(flags)
     scores = exp_avg_sqs if step_flags.v_scores else importances
@@ -47,7 +50,7 @@ def _fused_step(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor
                       scores[i], masks[i]] for i, p in enumerate(params)])
     with context:
         if launch.programs:
-            kset.fused_step(launch, step_flags, scalars, control, tau, cut, origin, hist, over, counts)
+            kset.fused_step(launch, step_flags, scalars, control, tau, cut, origin, hist, over, counts, above)
     launch.finish()
 
 
@@ -90,6 +93,23 @@ def _(scores, hist, over, origin, k, gate, kernels):
     return origin.new_empty(n), origin.new_empty(n, dtype=torch.bool), origin.new_empty(n, dtype=torch.int64)
 
 
+def _select_global(scores: list[Tensor], anchor: Tensor, k: Tensor, gate: Tensor,
+                   kernels: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    kset, context = kernel_set(kernels, scores[0].device)
+    with context:
+        return kernel_global_select(kset, score_launch(scores), anchor, k, gate)
+
+
+_SELECT_GLOBAL = torch.library.custom_op("epi_kernels::select_global", _select_global, mutates_args=())
+
+
+@_SELECT_GLOBAL.register_fake
+def _(scores, anchor, k, gate, kernels):
+    n = len(scores)
+    return (anchor.new_empty(1), anchor.new_empty(1, dtype=torch.bool), anchor.new_empty(n), anchor.new_empty(n),
+            anchor.new_empty(n, dtype=torch.int64))
+
+
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
@@ -117,3 +137,11 @@ def select_thresholds(scores: list[Tensor], hist: Tensor, over: Tensor, origin: 
     """``epi_kernels::select_thresholds``: (tau int32 [T], repaired bool [T], cut int64 [T]) for int64
     `k` [T]; the repair path runs where the 0-dim int32 `gate` is not 0."""
     return _call(_SELECT_THRESHOLDS, _select_thresholds, scores[0], scores, hist, over, origin, k, gate, kernels)
+
+
+def select_global(scores: list[Tensor], anchor: Tensor, k: Tensor, gate: Tensor,
+                  kernels: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``epi_kernels::select_global``: (tau int32 [1], repaired bool [1], lo int32 [T], hi int32 [T],
+    cut int64 [T]) for the group's previous threshold `anchor` (int32 [1]) and int64 `k` [1]; the
+    passes over the scores run where the 0-dim int32 `gate` is not 0."""
+    return _call(_SELECT_GLOBAL, _select_global, scores[0], scores, anchor, k, gate, kernels)

@@ -171,8 +171,9 @@ class EPIAdamW(Optimizer):
             # the refresh schedule and the step counts live on the host: a replayed graph would
             # repeat one step's decisions (no refresh, ever), so refuse instead of going wrong quietly
             raise RuntimeError("EPIAdamW.step can be captured in a CUDA graph only with capturable=True, "
-                               "backend='triton' or 'cuda', scope='tensor', threshold='approx' and unsharded "
-                               "params in every param group (the others decide refreshes on the host)")
+                               "backend='triton' or 'cuda', threshold='approx' and unsharded params in every "
+                               "param group, and scope='tensor' (or with backend='triton', scope='global' over "
+                               "params of one device and dtype) (the others decide refreshes on the host)")
         skip = unscale_or_skip(getattr(self, "found_inf", None), getattr(self, "grad_scale", None),
                                [p for w in work for p in w[1]], on_device)
         if skip is True:
@@ -214,12 +215,13 @@ class EPIAdamW(Optimizer):
         refresh, plan = False, None
         if on_device:  # capturable: the kernels refresh when the device says (the host cannot know)
             plan = RefreshPlan(states, group["isolation_ratio"], True, True, record.kept_histograms("device"),
-                               record.schedule.device_step(group, states, skip))
+                               record.schedule.device_step(group, states, skip), group["scope"])
             record.forget_masks(params)
         else:
             refresh, collect = record.schedule.host_step(group, states, params if partitioned else None)
             if backend.refreshes(group, sharded):
-                plan = RefreshPlan(states, group["isolation_ratio"], refresh, collect, record.kept_histograms("host"))
+                plan = RefreshPlan(states, group["isolation_ratio"], refresh, collect, record.kept_histograms("host"),
+                                   scope=group["scope"])
             else:
                 record.kept_histograms(None)
                 if refresh:

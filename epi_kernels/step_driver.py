@@ -15,7 +15,9 @@ step t - 1 counts exactly those (its new scores) when it collects, and they are 
 (the repair kernels run for the tensors the window cannot answer: launched whatever the flags say,
 so the host never reads them), and the fused kernel sets the new mask bits as it steps. Thresholds
 are the reference engine's integers (:mod:`epi_kernels.threshold`) for the same scores
-(DESIGN.md, "The refresh protocol").
+(DESIGN.md, "The refresh protocol"). scope="global" (a param group in one launch group) collects
+nothing: its refresh step computes the means, the group's window histogram and threshold from the
+stored scores (``ops.select_global``), and the fused kernel applies each tensor's raw-key form of it.
 
 This flow reads no tensor value, so torch.compile traces it without a graph break. Host work per
 step: group tensors, build small address and chunk tables (cached; copied to the device from
@@ -52,7 +54,8 @@ class Histograms(NamedTuple):
 
 @dataclass
 class RefreshPlan:
-    """What a kernel step needs to refresh the masks itself (scope="tensor", threshold="approx").
+    """What a kernel step needs to refresh the masks itself (threshold="approx"; `scope` "tensor",
+    or "global" when the group is one launch group).
 
     `states`: the optimizer states of the stepped params. `refresh` / `collect`: this step may
     recompute the masks / count its new scores for the next step's refresh. `histograms`: per
@@ -67,6 +70,7 @@ class RefreshPlan:
     collect: bool
     histograms: dict = field(default_factory=dict)
     control: Tensor | None = None
+    scope: str = "tensor"
 
 
 @lru_cache(maxsize=None)
@@ -117,7 +121,12 @@ def kernel_step(kernels: str, tensors: StepTensors, hyper: StepHyper, plan: Refr
     the refresh of the masks and the histograms for the next step's refresh."""
     on_device = plan is not None and plan.control is not None
     refresh = plan is not None and plan.refresh
-    collect = plan is not None and plan.collect
+    pooled = plan is not None and plan.scope == "global"  # one selection over the group: nothing to collect
+    collect = plan is not None and plan.collect and not pooled
+    launch_groups = _launch_groups(tensors.params, tensors.scores)
+    if pooled and refresh and len(launch_groups) > 1:  # (checked before anything is written)
+        raise ValueError("kernel_step: scope='global' selects within one launch group (one device, param and "
+                         "score dtype); the reference engine refreshes other groups")
     state_steps = tensors.state_steps
     if on_device:  # a skipped step (GradScaler found inf/NaN) does not count
         live = (1 - plan.control[_SKIP]).to(state_steps[0].dtype)
@@ -131,24 +140,29 @@ def kernel_step(kernels: str, tensors: StepTensors, hyper: StepHyper, plan: Refr
         previous = dict(plan.histograms)
         plan.histograms.clear()
     flags = StepFlags.of(hyper, refresh=refresh, collect=collect).bits()
-    for (device, _, _), idx in _launch_groups(tensors.params, tensors.scores).items():
+    for (device, _, _), idx in launch_groups.items():
         control = plan.control if on_device else _constant(_agreeing_control, device, refresh, collect)
         part = tensors.take(idx)
         scalars = step_scalars(part.state_steps, device, lr=hyper.lr, beta1=hyper.beta1, beta2=hyper.beta2,
                                weight_decay=hyper.weight_decay, eps=hyper.eps, importance_beta=hyper.importance_beta)
         scores = part.scores
-        tau = cut = counts = origin = held = None
+        tau = above = cut = counts = origin = held = None
         if refresh or collect:
             anchor = _stack(plan.states, idx, "threshold_bits")
             held = previous.get(tuple(idx))
             if held is not None and not all(a is b for a, b in zip(held.scores, scores)):
                 held = None  # counted for other tensors (the group's params changed)
         if refresh:
-            if held is None:  # the previous step did not collect (first step, requested refresh, ...)
-                held = Histograms(scores, *ops.window_histogram(scores, origins(anchor), kernels))
-            k = _constant(_isolation_ks, device, plan.isolation_ratio, tuple(s.numel() for s in scores))
-            tau, repaired, cut = ops.select_thresholds(scores, held.hist, held.over, origins(anchor), k,
-                                                       control[_REFRESH], kernels)
+            if pooled:  # group_tau on the normalised keys; tau and above: each tensor's raw keys
+                k = _constant(_isolation_ks, device, plan.isolation_ratio, (sum(s.numel() for s in scores),))
+                group_tau, repaired, tau, above, cut = ops.select_global(scores, anchor[:1], k, control[_REFRESH],
+                                                                         kernels)
+            else:
+                if held is None:  # the previous step did not collect (first step, requested refresh, ...)
+                    held = Histograms(scores, *ops.window_histogram(scores, origins(anchor), kernels))
+                k = _constant(_isolation_ks, device, plan.isolation_ratio, tuple(s.numel() for s in scores))
+                tau, repaired, cut = ops.select_thresholds(scores, held.hist, held.over, origins(anchor), k,
+                                                           control[_REFRESH], kernels)
             old_count = _stack(plan.states, idx, "isolated_count")
             counts = torch.zeros(len(idx), 2, dtype=torch.int64, device=device)
         if collect:
@@ -163,6 +177,8 @@ def kernel_step(kernels: str, tensors: StepTensors, hyper: StepHyper, plan: Refr
             plan.histograms[tuple(idx)] = held
         ops.fused_step_(part.params, part.grads, part.exp_avgs, part.exp_avg_sqs, part.max_exp_avg_sqs,
                         [] if hyper.v_scores else scores, part.masks, scalars, control, tau, cut, origin,
-                        held.hist if collect else None, held.over if collect else None, counts, kernels, flags)
+                        held.hist if collect else None, held.over if collect else None, counts, kernels, flags, above)
         if refresh:
+            if pooled:  # every tensor keeps the group's threshold (on normalised keys), k and repair flag
+                tau, k, repaired = (t.expand(len(idx)) for t in (group_tau, k, repaired))
             _store_refresh(plan.states, idx, control[_REFRESH] != 0, counts, tau, k, repaired, old_count, anchor)

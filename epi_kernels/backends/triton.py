@@ -75,6 +75,6 @@ def device_error(device: torch.device) -> str | None:
     return (triton_interpreted() and _installed_interpreter_error()) or _device_error(device)
 
 
-BACKEND = register(Backend("triton", functools.partial(kernel_step, "triton"), refreshes_in_step=True, param_dtypes=KERNEL_PARAM_DTYPES,
-                           capturable_on_cpu=True, auto_rank=1, available=_has_triton,
+BACKEND = register(Backend("triton", functools.partial(kernel_step, "triton"), refreshes_in_step=True,
+                           selects_globally=True, param_dtypes=KERNEL_PARAM_DTYPES, capturable_on_cpu=True, auto_rank=1, available=_has_triton,
                            install_hint="pip install triton", device_error=device_error))

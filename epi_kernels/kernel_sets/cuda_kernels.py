@@ -71,8 +71,12 @@ class CudaKernels:
                               *stream)
 
     def fused_step(self, launch: Launch, flags: StepFlags, scalars: Tensor, control: Tensor, tau, cut, origin, hist,
-                   over, counts) -> None:
-        """`cut` (int64 [T], or None when not refreshing): the tie cuts a refresh applies with `tau`."""
+                   over, counts, above=None) -> None:
+        """`cut` (int64 [T], or None when not refreshing): the tie cuts a refresh applies with `tau`
+        (from the cut on, a key must exceed tau: the kernels take no `above`)."""
+        if above is not None:
+            raise NotImplementedError("fused_step: the CUDA kernels apply no raw thresholds (scope='global' "
+                                      "refreshes through the reference engine with backend='cuda')")
         _require_int64("fused_step", hist=hist, over=over, counts=counts, cut=cut)
         # the kernel would read through a null address
         if flags.refresh and (tau is None or cut is None or counts is None):

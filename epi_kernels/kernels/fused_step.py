@@ -6,7 +6,8 @@ is stored back with its own bits); on a step before a refresh, count the new sco
 tensor's window histogram. With SCORE off (importance="exp_avg_sq") the score is v itself: no score
 is loaded or stored (28 B + 1 bit per fp32 element), and the new v is what the histogram counts. On a refresh step a program first sets its chunk's new mask bits from
 the start-of-step scores, the tensor's new threshold and its tie cut (threshold.tie_cuts: from
-flat index `cut` on, a key must exceed tau), then steps with them. Math is fp32 whatever the
+flat index `cut` on, a key must reach `above`, tau + 1 for a tensor's own selection; scope="global"
+passes raw keys, kernels/means.py), then steps with them. Math is fp32 whatever the
 storage dtypes, in the order of torch's for-loop AdamW (see :func:`epi_kernels.backends.compiled._tensor_step`,
 the same math in torch ops), each operation rounded on its own: the launcher turns FMA contraction
 off.
@@ -52,9 +53,9 @@ def _store(ptr, offs, x, inb, MASKED: tl.constexpr):
 
 
 @triton.jit
-def _refresh_chunk(s_ptr, mask_ptr, first, count, tau, cut, BLOCK: tl.constexpr):
+def _refresh_chunk(s_ptr, mask_ptr, first, count, tau, above, cut, BLOCK: tl.constexpr):
     """Set the new mask bits of the `count` elements of a chunk from `first`: key(start-of-step
-    score) >= tau, and > tau from the chunk's element `cut` on (the tie cut, relative to `first`).
+    score) >= tau, and >= above from the chunk's element `cut` on (the tie cut, relative to `first`).
     Returns (isolated, kept from the old mask) of the chunk.
 
     A pass of its own before the step's loop: it reads the scores (4 B per element, on refresh
@@ -72,7 +73,7 @@ def _refresh_chunk(s_ptr, mask_ptr, first, count, tau, cut, BLOCK: tl.constexpr)
         byte_inb = rows * 8 < left
         key = score_key(tl.load(s_ptr + start + offs, mask=inb, other=0).to(tl.float32))
         old = (tl.load(mask_ptr + (start >> 3) + rows, mask=byte_inb, other=0).to(tl.int32) >> lanes) & 1
-        bit = ((key >= tau + (offs >= cut - i * BLOCK).to(tl.int32)) & inb).to(tl.int32)
+        bit = ((key >= tl.where(offs >= cut - i * BLOCK, above, tau)) & inb).to(tl.int32)
         isolated += tl.sum(tl.sum(bit, 1), 0)
         kept += tl.sum(tl.sum(bit & old, 1), 0)
         tl.store(mask_ptr + (start >> 3) + rows, tl.sum(bit << lanes, 1, keep_dims=True).to(tl.uint8), mask=byte_inb)
@@ -160,7 +161,7 @@ def _step_chunk(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, s_ptr, mask_ptr, first, co
 @triton.jit(do_not_specialize=["flags"])
 def fused_step_kernel(
     table_ptr, chunk_ptr,
-    tau_ptr, cut_ptr,  # refresh: the new threshold (int32 [T]) and tie cut (int64 [T]) of each tensor
+    tau_ptr, above_ptr, cut_ptr,  # refresh: thresholds before / from the tie cut (int32 [T]), tie cut (int64 [T])
     origin_ptr, hist_ptr, over_ptr,  # hist: window origins int32 [T] (0: none), outputs int64 [T, NB], [T]
     count_ptr,  # refresh: int64 [T, 2] += (isolated count, |old mask & new mask|)
     scalars_ptr, control_ptr,  # float32 [T, SCALARS] (abi.SCALARS, per tensor), int32 [3] (abi.CONTROL)
@@ -190,9 +191,9 @@ def fused_step_kernel(
     mask_ptr = column(row, MASK, tl.uint8)
     hist_row = hist_ptr + tid * WINDOW_BINS
     if refresh:  # the new mask bits first, from the start-of-step scores, then the step reads them
-        tau = tl.load(tau_ptr + tid)
+        tau, above = tl.load(tau_ptr + tid), tl.load(above_ptr + tid)
         cut = tl.minimum(tl.maximum(tl.load(cut_ptr + tid) - first, 0), BLOCK * TILES).to(tl.int32)
-        isolated, kept = _refresh_chunk(s_ptr, mask_ptr, first, count, tau, cut, BLOCK)
+        isolated, kept = _refresh_chunk(s_ptr, mask_ptr, first, count, tau, above, cut, BLOCK)
         tl.atomic_add(count_ptr + 2 * tid, isolated.to(tl.int64), sem="relaxed")
         tl.atomic_add(count_ptr + 2 * tid + 1, kept.to(tl.int64), sem="relaxed")
         tl.debug_barrier()  # every thread's mask bytes written before any thread reads them

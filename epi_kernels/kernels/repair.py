@@ -15,25 +15,29 @@ import triton.language as tl
 
 from ..abi import TRITON_RADIX_LEVELS as LEVELS
 from .tensor_table import IMPORTANCE, NUMEL, WIDTH, column, load_chunk
-from .threshold_math import KEY_NONE, flush_histogram, score_key, select_bin, tolerance
+from .threshold_math import KEY_NONE, flush_histogram, select_bin, stored_key, tolerance
 
 SCRATCH = tl.constexpr(1 << max(bits for _, bits in LEVELS))  # int64 counters per tensor
 
 
 @triton.jit
-def radix_count_kernel(table_ptr, chunk_ptr, repair_ptr, prefix_ptr, scratch_ptr,
+def radix_count_kernel(table_ptr, chunk_ptr, repair_ptr, prefix_ptr, scratch_ptr, mean_ptr,
                        S_TYPE: tl.constexpr, SHIFT: tl.constexpr, BITS: tl.constexpr,
-                       BLOCK: tl.constexpr, TILES: tl.constexpr):
-    """Histogram of one digit over the eligible keys that match the digits chosen so far."""
+                       BLOCK: tl.constexpr, TILES: tl.constexpr, MEAN: tl.constexpr):
+    """Histogram of one digit over the eligible keys that match the digits chosen so far (with
+    MEAN, keys of the scores over their tensor's mean, float32 [T]: scope="global")."""
     tid, row, first, n = load_chunk(table_ptr, chunk_ptr, BLOCK * TILES)
     if tl.load(repair_ptr + tid) != 0:
+        mean = 1.0
+        if MEAN:
+            mean = tl.load(mean_ptr + tid)
         s_ptr = column(row, IMPORTANCE, S_TYPE)
         high = tl.load(prefix_ptr + tid) >> (SHIFT + BITS)
         h = tl.zeros([1 << BITS], tl.int32)
         for i in range(TILES):
             offs = first + i * BLOCK + tl.arange(0, BLOCK)
             inb = offs < n
-            key = score_key(tl.load(s_ptr + offs, mask=inb, other=0.0).to(tl.float32))
+            key = stored_key(tl.load(s_ptr + offs, mask=inb, other=0.0), mean, MEAN)
             match = inb & (key > 0) & ((key >> (SHIFT + BITS)) == high)
             h += tl.histogram((key >> SHIFT) & ((1 << BITS) - 1), 1 << BITS, mask=match)
         flush_histogram(scratch_ptr + tid * SCRATCH, h, 1 << BITS)
@@ -70,13 +74,18 @@ def radix_select_kernel(scratch_ptr, repair_ptr, prefix_ptr, need_ptr, tau_ptr, 
 
 
 @triton.jit
-def tie_cut_kernel(table_ptr, tie_ptr, tau_ptr, cut_ptr, S_TYPE: tl.constexpr, TILE: tl.constexpr):
+def tie_cut_kernel(table_ptr, tie_ptr, tau_ptr, cut_ptr, mean_ptr, S_TYPE: tl.constexpr, TILE: tl.constexpr,
+                   MEAN: tl.constexpr):
     """One program per tensor: for a tensor with tie[t] = need > 0, cut[t] = 1 + the flat index of
     the need-th key equal to tau[t] (threshold.tie_cuts). A scan in flat order that stops in the
-    tile holding it; other tensors return at once. table: the tensor table; tie, cut int64 [T]."""
+    tile holding it; other tensors return at once. table: the tensor table; tie, cut int64 [T];
+    MEAN: keys of the scores over their tensor's mean (float32 [T], scope="global")."""
     tid = tl.program_id(0).to(tl.int64)
     need = tl.load(tie_ptr + tid)
     if need > 0:
+        mean = 1.0
+        if MEAN:
+            mean = tl.load(mean_ptr + tid)
         row = table_ptr + tid * WIDTH
         n = tl.load(row + NUMEL)
         s_ptr = column(row, IMPORTANCE, S_TYPE)
@@ -85,7 +94,7 @@ def tie_cut_kernel(table_ptr, tie_ptr, tau_ptr, cut_ptr, S_TYPE: tl.constexpr, T
         while (need > 0) & (start < n):
             offs = start + tl.arange(0, TILE)
             inb = offs < n
-            tied = ((score_key(tl.load(s_ptr + offs, mask=inb, other=0.0).to(tl.float32)) == tau) & inb).to(tl.int32)
+            tied = ((stored_key(tl.load(s_ptr + offs, mask=inb, other=0.0), mean, MEAN) == tau) & inb).to(tl.int32)
             c = tl.sum(tied, 0)
             if c >= need:  # exactly one tied key of the tile has rank `need`
                 rank = tl.cumsum(tied, 0)

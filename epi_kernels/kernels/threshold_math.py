@@ -27,6 +27,16 @@ def score_key(s):
 
 
 @triton.jit
+def stored_key(raw, mean, MEAN: tl.constexpr):
+    """score_key of stored scores (any storage type); with MEAN (scope="global") of the scores
+    divided by their tensor's mean first, one IEEE division as in the reference (normalise.py)."""
+    x = raw.to(tl.float32)
+    if MEAN:
+        x = tl.div_rn(x, mean)
+    return score_key(x)
+
+
+@triton.jit
 def tolerance(k):
     """threshold.tolerance: the count error a selection may have, max(k // 200, 4)."""
     return tl.maximum(k // TOLERANCE_DIVISOR, TOLERANCE_MIN)

@@ -48,10 +48,14 @@ def _run(backend, capturable, steps, device="cpu", dtype=torch.float32, before=N
 @pytest.mark.parametrize("backend", CPU_KERNEL_BACKENDS)
 @pytest.mark.parametrize("kw", [{}, dict(amsgrad=True, importance="abs", maximize=True),
                                 dict(lr=torch.tensor(1e-2), static=True), dict(dtype=torch.bfloat16),
-                                dict(importance="exp_avg_sq", amsgrad=True)],
-                         ids=["plain", "amsgrad-abs-max", "tensor-lr-static", "bf16-params", "exp_avg_sq-scores"])
+                                dict(importance="exp_avg_sq", amsgrad=True), dict(scope="global"),
+                                dict(scope="global", importance_dtype=torch.bfloat16, amsgrad=True)],
+                         ids=["plain", "amsgrad-abs-max", "tensor-lr-static", "bf16-params", "exp_avg_sq-scores",
+                              "global", "global-bf16-scores"])
 def test_device_decisions_give_the_host_path_results(backend, kw):
     # steps 1-9: refreshes at 2, 5 and 8 (static: at 2 only), histograms collected the step before
+    if backend == "cuda" and kw.get("scope") == "global":
+        pytest.skip("the CUDA kernels do not select scope='global' in the step: its capturable steps decide on the host")
     (a, oa), (b, ob) = _run(backend, False, 9, **kw), _run(backend, True, 9, **kw)
     _assert_same(oa, a, ob, b)
     assert int(ob.param_groups[0]["epi_step"]) == 9 and torch.is_tensor(ob.param_groups[0]["epi_step"])
@@ -60,9 +64,10 @@ def test_device_decisions_give_the_host_path_results(backend, kw):
 
 
 @pytest.mark.parametrize("backend", CPU_KERNEL_BACKENDS)
-def test_no_host_read_of_any_tensor_value(backend, monkeypatch):
+@pytest.mark.parametrize("scope", ["tensor", "global"])
+def test_no_host_read_of_any_tensor_value(backend, scope, monkeypatch):
     model = _model()
-    opt = EPIAdamW(model.parameters(), backend=backend, capturable=True, **EPI)
+    opt = EPIAdamW(model.parameters(), backend=backend, capturable=True, scope=scope, **EPI)
     _grads(model, 0)
     opt.step()  # the first step allocates state and the histogram buffers (warm up before a capture)
     opt.grad_scale, opt.found_inf = torch.tensor(2.0), torch.tensor([0.0])
@@ -74,6 +79,11 @@ def test_no_host_read_of_any_tensor_value(backend, monkeypatch):
         monkeypatch.setattr(torch.Tensor, name, refuse)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # as if inside a capture on a GPU
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    if backend == "cuda" and scope == "global":  # the CUDA kernels select globally through the host engine
+        _grads(model, 1)
+        with pytest.raises(RuntimeError, match="can be captured in a CUDA graph only"):
+            opt.step()
+        return
     for i in range(1, 6):  # a collecting step, a refresh step, plain steps
         _grads(model, i)
         opt.step()
@@ -101,13 +111,14 @@ def test_overflow_skips_the_whole_step_on_the_device(backend):
 
 
 @pytest.mark.parametrize("backend", CPU_KERNEL_BACKENDS)
-def test_checkpoint_resume_continues_bit_identically(backend):
-    (a, oa) = _run(backend, True, 9)
-    model, opt = _run(backend, True, 4)  # saved between a collecting step (4) and a refresh (5)
+@pytest.mark.parametrize("scope", ["tensor", "global"])
+def test_checkpoint_resume_continues_bit_identically(backend, scope):
+    (a, oa) = _run(backend, True, 9, scope=scope)
+    model, opt = _run(backend, True, 4, scope=scope)  # saved between a collecting step (4) and a refresh (5)
     saved = opt.state_dict()
     model2 = _model()
     model2.load_state_dict(model.state_dict())
-    opt2 = EPIAdamW(model2.parameters(), backend=backend, capturable=True, **EPI)
+    opt2 = EPIAdamW(model2.parameters(), backend=backend, capturable=True, scope=scope, **EPI)
     opt2.load_state_dict(saved)
     for i in range(4, 9):
         _grads(model2, i)

@@ -77,6 +77,22 @@ def test_opcheck_threshold_ops(kernels):
              (scores, hist, over, origin, k, torch.tensor(1, dtype=torch.int32), kernels))
 
 
+@pytest.mark.parametrize("kernels", [k for k in CPU_KERNEL_BACKENDS if k.values[0] == "triton"])
+def test_opcheck_global_selection_ops(kernels):
+    # scope="global" (the Triton kernel set): the selection op, and the fused step applying raw thresholds
+    params, grads, exp_avgs, exp_avg_sqs, vmax, steps, scores, masks = _lists()
+    args = (scores, torch.tensor([0x3F000000], dtype=torch.int32), torch.tensor([isolation_k(0.1, sum(SIZES))]),
+            torch.tensor(1, dtype=torch.int32), kernels)
+    _opcheck(torch.ops.epi_kernels.select_global.default, args)
+    tau, repaired, lo, hi, cut = ops.select_global(*args)
+    assert int(lo.min()) > 0 and bool((hi >= lo).all())
+    counts = torch.zeros(len(SIZES), 2, dtype=torch.int64)
+    _opcheck(torch.ops.epi_kernels.fused_step_.default,
+             (params, grads, exp_avgs, exp_avg_sqs, vmax, scores, masks, step_scalars(steps, torch.device("cpu"), **HYPER),
+              torch.tensor([1, 0, 0], dtype=torch.int32), lo, cut, None, None, None, counts, kernels),
+             dict(flags=StepFlags(sq=True, refresh=True).bits(), above=hi))
+
+
 def test_unknown_kernel_set_is_named():
     scores = _lists()[6]
     with pytest.raises(ValueError, match="unknown kernel set 'cutlass'"):
@@ -93,10 +109,13 @@ def _state(lists):
     return states
 
 
-@pytest.mark.parametrize("kernels", CPU_KERNEL_BACKENDS)
-def test_kernel_step_traces_whole_and_matches_eager(kernels):
-    # a step that collects histograms, then the refresh step that uses them: traced with
-    # fullgraph=True (any graph break fails), results bit-identical to the eager flow
+@pytest.mark.parametrize("kernels,scope", [  # scope="global" in the step: the Triton kernel set
+    pytest.param(k.values[0], scope, marks=k.marks, id=f"{k.values[0]}-{scope}") for k in CPU_KERNEL_BACKENDS
+    for scope in ("tensor", "global") if scope == "tensor" or k.values[0] == "triton"])
+def test_kernel_step_traces_whole_and_matches_eager(kernels, scope):
+    # a step that collects histograms, then the refresh step that uses them (scope="global": that
+    # computes its own): traced with fullgraph=True (any graph break fails), results bit-identical
+    # to the eager flow
     def run(compiled: bool):
         lists = _lists(1)
         lists = lists[:6] + ([s for s in lists[6]], [torch.zeros_like(m) for m in lists[7]])
@@ -108,7 +127,7 @@ def test_kernel_step_traces_whole_and_matches_eager(kernels):
                 kernels, StepTensors(*lists), StepHyper(importance_beta=0.99, importance="sq", amsgrad=False, beta1=0.9,
                                                         beta2=0.999, lr=1e-2, weight_decay=0.01, eps=1e-8,
                                                         maximize=False, foreach=None, capturable=False, fused=None),
-                RefreshPlan(states, 0.1, refresh, collect, pending))
+                RefreshPlan(states, 0.1, refresh, collect, pending, scope=scope))
 
         fn = torch.compile(step, fullgraph=True, backend="aot_eager") if compiled else step
         fn(False, True)

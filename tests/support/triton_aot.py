@@ -3,7 +3,8 @@ time, for real GPU targets, and report what the compilers made of it (no GPU nee
 
 The variants are not listed here: the real launchers (:class:`epi_kernels.kernel_sets.triton_kernels.TritonKernels`)
 are driven over every input they accept (storage dtypes, score dtypes, every StepFlags combination,
-aligned and misaligned columns, scores of their own or exp_avg_sq's, with and without a repair gate), with their one launch point
+aligned and misaligned columns, scores of their own or exp_avg_sq's, with and without a repair gate, and
+scope="global"'s selection), with their one launch point
 ``run`` recording instead of launching. Each recorded launch is bound by the JIT's own argument
 binder for the target (so signature, specialisation and constexprs are the launch site's), compiled
 by ``triton.compile`` to PTX and a cubin with the ptxas that Triton ships, and read back with the
@@ -40,7 +41,7 @@ from triton.runtime.jit import create_function_from_signature  # noqa: E402
 
 from epi_kernels.abi import CONTROL, SCALARS  # noqa: E402
 from epi_kernels.kernel_sets import triton_kernels  # noqa: E402
-from epi_kernels.launch import Launch, StepFlags  # noqa: E402
+from epi_kernels.launch import Launch, StepFlags, kernel_global_select  # noqa: E402
 from epi_kernels.state import IMPORTANCE_DTYPES  # noqa: E402
 from epi_kernels.threshold import WINDOW_BINS  # noqa: E402
 
@@ -105,6 +106,9 @@ def recorded_launches():
             for gate in (None, torch.ones((), dtype=torch.int32)):
                 rec.select(launch, hist, over, launch.zeros(), launch.zeros(dtype=torch.int64), launch.zeros(),
                            launch.zeros(), launch.zeros(dtype=torch.int64), gate)
+            # scope="global": the means, the pooled histogram and select, the raw thresholds
+            one = torch.ones(1, dtype=torch.int64)
+            kernel_global_select(rec, launch, one.to(torch.int32), one, torch.ones((), dtype=torch.int32))
     return rec.launches
 
 
@@ -279,7 +283,7 @@ def compile_all(archs) -> dict:
                 entry["error"] = traceback.format_exc(limit=3)[-3000:]
             variants.append(entry)
     from epi_kernels import kernels as kernel_pkg
-    jit_kernels = sorted({name for mod in ("fused_step", "histogram", "select", "repair")
+    jit_kernels = sorted({name for mod in ("fused_step", "histogram", "select", "repair", "means")
                           for name, obj in vars(__import__(f"{kernel_pkg.__name__}.{mod}", fromlist=["_"])).items()
                           if isinstance(obj, triton.runtime.jit.JITFunction) and name.endswith("_kernel")})
     return {"triton": triton.__version__, "archs": list(archs), "kernels": jit_kernels, "variants": variants}

@@ -1,0 +1,104 @@
+"""scope="global" inside the Triton kernel set: the means, the group's window histogram, select,
+repair and tie cuts over the mean-normalised keys, and the raw thresholds the fused step applies
+(ops.select_global), against the reference engine's refresh (refresh.refresh_masks) of the same
+scores, bit for bit: the threshold, its repair flag, and every mask bit.
+
+Scores are drawn per tensor at scales from 1e-44 (all denormal) to 1e20, with exact ties, zeros, denormals and
+non-finite values, in fp32, bf16 and fp16 storage; the window origin comes from no previous
+threshold (the repair path), from the reference's own threshold (the window answers) or from a
+random key. Without a GPU the kernels run in Triton's interpreter."""
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from epi_kernels import ops
+from epi_kernels.mask import threshold_mask, unpack_mask
+from epi_kernels.refresh import refresh_masks
+from epi_kernels.state import init_epi_state
+from epi_kernels.threshold import KEY_NONE, isolation_k, score_keys
+from support.devices import TRITON_DEVICES
+
+pytestmark = pytest.mark.parametrize("device", TRITON_DEVICES)
+
+
+@st.composite
+def group_scores(draw):
+    """(scores of 1-4 tensors, isolation ratio, how the anchor is chosen)."""
+    dtype = draw(st.sampled_from([torch.float32, torch.bfloat16, torch.float16]))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    scores = []
+    for _ in range(draw(st.integers(1, 4))):
+        n = draw(st.sampled_from([0, 1, 7, 64, 300, 1100]))
+        scale = 10.0 ** draw(st.integers(-44, 20) if dtype == torch.float32 else st.integers(-4, 3))
+        s = (torch.randn(n, generator=g, dtype=torch.float64) * 2).exp() * scale
+        kind = draw(st.sampled_from(["spread", "ties", "sparse", "odd"]))
+        if kind == "ties":  # few distinct values: exact ties at any threshold
+            s = torch.randint(1, 4, (n,), generator=g).double() * scale
+        elif kind == "sparse":
+            s = torch.where(torch.rand(n, generator=g) < 0.6, 0.0, s)
+        elif kind == "odd" and n:
+            s[torch.randint(0, n, (max(n // 20, 1),), generator=g)] = draw(
+                st.sampled_from([float("inf"), float("nan"), 1e-45, 0.0]))
+        scores.append(s.to(dtype))
+    return scores, draw(st.sampled_from([0.01, 0.1, 0.3, 0.5, 1.0])), draw(st.sampled_from(["none", "own", "random"]))
+
+
+def _reference(scores, ratio, anchor):
+    states = []
+    for s in scores:
+        state = {}
+        init_epi_state(state, s, s.dtype)
+        state["threshold_bits"].fill_(anchor)
+        states.append(state)
+    refresh_masks(states, isolation_ratio=ratio, scope="global", threshold="approx", scores=scores)
+    return states
+
+
+def _check(scores, ratio, anchor, device):
+    """The kernels' selection over `scores` equals the reference's, from window origin `anchor`."""
+    ref = _reference(scores, ratio, anchor)
+    on = [s.to(device) for s in scores]
+    k = torch.tensor([isolation_k(ratio, sum(s.numel() for s in scores))], device=device)
+    tau, repaired, lo, hi, cut = ops.select_global(on, torch.tensor([anchor], dtype=torch.int32, device=device), k,
+                                                   torch.ones((), dtype=torch.int32, device=device), "triton")
+    assert int(tau) == int(ref[0]["threshold_bits"])
+    assert bool(repaired) == bool(ref[0]["threshold_exact"])
+    for i, (s, st_ref) in enumerate(zip(scores, ref)):
+        keys = score_keys(s.float())  # the fused step's rule: raw keys >= lo before the cut, >= hi from it
+        low = unpack_mask(threshold_mask(keys, int(lo[i]), keys.numel()), keys.numel())
+        high = unpack_mask(threshold_mask(keys, int(hi[i]), keys.numel()), keys.numel())
+        before = torch.arange(keys.numel()) < min(int(cut[i]), keys.numel())
+        assert torch.equal(torch.where(before, low, high), unpack_mask(st_ref["isolation_mask"], keys.numel())), i
+    return ref
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=group_scores(), random_key=st.integers(1, KEY_NONE - 1))
+def test_kernel_global_selection_is_the_reference(device, case, random_key):
+    scores, ratio, anchor_kind = case
+    anchor = {"none": KEY_NONE, "random": random_key}.get(anchor_kind)
+    if anchor is None:  # the window around the threshold the reference reaches from scratch
+        anchor = int(_reference(scores, ratio, KEY_NONE)[0]["threshold_bits"])
+    _check(scores, ratio, anchor, device)
+
+
+@pytest.mark.parametrize("ratio", [0.05, 0.5])
+def test_denormal_huge_and_tied_tensors_side_by_side(device, ratio):
+    # a tensor of denormals alone (its mean comes from exponent field 0), one near the fp32 maximum,
+    # one of three tied values, one mostly zero: each is normalised by its own mean
+    g = torch.Generator().manual_seed(3)
+    scores = [torch.rand(700, generator=g) * 1e-40, torch.rand(300, generator=g) * 3e38,
+              torch.randint(1, 4, (999,), generator=g).float(), torch.where(torch.rand(64, generator=g) < 0.9, 0.0, 1.0)]
+    ref = _check(scores, ratio, KEY_NONE, device)
+    assert sum(int(st["isolated_count"]) > 0 for st in ref) >= 2  # one selection across tensors
+    _check(scores, ratio, int(ref[0]["threshold_bits"]), device)  # and from the window
+
+
+def test_gate_off_selects_nothing(device):
+    # a capturable step that does not refresh: no pass over the scores counts anything
+    scores = [torch.rand(500, generator=torch.Generator().manual_seed(1)).to(device)]
+    tau, repaired, lo, hi, cut = ops.select_global(scores, torch.tensor([KEY_NONE], dtype=torch.int32, device=device),
+                                                   torch.tensor([50], device=device),
+                                                   torch.zeros((), dtype=torch.int32, device=device), "triton")
+    assert int(tau) == KEY_NONE and int(lo[0]) == KEY_NONE and int(hi[0]) == KEY_NONE
