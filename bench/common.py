@@ -174,9 +174,15 @@ class HandWrittenEPI:
             p.copy_(torch.where(st["mask"], p, new))
 
 
+def contender_backend(kind: str) -> str:
+    """The backend of an "epi-<backend>[-v|-global]" contender."""
+    return kind.removeprefix("epi-").removesuffix("-v").removesuffix("-global")
+
+
 def contender(kind: str, params, refresh: bool):
-    """An optimizer over `params`: "adamw-foreach", "adamw-fused", "unfused", "epi-<backend>", or
-    "epi-<backend>-v" (importance="exp_avg_sq": AdamW's second moment is the score).
+    """An optimizer over `params`: "adamw-foreach", "adamw-fused", "unfused", "epi-<backend>",
+    "epi-<backend>-v" (importance="exp_avg_sq": AdamW's second moment is the score), or
+    "epi-<backend>-global" (scope="global").
 
     EPI runs with isolation_ratio=0.01 ("epi-torch" with foreach=True, as its AdamW baseline). Normal steps: one refresh happened at step 2 (so a real
     mask is applied) and none follows. Refresh steps: refresh_interval=1, every step refreshes."""
@@ -187,10 +193,12 @@ def contender(kind: str, params, refresh: bool):
     schedule = dict(refresh_interval=1, warmup_steps=1) if refresh else dict(refresh_interval=10**9, warmup_steps=2)
     if kind == "unfused":
         return HandWrittenEPI(params, **schedule)
-    backend = kind.removeprefix("epi-").removesuffix("-v")
+    backend = contender_backend(kind)
     impl = dict(foreach=True) if backend == "torch" else {}  # eager: torch's foreach AdamW inside
     if kind.endswith("-v"):
         impl["importance"] = "exp_avg_sq"
+    if kind.endswith("-global"):
+        impl["scope"] = "global"
     return EPIAdamW(params, isolation_ratio=0.01, backend=backend, **impl, **schedule)
 
 

@@ -7,7 +7,7 @@
 #   machine  20+20     ~5                         nvidia-smi; python, torch, Triton, CUDA versions -> check.log
 #   build      100     ~30-60                     the CUDA extension, sm_90 only (H100 and H200) -> check.log
 #   bench      150     ~70 (Triton JIT ~30 of it)  bench/gpu_bench.py: step times of torch fused AdamW and
-#                                                 EPIAdamW cuda/triton (+ exp_avg_sq, + refresh steps), fp32
+#                                                 EPIAdamW cuda/triton (+ exp_avg_sq, + refresh steps, + global ones), fp32
 #                                                 and bf16, 16M/256M, 1 and ~200 tensors; host time; the
 #                                                 CUDA-graph check       -> bench.log, gpu_bench.json, gpu_bench.md
 #   tests      100     ~60-90                     GPU tests: parity on CUDA tensors, tie cuts, capture -> tests.log

@@ -211,7 +211,7 @@ def gpu_targets(res) -> list[dict]:
     copy = res.get("copy_gb_per_s")
     normal = {(r["contender"], r["case"], r["dtype"]): r for r in res["steps"] if r["step"] == "normal"}
     for (contender, case, dtype), r in normal.items():
-        backend = contender.removeprefix("epi-").removesuffix("-v")
+        backend = common.contender_backend(contender)
         if backend not in registry.names() or not registry.get(backend).refreshes_in_step:
             continue
         if contender.endswith("-v"):  # importance="exp_avg_sq": AdamW's bytes + 1 bit, so AdamW's time

@@ -163,9 +163,10 @@ class EPIAdamW(Optimizer):
             if params:
                 backend = backends.resolve(group["backend"], params[0].device)
                 check_stepped_params(group, params, backend, self.state, f" of param group {i}")
-                if self._sharded(params):
+                sharded = self._sharded(params)
+                if sharded:
                     self._layouts.check_selection(group, params, f" in param group {i}")
-                work.append((record, params, backend, group["capturable"] and backend.refreshes(group, self._sharded(params))))
+                work.append((record, params, backend, group["capturable"] and backend.refreshes(group, sharded)))
         on_device = bool(work) and all(w[3] for w in work)  # no host read of the GradScaler's flag either
         if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing() and not on_device:
             # the refresh schedule and the step counts live on the host: a replayed graph would

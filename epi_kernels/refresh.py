@@ -242,7 +242,7 @@ def _refresh_tensors(states: Sequence[dict], scores: Sequence[Tensor], shards: S
             if shard is None:
                 taus = [_tidied(v, _threshold([v], k, a, threshold, ops)) for v, k, a in zip(values, ks, anchors)]
             elif threshold == "exact":
-                taus = [(tau, True) for tau in exact_thresholds([[v] for v in values], ks, ops.keys, shard.reduce)]
+                taus = [(tau, True) for tau in exact_thresholds([[v] for v in values], ks, shard.reduce, ops.keys)]
             else:
                 taus = approx_thresholds([[v] for v in values], ks, anchors, ops.bins, ops.keys, shard.reduce)
             _apply(sts, values, taus, ks, ops, shard)

@@ -351,13 +351,14 @@ def approx_thresholds(values: Sequence[Sequence[Tensor]], ks: Sequence[int], anc
             out[i] = (tau, False)
             answered.add(i)
     repair = [i for i, k in enumerate(ks) if k >= 1 and i not in answered]
-    for i, tau in zip(repair, exact_thresholds([values[i] for i in repair], [ks[i] for i in repair], keys, reduce)):
+    for i, tau in zip(repair, exact_thresholds([values[i] for i in repair], [ks[i] for i in repair], reduce, keys)):
         out[i] = (tau, True)
     return out
 
 
-def exact_thresholds(values: Sequence[Sequence[Tensor]], ks: Sequence[int], keys: Callable[[Tensor], Tensor] = identity,
-                     reduce: Callable[[Tensor], Tensor] = identity) -> list[int]:
+def exact_thresholds(values: Sequence[Sequence[Tensor]], ks: Sequence[int],
+                     reduce: Callable[[Tensor], Tensor] = identity,
+                     keys: Callable[[Tensor], Tensor] = identity) -> list[int]:
     """:func:`radix_thresholds` of several tensors, RADIX_BATCH at a time (bounded memory: 512 KiB
     of level-1 counts per tensor; one `reduce` per level per batch)."""
     out: list[int] = []

@@ -142,21 +142,20 @@ def test_requested_refresh_lands_the_step_after_next(backend):
     assert int(opt.state[model[0].weight]["refresh_step"]) == 6
 
 
-GPU_BACKENDS = [
-    pytest.param("triton", marks=[pytest.mark.gpu,
-                                  pytest.mark.skipif(not (HAS_TRITON and HAS_CUDA), reason="no CUDA device")]),
-    pytest.param("cuda", marks=[pytest.mark.gpu,
-                                pytest.mark.skipif(not (HAS_EXTENSION and HAS_CUDA), reason="no CUDA device")]),
-]
+_ON_GPU = {"triton": [pytest.mark.gpu, pytest.mark.skipif(not (HAS_TRITON and HAS_CUDA), reason="no CUDA device")],
+           "cuda": [pytest.mark.gpu, pytest.mark.skipif(not (HAS_EXTENSION and HAS_CUDA), reason="no CUDA device")]}
+GPU_CASES = [pytest.param("triton", {}, marks=_ON_GPU["triton"], id="triton"),
+             pytest.param("cuda", {}, marks=_ON_GPU["cuda"], id="cuda"),
+             pytest.param("triton", {"scope": "global"}, marks=_ON_GPU["triton"], id="triton-global")]
 
 
-@pytest.mark.parametrize("backend", GPU_BACKENDS)
-def test_cuda_graph_replays_match_eager_steps(backend):
+@pytest.mark.parametrize("backend,kw", GPU_CASES)
+def test_cuda_graph_replays_match_eager_steps(backend, kw):
     # warm up 3 eager steps, capture step 4, replay it for steps 4-12 (refreshes at 5, 8, 11) with
     # fresh gradients copied into the captured ones; compare with 12 eager capturable steps
-    (a, oa) = _run(backend, True, 12, device="cuda")
+    (a, oa) = _run(backend, True, 12, device="cuda", **kw)
     model = _model("cuda")
-    opt = EPIAdamW(model.parameters(), backend=backend, capturable=True, **EPI)
+    opt = EPIAdamW(model.parameters(), backend=backend, capturable=True, **EPI, **kw)
     grads = []
     for i in range(12):
         _grads(model, i)

@@ -17,7 +17,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 STAGE_FILES = {"check.log", "bench.log", "gpu_bench.json", "gpu_bench.md", "tests.log", "sanitizer.log",
                "memory.log", "memory.json"}
 CONTENDERS = {("adamw-fused", "normal"), ("epi-cuda", "normal"), ("epi-triton", "normal"), ("epi-cuda-v", "normal"),
-              ("epi-triton-v", "normal"), ("epi-cuda", "refresh"), ("epi-triton", "refresh")}
+              ("epi-triton-v", "normal"), ("epi-cuda", "refresh"), ("epi-triton", "refresh"),
+              ("epi-cuda-global", "refresh"), ("epi-triton-global", "refresh")}
 # bench/gpu_bench.py run as if the extension had not been built (a failed build on the GPU machine):
 # importlib finds no module that sys.modules maps to None, so backend="cuda" is unavailable
 WITHOUT_EXTENSION = ("import runpy, sys; sys.modules['epi_kernels._C'] = None; sys.argv[0] = 'bench/gpu_bench.py'; "
