@@ -6,16 +6,19 @@ scores, bit for bit: the threshold, its repair flag, and every mask bit.
 Scores are drawn per tensor at scales from 1e-44 (all denormal) to 1e20, with exact ties, zeros, denormals and
 non-finite values, in fp32, bf16 and fp16 storage; the window origin comes from no previous
 threshold (the repair path), from the reference's own threshold (the window answers) or from a
-random key. Without a GPU the kernels run in Triton's interpreter."""
+random key. A param group of several dtypes (several launch groups) selects through the reference
+engine instead. Without a GPU the kernels run in Triton's interpreter."""
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from epi_kernels import ops
+from epi_kernels import EPIAdamW, backends, ops
 from epi_kernels.mask import threshold_mask, unpack_mask
 from epi_kernels.refresh import refresh_masks
 from epi_kernels.state import init_epi_state
+from epi_kernels.step_driver import RefreshPlan, kernel_step
+from epi_kernels.step_records import StepHyper, StepTensors
 from epi_kernels.threshold import KEY_NONE, isolation_k, score_keys
 from support.devices import TRITON_DEVICES
 
@@ -102,3 +105,46 @@ def test_gate_off_selects_nothing(device):
                                                    torch.tensor([50], device=device),
                                                    torch.zeros((), dtype=torch.int32, device=device), "triton")
     assert int(tau) == KEY_NONE and int(lo[0]) == KEY_NONE and int(hi[0]) == KEY_NONE
+
+
+def test_a_group_of_two_dtypes_selects_through_the_reference_engine(device):
+    # one selection needs one launch group: fp32 and bf16 params in one global group refresh through
+    # the engine (as with the torch backend), and so select what it selects
+    def run(backend):
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(300, device=device)),
+                  torch.nn.Parameter(torch.randn(40, 7, device=device).bfloat16())]
+        opt = EPIAdamW(params, backend=backend, scope="global", isolation_ratio=0.2, refresh_interval=2,
+                       warmup_steps=1, importance_dtype=torch.float32)
+        g = torch.Generator().manual_seed(1)
+        for _ in range(4):
+            for p in params:
+                p.grad = (torch.randn(p.shape, generator=g) * 10.0 ** torch.randint(-3, 3, p.shape, generator=g)).to(p)
+            opt.step()
+        return [opt.isolation_mask(p).cpu() for p in params], [int(opt.state[p]["threshold_bits"]) for p in params]
+
+    assert not backends.get("triton").refreshes({"scope": "global", "threshold": "approx", "params": [
+        torch.zeros(1), torch.zeros(1, dtype=torch.bfloat16)]}, False)
+    masks, taus = run("triton")
+    ref_masks, ref_taus = run("torch")
+    assert taus == ref_taus and all(torch.equal(a, b) for a, b in zip(masks, ref_masks))
+    assert sum(int(m.sum()) for m in masks) > 0
+
+
+def test_a_global_kernel_step_over_two_launch_groups_is_refused_before_any_write(device):
+    params = [torch.randn(64, device=device), torch.randn(64, device=device).bfloat16()]
+    states = []
+    for p in params:
+        st = {}
+        init_epi_state(st, p, torch.float32)
+        states.append(st)
+    steps = [torch.tensor(1.0) for _ in params]
+    tensors = StepTensors(params, [torch.ones_like(p) for p in params], [torch.zeros_like(p) for p in params],
+                          [torch.zeros_like(p) for p in params], [], steps, [st["importance"] for st in states],
+                          [st["isolation_mask"] for st in states])
+    hyper = StepHyper(importance_beta=0.99, importance="sq", amsgrad=False, beta1=0.9, beta2=0.999, lr=1e-2,
+                      weight_decay=0.0, eps=1e-8, maximize=False, foreach=None, capturable=False, fused=None)
+    before = [p.clone() for p in params]
+    with pytest.raises(ValueError, match="one launch group"):
+        kernel_step("triton", tensors, hyper, RefreshPlan(states, 0.2, True, False, {}, scope="global"))
+    assert all(torch.equal(p, b) for p, b in zip(params, before)) and all(float(s) == 1.0 for s in steps)
