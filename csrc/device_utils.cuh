@@ -70,8 +70,9 @@ __device__ __forceinline__ void store8(T* base, const T* in, int64_t i, int vali
 
 // Calls visit(key) for each of the 8 lanes of every group of the chunk's stored scores, with key 0
 // for lanes past the tensor's end (ineligible), so that every thread of a warp makes the same calls.
-template <class S, class Visit>
-__device__ __forceinline__ void for_each_score_key(const Chunk& ch, Visit&& visit) {
+// The keys are stored_key<MEAN>: with MEAN (scope="global") of the scores over the tensor's `mean`.
+template <class S, bool MEAN, class Visit>
+__device__ __forceinline__ void for_each_score_key(const Chunk& ch, float mean, Visit&& visit) {
   using SR = typename S::raw;
   const SR* s = column<const SR>(ch.row, COL_IMPORTANCE);
   const bool vec = (reinterpret_cast<uintptr_t>(s) & 15) == 0;
@@ -81,9 +82,13 @@ __device__ __forceinline__ void for_each_score_key(const Chunk& ch, Visit&& visi
     alignas(16) SR sv[8];
     if (valid > 0) load8(sv, s, i, valid, vec);
 #pragma unroll
-    for (int j = 0; j < 8; ++j) visit(j < valid ? score_key(S::load(sv[j])) : 0);
+    for (int j = 0; j < 8; ++j) visit(j < valid ? stored_key<MEAN>(S::load(sv[j]), mean) : 0);
   }
 }
+
+// A tensor's mean for stored_key<MEAN> (scope="global"), and 1 (unused) for its own selection.
+template <bool MEAN>
+__device__ __forceinline__ float mean_of(const float* means, int tensor) { return MEAN ? means[tensor] : 1.0f; }
 
 __device__ __forceinline__ bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
 
@@ -136,6 +141,16 @@ __device__ __forceinline__ void warp_aggregated_increment(int* hist, int bin) {
   if (bin >= 0 && (threadIdx.x & 31) == __ffs(peers) - 1) atomicAdd(hist + bin, __popc(peers));
 }
 
+// sums[key_field(key)] += key_significand(key) in a block's shared exponent sums. The lanes of a
+// warp with the same field add their significands first (each below 2^24: 32 of them fit 32 bits),
+// so one shared-memory atomic serves them all (scores cluster in few exponents). All lanes call it.
+__device__ __forceinline__ void add_significand(unsigned long long* sums, int32_t key) {
+  const int field = key_field(key);
+  const unsigned peers = __match_any_sync(FULL, field);
+  const unsigned total = __reduce_add_sync(peers, key_significand(key));  // the lanes of one field
+  if ((threadIdx.x & 31) == __ffs(peers) - 1 && total) atomicAdd(sums + field, static_cast<unsigned long long>(total));
+}
+
 // Count a key into a block's window histogram (shared) or, above the window, into `over`.
 __device__ __forceinline__ void count_in_window(int* hist, int& over, int32_t key, int32_t origin) {
   const int slot = window_slot(key, origin);
@@ -160,6 +175,15 @@ __device__ __forceinline__ void flush_histogram(int64_t* dst, const int* hist, i
   __syncthreads();
   for (int b = threadIdx.x; b < n; b += THREADS)
     if (hist[b]) add_count(dst + b, hist[b]);
+}
+
+// f(S{}) with S the storage type of the score dtype code (F16: importance="exp_avg_sq" with fp16
+// params), for the launchers of kernels templated on it.
+template <class F>
+void with_score_type(DType score, F&& f) {
+  if (score == DTYPE_BF16) f(BF16{});
+  else if (score == DTYPE_F16) f(F16{});
+  else f(F32{});
 }
 
 }  // namespace epi

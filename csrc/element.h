@@ -143,15 +143,15 @@ EPI_HD unsigned flags_in_force(unsigned flags, const int32_t* control) {
 }
 
 // The mask byte a refresh gives a group of eight elements (`valid` of them exist, bits >= valid
-// clear) from their start-of-step scores: lane j is isolated iff its key >= tie_threshold(tau, j,
-// lanes), with lanes = below_cut(first element of the group, the tensor's tie cut, 8)
+// clear) from their start-of-step scores: lane j is isolated iff its key >= tie_threshold(tau, above,
+// j, lanes), with lanes = below_cut(first element of the group, the tensor's tie cut, 8)
 // (threshold_math.h): one 32-bit compare per element.
 template <class S>
-EPI_HD unsigned refresh_bits(const typename S::raw* s, int valid, int32_t tau, int lanes) {
+EPI_HD unsigned refresh_bits(const typename S::raw* s, int valid, int32_t tau, int32_t above, int lanes) {
   unsigned out = 0;
 EPI_UNROLL
   for (int j = 0; j < 8; ++j)
-    if (j < valid) out |= static_cast<unsigned>(score_key(S::load(s[j])) >= tie_threshold(tau, j, lanes)) << j;
+    if (j < valid) out |= static_cast<unsigned>(score_key(S::load(s[j])) >= tie_threshold(tau, above, j, lanes)) << j;
   return out;
 }
 

@@ -47,23 +47,36 @@ struct StepInputs {
   const int32_t* control;       // int32 [CONTROL_WORDS]
   const int32_t* tau;           // REFRESH: int32 [T]
   const int64_t* cut;           // REFRESH: int64 [T], tie cuts (TIE_NONE: none)
+  const int32_t* above;         // REFRESH: int32 [T], the threshold from the cut on (null: tau + 1)
   const int32_t* origin;        // COLLECT: int32 [T]
   int64_t* hist;                // COLLECT: int64 [T, WINDOW_BINS]
   int64_t* over;                // COLLECT: int64 [T]
   int64_t* counts;              // REFRESH: int64 [T, 2] (isolated, kept)
 };
 
-// The fused step (element math in element.h): REFRESH sets the masks from `tau` and `cut` (element i
-// of tensor t: key >= tie_threshold(tau[t], i, cut[t]), threshold_math.h) and adds
+// The fused step (element math in element.h): REFRESH sets the masks from `tau`, `cut` and `above`
+// (element i of tensor t: key >= tie_threshold(tau[t], above[t], i, cut[t]), threshold_math.h) and adds
 // (isolated, kept) counts to `counts`; COLLECT counts the new scores into `hist` and `over` for windows
 // starting at `origin` (0: no window). Every launch reads its scalars per tensor from `scalars` and
 // its control words from `control`: they decide whether REFRESH and COLLECT apply this time and
 // whether the step runs at all, so one launch (and one captured graph) serves every step.
 cudaError_t fused_step(Tables t, DType param, DType score, unsigned flags, const StepInputs& in, cudaStream_t stream);
 
-// Window histograms of the stored scores (when the previous step did not collect them).
-cudaError_t window_histogram(Tables t, DType score, const int32_t* origin, int64_t* hist, int64_t* over,
-                             cudaStream_t stream);
+// Window histograms of the stored scores (when the previous step did not collect them). With
+// `means` (float [T], scope="global"; null: per tensor) the keys of every tensor's scores over its
+// mean go into one row, hist[0] / over[0], around origin[0].
+cudaError_t window_histogram(Tables t, DType score, const float* means, const int32_t* origin, int64_t* hist,
+                             int64_t* over, cudaStream_t stream);
+
+// scope="global" (epi_kernels/normalise.py): each tensor's exponent sums `sums` int64 [T, EXPONENTS]
+// (zeros; nothing is added where the int32 *gate is 0) and mean `means` float [T] of its stored scores.
+cudaError_t score_means(Tables t, int tensors, DType score, const int32_t* gate, int64_t* sums, float* means,
+                        cudaStream_t stream);
+
+// scope="global": lo[t] and hi[t], the raw keys that select tensor t's keys over its mean >= tau[0]
+// and > tau[0] (smallest_raw_key): the fused step's tau and above.
+cudaError_t raw_thresholds(int tensors, const float* means, const int32_t* tau, int32_t* lo, int32_t* hi,
+                           cudaStream_t stream);
 
 // One block per tensor: tau from the window histogram, or repair[t] = 1 (then tau = KEY_NONE).
 cudaError_t window_select(int tensors, const int64_t* hist, const int64_t* over, const int32_t* origin,
@@ -77,8 +90,13 @@ cudaError_t window_select(int tensors, const int64_t* hist, const int64_t* over,
 // (the caller fills it with TIE_NONE) are not written. `ties` int32 [programs + T] is the tie pass's
 // scratch (per-chunk counts, each tensor's first program; no initial value). Launched whatever the
 // flags say, so the host never waits for them.
-cudaError_t radix_repair(Tables t, int tensors, DType score, const int64_t* k, int32_t* repair, int32_t* prefix,
-                         int64_t* need, int64_t* scratch, int32_t* tau, int64_t* cut, int32_t* ties,
+// With `means` (scope="global"; null: per tensor) one selection over the keys of every tensor's
+// scores over its mean: k, tau, prefix and the group's flag and need are entry 0 of theirs (repair
+// and need have T entries, the rest are written by the tie pass), scratch has T + 1 rows (row T:
+// the group's digit counts, the per-tensor rows summed), and the tie rule runs in tensor order: a
+// tensor isolates all its keys equal to tau (cut left alone), none (cut 0) or its first few.
+cudaError_t radix_repair(Tables t, int tensors, DType score, const float* means, const int64_t* k, int32_t* repair,
+                         int32_t* prefix, int64_t* need, int64_t* scratch, int32_t* tau, int64_t* cut, int32_t* ties,
                          cudaStream_t stream);
 
 }  // namespace epi

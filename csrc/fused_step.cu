@@ -20,7 +20,7 @@ struct BlockState {
   const int64_t* row;  // the tensor's table row: column addresses
   int64_t first, end;  // elements [first, end) of the chunk that exist
   StepScalars scalars;
-  int32_t tau, origin;
+  int32_t tau, above, origin;  // above: the threshold from the tie cut on
   int cut;         // the tensor's tie cut as an offset in the chunk: below_cut(first, cut, CHUNK)
   int tensor;
   unsigned flags;  // in force (the control words applied)
@@ -68,7 +68,7 @@ constexpr int FUSED_MIN_BLOCKS = 4;
 // scores are exp_avg_sq: no score is loaded or stored, and v's new values are what COLLECT counts.
 template <class P, class S, bool HIST, bool SCORE>
 __global__ void __launch_bounds__(THREADS, FUSED_MIN_BLOCKS)
-fused_step_kernel(Tables t, unsigned flags, const float* scalars, const int32_t* control, const int32_t* tau_of, const int64_t* cut_of, const int32_t* origin_of,
+fused_step_kernel(Tables t, unsigned flags, const float* scalars, const int32_t* control, const int32_t* tau_of, const int64_t* cut_of, const int32_t* above_of, const int32_t* origin_of,
                   int64_t* hist_out, int64_t* over_out, int64_t* counts) {
   using PR = typename P::raw;
   using SR = typename S::raw;
@@ -85,6 +85,7 @@ fused_step_kernel(Tables t, unsigned flags, const float* scalars, const int32_t*
     state.end = ch.first + CHUNK < ch.numel ? ch.first + CHUNK : ch.numel;
     state.scalars = scalars_row(scalars + ch.tensor * SCALAR_COUNT);
     state.tau = refresh ? tau_of[ch.tensor] : KEY_NONE;
+    state.above = !refresh ? KEY_NONE : above_of ? above_of[ch.tensor] : state.tau + 1;
     state.cut = below_cut(ch.first, refresh ? cut_of[ch.tensor] : TIE_NONE, static_cast<int>(CHUNK));
     state.origin = hist_on ? origin_of[ch.tensor] : 0;
     state.flags = flags;
@@ -125,8 +126,8 @@ fused_step_kernel(Tables t, unsigned flags, const float* scalars, const int32_t*
       if (f & STEP_REFRESH) {
         const int lanes = below_cut(8 * (static_cast<int>(threadIdx.x) + pass * THREADS), static_cast<int>(b.cut), 8);
         const unsigned old = bits;
-        if constexpr (SCORE) bits = refresh_bits<S>(sv, valid, b.tau, lanes);
-        else bits = refresh_bits<P>(vv, valid, b.tau, lanes);  // the start-of-step v
+        if constexpr (SCORE) bits = refresh_bits<S>(sv, valid, b.tau, b.above, lanes);
+        else bits = refresh_bits<P>(vv, valid, b.tau, b.above, lanes);  // the start-of-step v
         isolated_kept += __popc(bits) + (__popc(bits & old) << 16);
       }
       step_group<P, S, SCORE>(pv, gv, mv, vv, xv, sv, bits, valid, b.scalars, f, keys);
@@ -165,11 +166,11 @@ template <class P, class S, bool SCORE>
 void launch(Tables t, unsigned flags, const StepInputs& in, cudaStream_t stream) {
   if (flags & STEP_COLLECT)
     fused_step_kernel<P, S, true, SCORE><<<t.programs, THREADS, 0, stream>>>(
-        t, flags, in.scalars, in.control, in.tau, in.cut, in.origin, in.hist, in.over,
+        t, flags, in.scalars, in.control, in.tau, in.cut, in.above, in.origin, in.hist, in.over,
         in.counts);
   else
     fused_step_kernel<P, S, false, SCORE><<<t.programs, THREADS, 0, stream>>>(
-        t, flags, in.scalars, in.control, in.tau, in.cut, in.origin, in.hist, in.over,
+        t, flags, in.scalars, in.control, in.tau, in.cut, in.above, in.origin, in.hist, in.over,
         in.counts);
 }
 

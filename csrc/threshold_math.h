@@ -154,16 +154,91 @@ EPI_HD void radix_finish(int level, BinHit hit, int64_t k, int32_t* prefix, int6
   }
 }
 
-// The refresh's rule for element i (flat index in its tensor) under threshold tau and tie cut
-// `cut`: isolated iff key >= tie_threshold(tau, i, cut), i.e. key > tau, or key == tau and i < cut.
-// tau <= KEY_NONE, so tau + 1 does not overflow; cut = TIE_NONE gives `key >= tau`. `I`: int64_t for
-// element indices, int for lanes within a group (below_cut: 32-bit compares in the fused step).
+// scope="global"'s tie rule (threshold.tie_cuts) for one tensor, in tensor order, after the group's
+// repair found that `wanted` of the keys equal to its threshold complete the top k: `before` of the
+// tied keys lie in earlier tensors, `tied` in this one. Returns whether the tensor needs a tie cut
+// (then *need is the number of its tied keys to isolate); a tensor whose tied keys are all isolated
+// keeps `cut` as it is (TIE_NONE), one with none isolated gets cut 0.
+EPI_HD bool group_tie(int64_t wanted, int64_t before, int64_t tied, int64_t* need, int64_t* cut) {
+  const int64_t left = wanted - before;
+  if (left <= 0) *cut = 0;
+  *need = left;
+  return left > 0 && left < tied;
+}
+
+// The refresh's rule for element i (flat index in its tensor) under threshold tau, tie cut `cut`
+// and `above`: isolated iff key >= tie_threshold(tau, above, i, cut). For a tensor's own selection
+// above = tau + 1 (tau <= KEY_NONE: no overflow), so key > tau, or key == tau and i < cut; for
+// scope="global" tau and above are the tensor's raw thresholds lo and hi (smallest_raw_key).
+// cut = TIE_NONE gives `key >= tau`. `I`: int64_t for element indices, int for lanes within a group
+// (below_cut: 32-bit compares in the fused step).
 template <class I>
-EPI_HD int32_t tie_threshold(int32_t tau, I i, I cut) { return tau + (i >= cut ? 1 : 0); }
+EPI_HD int32_t tie_threshold(int32_t tau, int32_t above, I i, I cut) { return i >= cut ? above : tau; }
+
+// scope="global" (epi_kernels/normalise.py defines it): each tensor's scores are divided by its
+// mean, the mean of its eligible scores computed from exact integer sums per exponent field.
+constexpr int EXPONENTS = 256;  // one sum per fp32 exponent field (255, non-finite, stays 0)
+
+// One IEEE fp32 division rounded to nearest even, on the device whatever nvcc's -prec-div says.
+EPI_HD float quotient(float s, float mean) {
+#ifdef __CUDA_ARCH__
+  return __fdiv_rn(s, mean);
+#else
+  return s / mean;
+#endif
+}
+
+// The key a selection compares: of the score itself, or with MEAN (scope="global") of the score
+// over its tensor's mean (0/0 and s/0 are non-finite, so a mean of 0 makes every key ineligible).
+template <bool MEAN>
+EPI_HD int32_t stored_key(float s, float mean) { return score_key(MEAN ? quotient(s, mean) : s); }
+
+// A key's exponent field and significand: the score is significand * 2^(max(field, 1) - 150).
+EPI_HD int key_field(int32_t key) { return key >> 23; }
+EPI_HD uint32_t key_significand(int32_t key) {
+  return static_cast<uint32_t>(key & 0x7FFFFF) | (key_field(key) > 0 ? 0x800000u : 0u);
+}
+
+// 2^e as an fp64 (-1022 <= e <= 1023), from its bits.
+EPI_HD double power_of_two(int e) {
+  const int64_t bits = static_cast<int64_t>(e + 1023) << 52;
+#ifdef __CUDA_ARCH__
+  return __longlong_as_double(bits);
+#else
+  double x;
+  std::memcpy(&x, &bits, sizeof x);
+  return x;
+#endif
+}
+
+// normalise.mean_of_sums: the fp64 sum of sums[e] * 2^(max(e, 1) - 150) for e = 0..254 in that order
+// (each product is exact, so a contracted multiply-add rounds the same), one fp64 division by the
+// tensor's numel, rounding to fp32; 0 for an empty tensor.
+EPI_HD float mean_of_sums(const int64_t* sums, int64_t numel) {
+  double total = 0.0;
+  for (int e = 0; e < EXPONENTS - 1; ++e) total += static_cast<double>(sums[e]) * power_of_two((e > 1 ? e : 1) - 150);
+  return numel > 0 ? static_cast<float>(total / static_cast<double>(numel)) : 0.0f;
+}
+
+// The smallest raw key r >= 1 whose quotient over `mean` has a key >= target (KEY_NONE if none:
+// target >= KEY_NONE, or mean <= 0). Division by a positive mean is monotone, so key(s / mean) >=
+// target exactly when score_key(s) >= that r: the fused step compares raw keys. A 31-step binary
+// search with the selection's own division; an overflowing quotient counts as reaching every target
+// (no quotient of a tensor's own scores overflows: it stays below twice the tensor's size).
+EPI_HD int32_t smallest_raw_key(float mean, int32_t target) {
+  int32_t lo = 1, hi = KEY_NONE;  // the answer lies in [lo, hi]
+  for (int step = 0; step < 31; ++step) {
+    const int32_t mid = lo + (hi - lo) / 2;
+    const bool reached = static_cast<int32_t>(float_bits(quotient(from_bits(static_cast<uint32_t>(mid)), mean)) & 0x7FFFFFFFu) >= target;
+    hi = reached ? mid : hi;
+    lo = reached ? lo : mid + 1;
+  }
+  return mean > 0.0f && target < KEY_NONE ? hi : KEY_NONE;
+}
 
 // How many of the n elements starting at index `first` lie below the cut: clamp(cut - first, 0, n).
-// For the group of 8 starting at `first` and j in [0, 8), tie_threshold(tau, first + j, cut) ==
-// tie_threshold(tau, j, below_cut(first, cut, 8)): the fused step compares lane numbers (32 bits)
+// For the group of 8 starting at `first` and j in [0, 8), tie_threshold(tau, above, first + j, cut) ==
+// tie_threshold(tau, above, j, below_cut(first, cut, 8)): the fused step compares lane numbers (32 bits)
 // per element, not indices. below_cut(o, below_cut(f, cut, n), 8) == below_cut(f + o, cut, 8) for
 // 0 <= o <= n - 8: a chunk's cut is kept as a 32-bit offset. `I`: int64_t or int.
 template <class I>

@@ -88,23 +88,40 @@ PYBIND11_MODULE(_C, m) {
 
   m.def("fused_step", [](uintptr_t table, uintptr_t chunks, int programs, int param_dtype, int score_dtype,
                          unsigned flags, uintptr_t scalars, uintptr_t control, uintptr_t tau, uintptr_t cut,
-                         uintptr_t origin, uintptr_t hist, uintptr_t over, uintptr_t counts, uintptr_t stream) {
+                         uintptr_t above, uintptr_t origin, uintptr_t hist, uintptr_t over, uintptr_t counts, uintptr_t stream) {
     check(epi::fused_step(tables(table, chunks, programs), dtype(param_dtype), dtype(score_dtype), flags,
-                          step_inputs(scalars, control, tau, cut, origin, hist, over, counts),
+                          step_inputs(scalars, control, tau, cut, above, origin, hist, over, counts),
                           stream_of(stream)),
           "fused_step");
   }, "The fused EPI-AdamW step over a launch group (see csrc/epi_kernels.h).",
         py::arg("table"), py::arg("chunks"), py::arg("programs"), py::arg("param_dtype"), py::arg("score_dtype"),
         py::arg("flags"), py::arg("scalars"), py::arg("control"), py::arg("tau"),
-        py::arg("cut"), py::arg("origin"), py::arg("hist"), py::arg("over"), py::arg("counts"), py::arg("stream"));
+        py::arg("cut"), py::arg("above"), py::arg("origin"), py::arg("hist"), py::arg("over"), py::arg("counts"), py::arg("stream"));
 
-  m.def("window_histogram", [](uintptr_t table, uintptr_t chunks, int programs, int score_dtype, uintptr_t origin,
-                               uintptr_t hist, uintptr_t over, uintptr_t stream) {
-    check(epi::window_histogram(tables(table, chunks, programs), dtype(score_dtype), ptr<const int32_t>(origin),
-                                ptr<int64_t>(hist), ptr<int64_t>(over), stream_of(stream)),
+  m.def("window_histogram", [](uintptr_t table, uintptr_t chunks, int programs, int score_dtype, uintptr_t means,
+                               uintptr_t origin, uintptr_t hist, uintptr_t over, uintptr_t stream) {
+    check(epi::window_histogram(tables(table, chunks, programs), dtype(score_dtype), ptr<const float>(means),
+                                ptr<const int32_t>(origin), ptr<int64_t>(hist), ptr<int64_t>(over), stream_of(stream)),
           "window_histogram");
-  }, "Window histograms of the stored scores.", py::arg("table"), py::arg("chunks"), py::arg("programs"),
-        py::arg("score_dtype"), py::arg("origin"), py::arg("hist"), py::arg("over"), py::arg("stream"));
+  }, "Window histograms of the stored scores (means != 0: of the scores over their tensor's mean, one row).",
+        py::arg("table"), py::arg("chunks"), py::arg("programs"), py::arg("score_dtype"), py::arg("means"),
+        py::arg("origin"), py::arg("hist"), py::arg("over"), py::arg("stream"));
+
+  m.def("score_means", [](uintptr_t table, uintptr_t chunks, int programs, int tensors, int score_dtype, uintptr_t gate,
+                          uintptr_t sums, uintptr_t means, uintptr_t stream) {
+    check(epi::score_means(tables(table, chunks, programs), tensors, dtype(score_dtype), ptr<const int32_t>(gate),
+                           ptr<int64_t>(sums), ptr<float>(means), stream_of(stream)),
+          "score_means");
+  }, "scope='global': each tensor's exponent sums and mean score.", py::arg("table"), py::arg("chunks"),
+        py::arg("programs"), py::arg("tensors"), py::arg("score_dtype"), py::arg("gate"), py::arg("sums"),
+        py::arg("means"), py::arg("stream"));
+
+  m.def("raw_thresholds", [](int tensors, uintptr_t means, uintptr_t tau, uintptr_t lo, uintptr_t hi, uintptr_t stream) {
+    check(epi::raw_thresholds(tensors, ptr<const float>(means), ptr<const int32_t>(tau), ptr<int32_t>(lo),
+                              ptr<int32_t>(hi), stream_of(stream)),
+          "raw_thresholds");
+  }, "scope='global': each tensor's raw keys for the group threshold (lo) and above it (hi).", py::arg("tensors"),
+        py::arg("means"), py::arg("tau"), py::arg("lo"), py::arg("hi"), py::arg("stream"));
 
   m.def("window_select", [](int tensors, uintptr_t hist, uintptr_t over, uintptr_t origin, uintptr_t k, uintptr_t tau,
                             uintptr_t repair, uintptr_t stream) {
@@ -114,17 +131,19 @@ PYBIND11_MODULE(_C, m) {
   }, "Thresholds from window histograms, or repair flags.", py::arg("tensors"), py::arg("hist"), py::arg("over"),
         py::arg("origin"), py::arg("k"), py::arg("tau"), py::arg("repair"), py::arg("stream"));
 
-  m.def("radix_repair", [](uintptr_t table, uintptr_t chunks, int programs, int tensors, int score_dtype, uintptr_t k,
-                           uintptr_t repair, uintptr_t prefix, uintptr_t need, uintptr_t scratch, uintptr_t tau,
-                           uintptr_t cut, uintptr_t ties, uintptr_t stream) {
-    check(epi::radix_repair(tables(table, chunks, programs), tensors, dtype(score_dtype), ptr<const int64_t>(k),
-                            ptr<int32_t>(repair), ptr<int32_t>(prefix), ptr<int64_t>(need), ptr<int64_t>(scratch),
-                            ptr<int32_t>(tau), ptr<int64_t>(cut), ptr<int32_t>(ties), stream_of(stream)),
+  m.def("radix_repair", [](uintptr_t table, uintptr_t chunks, int programs, int tensors, int score_dtype,
+                           uintptr_t means, uintptr_t k, uintptr_t repair, uintptr_t prefix, uintptr_t need,
+                           uintptr_t scratch, uintptr_t tau, uintptr_t cut, uintptr_t ties, uintptr_t stream) {
+    check(epi::radix_repair(tables(table, chunks, programs), tensors, dtype(score_dtype), ptr<const float>(means),
+                            ptr<const int64_t>(k), ptr<int32_t>(repair), ptr<int32_t>(prefix), ptr<int64_t>(need),
+                            ptr<int64_t>(scratch), ptr<int32_t>(tau), ptr<int64_t>(cut), ptr<int32_t>(ties),
+                            stream_of(stream)),
           "radix_repair");
-  }, "Exact thresholds of the flagged tensors (radix select over the stored scores), then their tie cuts.",
+  }, "Exact thresholds of the flagged tensors (radix select over the stored scores), then their tie cuts "
+     "(means != 0: one selection over the scores over their tensor's mean).",
         py::arg("table"), py::arg("chunks"), py::arg("programs"), py::arg("tensors"), py::arg("score_dtype"),
-        py::arg("k"), py::arg("repair"), py::arg("prefix"), py::arg("need"), py::arg("scratch"), py::arg("tau"),
-        py::arg("cut"), py::arg("ties"), py::arg("stream"));
+        py::arg("means"), py::arg("k"), py::arg("repair"), py::arg("prefix"), py::arg("need"), py::arg("scratch"),
+        py::arg("tau"), py::arg("cut"), py::arg("ties"), py::arg("stream"));
 
   py::module_ host = m.def_submodule("host", "The __host__ __device__ element and threshold functions run on CPU buffers (test harness)");
   bind_host_harness(host);

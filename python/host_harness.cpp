@@ -1,4 +1,4 @@
-// Host harness: the four launch functions of csrc/epi_kernels.h emulated on the CPU, one block
+// Host harness: the launch functions of csrc/epi_kernels.h emulated on the CPU, one block
 // after another, over the same tensor and chunk tables (addresses of CPU tensors). Each block does
 // what its CUDA block does with the same __host__ __device__ functions (element.h, threshold_math.h);
 // only the parallel decomposition (vector loads, shared-memory histograms, block scans) is left
@@ -50,7 +50,7 @@ void fused_step(uintptr_t table, uintptr_t chunks, int programs, unsigned flags,
   using SR = typename S::raw;
   if (in.control[epi::CTRL_SKIP]) return;
   flags = epi::flags_in_force(flags, in.control);
-  const int32_t *tau = in.tau, *origin = in.origin;
+  const int32_t *tau = in.tau, *above = in.above, *origin = in.origin;
   const int64_t* cut = in.cut;
   int64_t *hist = in.hist, *over = in.over, *counts = in.counts;
   for (int b = 0; b < programs; ++b) {
@@ -60,6 +60,7 @@ void fused_step(uintptr_t table, uintptr_t chunks, int programs, unsigned flags,
     uint8_t* mask = column<uint8_t>(c, epi::COL_MASK);
     const bool refresh = flags & epi::STEP_REFRESH;
     const int32_t t_tau = refresh ? tau[c.tensor] : epi::KEY_NONE;
+    const int32_t t_above = !refresh ? epi::KEY_NONE : above ? above[c.tensor] : t_tau + 1;
     // the tie cut as an offset in the chunk, then as lanes of each group (fused_step.cu's BlockState)
     const int chunk_cut = epi::below_cut(c.first, refresh ? cut[c.tensor] : epi::TIE_NONE,
                                          static_cast<int>(epi::CHUNK));
@@ -69,7 +70,7 @@ void fused_step(uintptr_t table, uintptr_t chunks, int programs, unsigned flags,
       const unsigned old = mask[i >> 3];
       SR* s = column<SR>(c, epi::COL_IMPORTANCE) + i;
       const int lanes = epi::below_cut(static_cast<int>(i - c.first), chunk_cut, 8);
-      const unsigned bits = refresh ? epi::refresh_bits<S>(s, valid, t_tau, lanes) : old;
+      const unsigned bits = refresh ? epi::refresh_bits<S>(s, valid, t_tau, t_above, lanes) : old;
       epi::step_group<P, S, SCORE>(column<PR>(c, epi::COL_PARAM) + i, column<const PR>(c, epi::COL_GRAD) + i,
                             column<PR>(c, epi::COL_EXP_AVG) + i, column<PR>(c, epi::COL_EXP_AVG_SQ) + i,
                             vmax ? vmax + i : nullptr, s, bits, valid, sc, flags, keys);
@@ -104,15 +105,40 @@ float score(int score_dtype, const HostChunk& c, int64_t i) {
   return score_at<epi::F32>(c, i);
 }
 
-void window_histogram(uintptr_t table, uintptr_t chunks, int programs, int score_dtype, const int32_t* origin,
-                      int64_t* hist, int64_t* over) {
+// The key a kernel compares for element i: stored_key<MEAN> with MEAN where `means` is given
+// (scope="global": the score over its tensor's mean).
+int32_t key(int score_dtype, const HostChunk& c, int64_t i, const float* means) {
+  const float s = score(score_dtype, c, i);
+  return means ? epi::stored_key<true>(s, means[c.tensor]) : epi::stored_key<false>(s, 1.0f);
+}
+
+// With `means`, every tensor's keys into row 0 around origin[0] (histogram.cu).
+void window_histogram(uintptr_t table, uintptr_t chunks, int programs, int score_dtype, const float* means,
+                      const int32_t* origin, int64_t* hist, int64_t* over) {
   for (int b = 0; b < programs; ++b) {
     const HostChunk c = chunk(table, chunks, b);
-    if (origin[c.tensor] <= 0) continue;
+    const int row = means ? 0 : c.tensor;
+    if (origin[row] <= 0) continue;
     for (int64_t i = c.first; i < c.end; ++i)
-      count_window(epi::score_key(score(score_dtype, c, i)), origin[c.tensor],
-                   hist + static_cast<int64_t>(c.tensor) * epi::WINDOW_BINS, over + c.tensor);
+      count_window(key(score_dtype, c, i, means), origin[row], hist + static_cast<int64_t>(row) * epi::WINDOW_BINS,
+                   over + row);
   }
+}
+
+// means.cu: exponent sums chunk by chunk (where *gate), then each tensor's mean_of_sums.
+void score_means(uintptr_t table, uintptr_t chunks, int programs, int tensors, int score_dtype, const int32_t* gate,
+                 int64_t* sums, float* means) {
+  for (int b = 0; b < programs && *gate; ++b) {
+    const HostChunk c = chunk(table, chunks, b);
+    for (int64_t i = c.first; i < c.end; ++i) {
+      const int32_t k = key(score_dtype, c, i, nullptr);
+      sums[static_cast<int64_t>(c.tensor) * epi::EXPONENTS + epi::key_field(k)] += epi::key_significand(k);
+    }
+  }
+  const int64_t* rows = ptr<const int64_t>(table);
+  for (int t = 0; t < tensors; ++t)
+    means[t] = epi::mean_of_sums(sums + static_cast<int64_t>(t) * epi::EXPONENTS,
+                                 rows[static_cast<int64_t>(t) * epi::TABLE_WIDTH + epi::COL_NUMEL]);
 }
 
 // select_bin as a block of THREADS threads computes it (select.cu): equal slices, each thread
@@ -146,13 +172,14 @@ void window_select(int tensors, const int64_t* hist, const int64_t* over, const 
 
 // The tie pass (select.cu). tie_count_kernel: per program (chunk) of a flagged tensor, its keys equal
 // to tau, and the tensor's first program.
-void tie_count(uintptr_t table, uintptr_t chunks, int programs, int score_dtype, const int32_t* repair,
-               const int32_t* tau, int32_t* chunk_ties, int32_t* first_program) {
+void tie_count(uintptr_t table, uintptr_t chunks, int programs, int score_dtype, const float* means,
+               const int32_t* repair, const int32_t* tau, int32_t* chunk_ties, int32_t* first_program) {
   for (int b = 0; b < programs; ++b) {
     const HostChunk c = chunk(table, chunks, b);
     if (!repair[c.tensor]) continue;
     int tied = 0;
-    for (int64_t i = c.first; i < c.end; ++i) tied += epi::score_key(score(score_dtype, c, i)) == tau[c.tensor];
+    const int32_t t_tau = tau[means ? 0 : c.tensor];
+    for (int64_t i = c.first; i < c.end; ++i) tied += key(score_dtype, c, i, means) == t_tau;
     chunk_ties[b] = tied;
     if (c.first == 0) first_program[c.tensor] = b;
   }
@@ -160,13 +187,14 @@ void tie_count(uintptr_t table, uintptr_t chunks, int programs, int score_dtype,
 
 // The tied keys of the groups of 8 * THREADS elements from `base` (to `end`) by thread, as tie_find_kernel's
 // block sees them (tied_lanes), and their sum.
-int tile_ties(int score_dtype, const HostChunk& c, int64_t base, int64_t end, int32_t tau, unsigned* tied) {
+int tile_ties(int score_dtype, const HostChunk& c, int64_t base, int64_t end, const float* means, int32_t tau,
+              unsigned* tied) {
   int total = 0;
   for (int th = 0; th < epi::THREADS; ++th) {
     const int64_t i = base + 8 * th;
     const int valid = end - i <= 0 ? 0 : end - i >= 8 ? 8 : static_cast<int>(end - i);
     int32_t keys[8];
-    for (int j = 0; j < 8; ++j) keys[j] = j < valid ? epi::score_key(score(score_dtype, c, i + j)) : 0;
+    for (int j = 0; j < 8; ++j) keys[j] = j < valid ? key(score_dtype, c, i + j, means) : 0;
     tied[th] = epi::tied_lanes(keys, valid, tau);
     total += __builtin_popcount(tied[th]);
   }
@@ -176,8 +204,8 @@ int tile_ties(int score_dtype, const HostChunk& c, int64_t base, int64_t end, in
 // tie_find_kernel for tensor t: the chunk counts THREADS at a time (the block's prefix scan) up to the
 // chunk holding the need-th tied key, then that chunk's tiles of 8 * THREADS elements up to its group,
 // then nth_lane.
-void tie_find(uintptr_t table, int score_dtype, int t, const int32_t* chunk_ties, const int32_t* first_program,
-              int32_t* repair, const int64_t* need, const int32_t* tau, int64_t* cut) {
+void tie_find(uintptr_t table, int score_dtype, const float* means, int t, const int32_t* chunk_ties,
+              const int32_t* first_program, int32_t* repair, const int64_t* need, const int32_t* tau, int64_t* cut) {
   if (!repair[t]) return;
   repair[t] = 0;
   const int64_t* row = ptr<const int64_t>(table) + static_cast<int64_t>(t) * epi::TABLE_WIDTH;
@@ -201,7 +229,7 @@ void tie_find(uintptr_t table, int score_dtype, int t, const int32_t* chunk_ties
   const HostChunk c{t, row, first, end};
   for (int64_t base = first; base < end; base += 8 * epi::THREADS) {
     unsigned tied[epi::THREADS];
-    const int total = tile_ties(score_dtype, c, base, end, tau[t], tied);
+    const int total = tile_ties(score_dtype, c, base, end, means, tau[means ? 0 : t], tied);
     if (left > total) {
       left -= total;
       continue;
@@ -217,22 +245,40 @@ void tie_find(uintptr_t table, int score_dtype, int t, const int32_t* chunk_ties
   }
 }
 
-void radix_repair(uintptr_t table, uintptr_t chunks, int programs, int tensors, int score_dtype, const int64_t* k0,
-                  int32_t* repair, int32_t* prefix, int64_t* need, int64_t* scratch, int32_t* tau, int64_t* cut,
-                  int32_t* ties) {
+// select.cu's radix_repair; with `means` (scope="global") one selection: the counts per tensor
+// (pool_digits_kernel sums them into row `tensors`), then the tie rule in tensor order.
+void radix_repair(uintptr_t table, uintptr_t chunks, int programs, int tensors, int score_dtype, const float* means,
+                  const int64_t* k0, int32_t* repair, int32_t* prefix, int64_t* need, int64_t* scratch, int32_t* tau,
+                  int64_t* cut, int32_t* ties) {
+  const int rows = means ? 1 : tensors;
   for (int level = 0; level < epi::RADIX_LEVELS; ++level) {
+    const int nbins = 1 << epi::radix_bits(level);
+    const bool last = level == epi::RADIX_LEVELS - 1;
     for (int b = 0; b < programs; ++b) {  // radix_count_kernel
       const HostChunk c = chunk(table, chunks, b);
-      if (!repair[c.tensor]) continue;
+      const int slot = means ? 0 : c.tensor;
+      if (!repair[slot]) continue;
       for (int64_t i = c.first; i < c.end; ++i) {
-        const int d = epi::radix_digit(epi::score_key(score(score_dtype, c, i)), prefix[c.tensor], level);
+        const int d = epi::radix_digit(key(score_dtype, c, i, means), prefix[slot], level);
         if (d >= 0) ++scratch[static_cast<int64_t>(c.tensor) * epi::RADIX_BINS + d];
       }
     }
-    for (int t = 0; t < tensors; ++t) {  // radix_select_kernel
+    int64_t* select_rows = scratch;
+    if (means) {  // pool_digits_kernel
+      select_rows = scratch + static_cast<int64_t>(tensors) * epi::RADIX_BINS;
+      for (int d = 0; d < nbins && repair[0]; ++d) {
+        int64_t total = 0;
+        for (int t = 0; t < tensors; ++t) {
+          int64_t& count = scratch[static_cast<int64_t>(t) * epi::RADIX_BINS + d];
+          total += count;
+          if (!last) count = 0;
+        }
+        select_rows[d] = total;
+      }
+    }
+    for (int t = 0; t < rows; ++t) {  // radix_select_kernel
       if (!repair[t]) continue;
-      int64_t* row = scratch + static_cast<int64_t>(t) * epi::RADIX_BINS;
-      const int nbins = 1 << epi::radix_bits(level);
+      int64_t* row = select_rows + static_cast<int64_t>(t) * epi::RADIX_BINS;
       int64_t k = need[t];
       if (level == 0) {
         int64_t eligible = 0;
@@ -244,9 +290,21 @@ void radix_repair(uintptr_t table, uintptr_t chunks, int programs, int tensors, 
       epi::radix_finish(level, hit, k0[t], prefix + t, need + t, tau + t, repair + t);
     }
   }
+  if (means) {  // group_ties_kernel
+    const bool flagged = repair[0];
+    const int64_t wanted = need[0];
+    const int digit = epi::radix_digit(tau[0], tau[0], epi::RADIX_LEVELS - 1);
+    int64_t before = 0;
+    for (int t = 0; t < tensors; ++t) {
+      const int64_t tied = flagged ? scratch[static_cast<int64_t>(t) * epi::RADIX_BINS + digit] : 0;
+      repair[t] = flagged && epi::group_tie(wanted, before, tied, need + t, cut + t);
+      before += tied;
+    }
+  }
   int32_t *chunk_ties = ties, *first_program = ties + programs;
-  tie_count(table, chunks, programs, score_dtype, repair, tau, chunk_ties, first_program);
-  for (int t = 0; t < tensors; ++t) tie_find(table, score_dtype, t, chunk_ties, first_program, repair, need, tau, cut);
+  tie_count(table, chunks, programs, score_dtype, means, repair, tau, chunk_ties, first_program);
+  for (int t = 0; t < tensors; ++t)
+    tie_find(table, score_dtype, means, t, chunk_ties, first_program, repair, need, tau, cut);
 }
 
 }  // namespace
@@ -254,8 +312,8 @@ void radix_repair(uintptr_t table, uintptr_t chunks, int programs, int tensors, 
 void bind_host_harness(py::module_& m) {
   m.def("fused_step", [](uintptr_t table, uintptr_t chunks, int programs, int param_dtype, int score_dtype,
                          unsigned flags, uintptr_t scalars, uintptr_t control, uintptr_t tau, uintptr_t cut,
-                         uintptr_t origin, uintptr_t hist, uintptr_t over, uintptr_t counts) {
-    const epi::StepInputs in = step_inputs(scalars, control, tau, cut, origin, hist, over, counts);
+                         uintptr_t above, uintptr_t origin, uintptr_t hist, uintptr_t over, uintptr_t counts) {
+    const epi::StepInputs in = step_inputs(scalars, control, tau, cut, above, origin, hist, over, counts);
     auto run = [&](auto param) { fused_step<decltype(param)>(score_dtype, table, chunks, programs, flags, in); };
     switch (param_dtype) {
       case epi::DTYPE_F32: run(epi::F32{}); break;
@@ -265,28 +323,44 @@ void bind_host_harness(py::module_& m) {
     }
   }, "_C.fused_step on CPU tensors.", py::arg("table"), py::arg("chunks"), py::arg("programs"),
         py::arg("param_dtype"), py::arg("score_dtype"), py::arg("flags"), py::arg("scalars"),
-        py::arg("control"), py::arg("tau"), py::arg("cut"), py::arg("origin"),
+        py::arg("control"), py::arg("tau"), py::arg("cut"), py::arg("above"), py::arg("origin"),
         py::arg("hist"), py::arg("over"), py::arg("counts"));
-  m.def("window_histogram", [](uintptr_t table, uintptr_t chunks, int programs, int score_dtype, uintptr_t origin,
-                               uintptr_t hist, uintptr_t over) {
-    window_histogram(table, chunks, programs, score_dtype, ptr<const int32_t>(origin), ptr<int64_t>(hist), ptr<int64_t>(over));
+  m.def("window_histogram", [](uintptr_t table, uintptr_t chunks, int programs, int score_dtype, uintptr_t means,
+                               uintptr_t origin, uintptr_t hist, uintptr_t over) {
+    window_histogram(table, chunks, programs, score_dtype, ptr<const float>(means), ptr<const int32_t>(origin),
+                     ptr<int64_t>(hist), ptr<int64_t>(over));
   }, "_C.window_histogram on CPU tensors.", py::arg("table"), py::arg("chunks"), py::arg("programs"),
-        py::arg("score_dtype"), py::arg("origin"), py::arg("hist"), py::arg("over"));
+        py::arg("score_dtype"), py::arg("means"), py::arg("origin"), py::arg("hist"), py::arg("over"));
+  m.def("score_means", [](uintptr_t table, uintptr_t chunks, int programs, int tensors, int score_dtype, uintptr_t gate,
+                          uintptr_t sums, uintptr_t means) {
+    score_means(table, chunks, programs, tensors, score_dtype, ptr<const int32_t>(gate), ptr<int64_t>(sums),
+                ptr<float>(means));
+  }, "_C.score_means on CPU tensors.", py::arg("table"), py::arg("chunks"), py::arg("programs"), py::arg("tensors"),
+        py::arg("score_dtype"), py::arg("gate"), py::arg("sums"), py::arg("means"));
+  m.def("raw_thresholds", [](int tensors, uintptr_t means, uintptr_t tau, uintptr_t lo, uintptr_t hi) {
+    const float* m = ptr<const float>(means);
+    const int32_t* t_tau = ptr<const int32_t>(tau);
+    for (int t = 0; t < tensors; ++t) {  // raw_threshold_kernel
+      ptr<int32_t>(lo)[t] = epi::smallest_raw_key(m[t], t_tau[0]);
+      ptr<int32_t>(hi)[t] = epi::smallest_raw_key(m[t], t_tau[0] + 1);
+    }
+  }, "_C.raw_thresholds on CPU tensors.", py::arg("tensors"), py::arg("means"), py::arg("tau"), py::arg("lo"),
+        py::arg("hi"));
   m.def("window_select", [](int tensors, uintptr_t hist, uintptr_t over, uintptr_t origin, uintptr_t k, uintptr_t tau,
                             uintptr_t repair) {
     window_select(tensors, ptr<const int64_t>(hist), ptr<const int64_t>(over), ptr<const int32_t>(origin),
                   ptr<const int64_t>(k), ptr<int32_t>(tau), ptr<int32_t>(repair));
   }, "_C.window_select on CPU tensors.", py::arg("tensors"), py::arg("hist"), py::arg("over"), py::arg("origin"),
         py::arg("k"), py::arg("tau"), py::arg("repair"));
-  m.def("radix_repair", [](uintptr_t table, uintptr_t chunks, int programs, int tensors, int score_dtype, uintptr_t k,
-                           uintptr_t repair, uintptr_t prefix, uintptr_t need, uintptr_t scratch, uintptr_t tau,
-                           uintptr_t cut, uintptr_t ties) {
-    radix_repair(table, chunks, programs, tensors, score_dtype, ptr<const int64_t>(k), ptr<int32_t>(repair),
-                 ptr<int32_t>(prefix), ptr<int64_t>(need), ptr<int64_t>(scratch), ptr<int32_t>(tau), ptr<int64_t>(cut),
-                 ptr<int32_t>(ties));
+  m.def("radix_repair", [](uintptr_t table, uintptr_t chunks, int programs, int tensors, int score_dtype,
+                           uintptr_t means, uintptr_t k, uintptr_t repair, uintptr_t prefix, uintptr_t need,
+                           uintptr_t scratch, uintptr_t tau, uintptr_t cut, uintptr_t ties) {
+    radix_repair(table, chunks, programs, tensors, score_dtype, ptr<const float>(means), ptr<const int64_t>(k),
+                 ptr<int32_t>(repair), ptr<int32_t>(prefix), ptr<int64_t>(need), ptr<int64_t>(scratch),
+                 ptr<int32_t>(tau), ptr<int64_t>(cut), ptr<int32_t>(ties));
   }, "_C.radix_repair on CPU tensors.", py::arg("table"), py::arg("chunks"), py::arg("programs"), py::arg("tensors"),
-        py::arg("score_dtype"), py::arg("k"), py::arg("repair"), py::arg("prefix"), py::arg("need"), py::arg("scratch"),
-        py::arg("tau"), py::arg("cut"), py::arg("ties"));
+        py::arg("score_dtype"), py::arg("means"), py::arg("k"), py::arg("repair"), py::arg("prefix"), py::arg("need"),
+        py::arg("scratch"), py::arg("tau"), py::arg("cut"), py::arg("ties"));
   m.def("round_to", [](int dtype, uintptr_t src, uintptr_t dst, int64_t n) {
     if (dtype != epi::DTYPE_BF16 && dtype != epi::DTYPE_F16) throw std::invalid_argument("round_to: dtype must be bf16 or f16");
     const float* x = ptr<const float>(src);

@@ -64,7 +64,6 @@ class Backend:
     step: Callable[[StepTensors, StepHyper, object], None]
     refresh_ops: RefreshOps = EAGER_OPS
     refreshes_in_step: bool = False
-    selects_globally: bool = False  # its in-step refresh also serves scope="global"
     wants_isolated_indices: bool = False  # its step takes StepTensors.isolated (a cache the optimizer keeps)
     capturable_on_cpu: bool = False
     auto_rank: int | None = None
@@ -82,11 +81,11 @@ class Backend:
 
     def refreshes(self, group: dict, sharded: bool) -> bool:
         """Whether a step of `group` refreshes inside this backend's step (the in-step refresh
-        serves approximate selection of unsharded tensors: per tensor, and with `selects_globally`
-        scope="global" over a group of one device and dtype; the reference engine the rest)."""
+        serves approximate selection of unsharded tensors: per tensor, and scope="global" over a
+        group of one device and dtype; the reference engine the rest)."""
         if not self.refreshes_in_step or group["threshold"] != "approx" or sharded:
             return False
-        return group["scope"] == "tensor" or (self.selects_globally and _one_launch_group(group["params"]))
+        return group["scope"] == "tensor" or _one_launch_group(group["params"])
 
 
 def _one_launch_group(params) -> bool:

@@ -76,5 +76,5 @@ def device_error(device: torch.device) -> str | None:
 
 
 BACKEND = register(Backend("triton", functools.partial(kernel_step, "triton"), refreshes_in_step=True,
-                           selects_globally=True, param_dtypes=KERNEL_PARAM_DTYPES, capturable_on_cpu=True, auto_rank=1, available=_has_triton,
+                           param_dtypes=KERNEL_PARAM_DTYPES, capturable_on_cpu=True, auto_rank=1, available=_has_triton,
                            install_hint="pip install triton", device_error=device_error))

@@ -46,37 +46,54 @@ class CudaKernels:
     def _stream(self, device: torch.device) -> tuple[int, ...]:
         return (torch.cuda.current_stream(device).cuda_stream,) if self.on_gpu else ()
 
-    def window_histogram(self, launch: Launch, origin: Tensor, hist: Tensor, over: Tensor) -> None:
+    def window_histogram(self, launch: Launch, origin: Tensor, hist: Tensor, over: Tensor,
+                         means: Tensor | None = None) -> None:
         _require_int64("window_histogram", hist=hist, over=over)
         self.ops.window_histogram(launch.table.data_ptr(), launch.chunks.data_ptr(), launch.programs,
-                                  DTYPE_CODES[launch.score_dtype], origin.data_ptr(), hist.data_ptr(),
-                                  over.data_ptr(), *self._stream(launch.device))
+                                  DTYPE_CODES[launch.score_dtype], _address(means), origin.data_ptr(),
+                                  hist.data_ptr(), over.data_ptr(), *self._stream(launch.device))
+
+    def means(self, launch: Launch, gate: Tensor, sums: Tensor, means: Tensor) -> None:
+        _require_int64("means", sums=sums)
+        self.ops.score_means(launch.table.data_ptr(), launch.chunks.data_ptr(), launch.programs, launch.tensors,
+                             DTYPE_CODES[launch.score_dtype], gate.data_ptr(), sums.data_ptr(), means.data_ptr(),
+                             *self._stream(launch.device))
+
+    def raw_thresholds(self, launch: Launch, means: Tensor, tau: Tensor, lo: Tensor, hi: Tensor) -> None:
+        self.ops.raw_thresholds(launch.tensors, means.data_ptr(), tau.data_ptr(), lo.data_ptr(), hi.data_ptr(),
+                                *self._stream(launch.device))
 
     def select(self, launch: Launch, hist: Tensor, over: Tensor, origin: Tensor, k: Tensor,
-               tau: Tensor, repair: Tensor, cut: Tensor, gate: Tensor | None = None) -> None:
+               tau: Tensor, repair: Tensor, cut: Tensor, gate: Tensor | None = None,
+               means: Tensor | None = None) -> None:
         """Window select, repair, then the tie pass: `cut` (int64 [T], filled with TIE_NONE by the
-        caller) gets the tie cut of each tensor the repair path answered with too many keys tied at tau."""
+        caller) gets the tie cut of each tensor the repair path answered with too many keys tied at tau.
+        With `means` (scope="global") one selection over the group, the tie rule in tensor order."""
         _require_int64("select", hist=hist, over=over, k=k, cut=cut)
         stream = self._stream(launch.device)
-        self.ops.window_select(launch.tensors, hist.data_ptr(), over.data_ptr(), origin.data_ptr(), k.data_ptr(),
-                               tau.data_ptr(), repair.data_ptr(), *stream)
-        flags = repair.clone() if gate is None else repair * gate  # the repair kernels clear flags as tensors finish
-        # int64 counts (k, need, scratch; a tensor may exceed 2^31 elements), int32 prefix; the tie pass's
-        # per-chunk counts (at most CHUNK each) and first programs: int32, written before they are read
-        prefix, need, scratch = launch.zeros(), k.clone(), launch.zeros(_K["RADIX_BINS"], dtype=torch.int64)
+        pooled = means is not None
+        self.ops.window_select(1 if pooled else launch.tensors, hist.data_ptr(), over.data_ptr(), origin.data_ptr(),
+                               k.data_ptr(), tau.data_ptr(), repair.data_ptr(), *stream)
+        # the repair kernels clear flags as tensors finish; int64 counts (k, need, scratch; a tensor may
+        # exceed 2^31 elements), int32 prefix; pooled: the group's flag and need in entry 0 of [T] (the
+        # tie rule leaves each tensor's there) and the group's digit counts in an extra scratch row
+        window_flags = repair if gate is None else repair * gate
+        flags, need = launch.zeros(), launch.zeros(dtype=torch.int64)
+        flags[:window_flags.numel()] = window_flags
+        need[:k.numel()] = k
+        prefix, scratch = launch.zeros(), torch.zeros(launch.tensors + pooled, _K["RADIX_BINS"], dtype=torch.int64,
+                                                      device=launch.device)
+        # the tie pass's per-chunk counts (at most CHUNK each) and first programs: int32, written before read
         ties = torch.empty(launch.programs + launch.tensors, dtype=torch.int32, device=launch.device)
         self.ops.radix_repair(launch.table.data_ptr(), launch.chunks.data_ptr(), launch.programs, launch.tensors,
-                              DTYPE_CODES[launch.score_dtype], k.data_ptr(), flags.data_ptr(), prefix.data_ptr(),
-                              need.data_ptr(), scratch.data_ptr(), tau.data_ptr(), cut.data_ptr(), ties.data_ptr(),
-                              *stream)
+                              DTYPE_CODES[launch.score_dtype], _address(means), k.data_ptr(), flags.data_ptr(),
+                              prefix.data_ptr(), need.data_ptr(), scratch.data_ptr(), tau.data_ptr(), cut.data_ptr(),
+                              ties.data_ptr(), *stream)
 
     def fused_step(self, launch: Launch, flags: StepFlags, scalars: Tensor, control: Tensor, tau, cut, origin, hist,
                    over, counts, above=None) -> None:
         """`cut` (int64 [T], or None when not refreshing): the tie cuts a refresh applies with `tau`
-        (from the cut on, a key must exceed tau: the kernels take no `above`)."""
-        if above is not None:
-            raise NotImplementedError("fused_step: the CUDA kernels apply no raw thresholds (scope='global' "
-                                      "refreshes through the reference engine with backend='cuda')")
+        and `above` (int32 [T]; None: tau + 1)."""
         _require_int64("fused_step", hist=hist, over=over, counts=counts, cut=cut)
         # the kernel would read through a null address
         if flags.refresh and (tau is None or cut is None or counts is None):
@@ -88,7 +105,8 @@ class CudaKernels:
         self.ops.fused_step(launch.table.data_ptr(), launch.chunks.data_ptr(), launch.programs,
                             DTYPE_CODES[launch.param_dtype], DTYPE_CODES[launch.score_dtype], flags.bits(),
                             scalars.data_ptr(), control.data_ptr(),
-                            *(_address(t) for t in (tau, cut, origin, hist, over, counts)), *self._stream(launch.device))
+                            *(_address(t) for t in (tau, cut, above, origin, hist, over, counts)),
+                            *self._stream(launch.device))
 
 
 KERNELS = CudaKernels(_C, on_gpu=True)

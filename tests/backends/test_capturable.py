@@ -54,8 +54,6 @@ def _run(backend, capturable, steps, device="cpu", dtype=torch.float32, before=N
                               "global", "global-bf16-scores"])
 def test_device_decisions_give_the_host_path_results(backend, kw):
     # steps 1-9: refreshes at 2, 5 and 8 (static: at 2 only), histograms collected the step before
-    if backend == "cuda" and kw.get("scope") == "global":
-        pytest.skip("the CUDA kernels do not select scope='global' in the step: its capturable steps decide on the host")
     (a, oa), (b, ob) = _run(backend, False, 9, **kw), _run(backend, True, 9, **kw)
     _assert_same(oa, a, ob, b)
     assert int(ob.param_groups[0]["epi_step"]) == 9 and torch.is_tensor(ob.param_groups[0]["epi_step"])
@@ -79,11 +77,6 @@ def test_no_host_read_of_any_tensor_value(backend, scope, monkeypatch):
         monkeypatch.setattr(torch.Tensor, name, refuse)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # as if inside a capture on a GPU
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
-    if backend == "cuda" and scope == "global":  # the CUDA kernels select globally through the host engine
-        _grads(model, 1)
-        with pytest.raises(RuntimeError, match="can be captured in a CUDA graph only"):
-            opt.step()
-        return
     for i in range(1, 6):  # a collecting step, a refresh step, plain steps
         _grads(model, i)
         opt.step()
@@ -146,7 +139,8 @@ _ON_GPU = {"triton": [pytest.mark.gpu, pytest.mark.skipif(not (HAS_TRITON and HA
            "cuda": [pytest.mark.gpu, pytest.mark.skipif(not (HAS_EXTENSION and HAS_CUDA), reason="no CUDA device")]}
 GPU_CASES = [pytest.param("triton", {}, marks=_ON_GPU["triton"], id="triton"),
              pytest.param("cuda", {}, marks=_ON_GPU["cuda"], id="cuda"),
-             pytest.param("triton", {"scope": "global"}, marks=_ON_GPU["triton"], id="triton-global")]
+             pytest.param("triton", {"scope": "global"}, marks=_ON_GPU["triton"], id="triton-global"),
+             pytest.param("cuda", {"scope": "global"}, marks=_ON_GPU["cuda"], id="cuda-global")]
 
 
 @pytest.mark.parametrize("backend,kw", GPU_CASES)

@@ -181,7 +181,7 @@ def test_radix_repair_need_is_int64(C):
     scratch = torch.zeros(1, C.constants()["RADIX_BINS"], dtype=torch.int64)
 
     def repair_():
-        C.host.radix_repair(table.data_ptr(), chunks.data_ptr(), 1, 1, C.constants()["DTYPE_F32"], k.data_ptr(),
+        C.host.radix_repair(table.data_ptr(), chunks.data_ptr(), 1, 1, C.constants()["DTYPE_F32"], 0, k.data_ptr(),
                             repair.data_ptr(), prefix.data_ptr(), need.data_ptr(), scratch.data_ptr(), tau.data_ptr(),
                             cut.data_ptr(), ties.data_ptr())
 

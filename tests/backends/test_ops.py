@@ -77,9 +77,9 @@ def test_opcheck_threshold_ops(kernels):
              (scores, hist, over, origin, k, torch.tensor(1, dtype=torch.int32), kernels))
 
 
-@pytest.mark.parametrize("kernels", [k for k in CPU_KERNEL_BACKENDS if k.values[0] == "triton"])
+@pytest.mark.parametrize("kernels", CPU_KERNEL_BACKENDS)
 def test_opcheck_global_selection_ops(kernels):
-    # scope="global" (the Triton kernel set): the selection op, and the fused step applying raw thresholds
+    # scope="global": the selection op, and the fused step applying raw thresholds
     params, grads, exp_avgs, exp_avg_sqs, vmax, steps, scores, masks = _lists()
     args = (scores, torch.tensor([0x3F000000], dtype=torch.int32), torch.tensor([isolation_k(0.1, sum(SIZES))]),
             torch.tensor(1, dtype=torch.int32), kernels)
@@ -109,9 +109,9 @@ def _state(lists):
     return states
 
 
-@pytest.mark.parametrize("kernels,scope", [  # scope="global" in the step: the Triton kernel set
+@pytest.mark.parametrize("kernels,scope", [
     pytest.param(k.values[0], scope, marks=k.marks, id=f"{k.values[0]}-{scope}") for k in CPU_KERNEL_BACKENDS
-    for scope in ("tensor", "global") if scope == "tensor" or k.values[0] == "triton"])
+    for scope in ("tensor", "global")])
 def test_kernel_step_traces_whole_and_matches_eager(kernels, scope):
     # a step that collects histograms, then the refresh step that uses them (scope="global": that
     # computes its own): traced with fullgraph=True (any graph break fails), results bit-identical
