@@ -7,9 +7,9 @@ parameters) and param dtype (fp32, bf16), the optimizer step time of:
     epi-cuda, epi-triton   EPIAdamW(backend=...), a mask in force, no refresh (bench.common.contender)
     epi-cuda-v, -triton-v  the same with importance="exp_avg_sq" (AdamW's bytes + one mask bit)
     epi-cuda / -triton     step "refresh": refresh_interval=1, so every timed step refreshes the masks
-    epi-*-global           step "refresh" with scope="global" (the paper's selection; Triton selects in
-                           the step, the CUDA set through the reference engine): its ratio to the
-                           per-tensor refresh row of the same backend is the cost of a global refresh
+    epi-*-global           step "refresh" with scope="global" (the paper's selection, selected in the
+                           step by both kernel sets): its ratio to the per-tensor refresh row of the
+                           same backend is the cost of a global refresh
 
 Contenders of a case step identical tensors and are timed interleaved (A, B, C, A, B, C, ...) with
 CUDA events, no host sync between steps: a step's time is what the device spends on it, gaps while

@@ -135,7 +135,11 @@ def fused_step_name(names, param, score, hist, own_scores=True):
 INSTANTIATIONS = ([(p, s, h, True) for p in ("F32", "BF16", "F16") for s in ("F32", "BF16") for h in (False, True)]
                   + [(p, p, h, False) for p in ("F32", "BF16", "F16") for h in (False, True)])
 OTHER_KERNELS = ["window_histogram_kernel", "radix_count_kernel", "radix_select_kernel", "window_select_kernel",
-                 "tie_count_kernel", "tie_find_kernel"]
+                 "tie_count_kernel", "tie_find_kernel", "exponent_sums_kernel", "mean_kernel", "raw_threshold_kernel",
+                 "pool_digits_kernel", "group_ties_kernel"]
+# scope="global": the kernels that divide scores by their tensor's mean (the MEAN instantiations,
+# template argument `true` last) and the raw-threshold search
+QUOTIENT_KERNELS = ["window_histogram_kernel", "radix_count_kernel", "tie_count_kernel", "tie_find_kernel"]
 
 
 def test_every_instantiation_is_built(binary):
@@ -205,3 +209,17 @@ def test_fused_step_ptx_has_no_contracted_multiply_add(module):
     for body in fused.values():
         for op in ("mul.rn.f32", "add.rn.f32", "sub.rn.f32", "div.rn.f32", "sqrt.rn.f32"):
             assert op in body, op
+
+
+def test_global_selection_divides_with_ieee_rounding(module):
+    # the selection compares keys of fl(s / mean) rounded to nearest even (normalise.py): every quotient
+    # kernel's PTX has div.rn.f32 and no approximate division; the mean is one fp64 division
+    bodies = ptx(module)
+    dividing = {n: b for n, b in bodies.items()
+                if "raw_threshold_kernel" in n or any(k in n and "ELb1EE" in n for k in QUOTIENT_KERNELS)}
+    # each quotient kernel in its three score types
+    assert sorted(sum(k in n for n in dividing) for k in QUOTIENT_KERNELS) == [3] * len(QUOTIENT_KERNELS), sorted(dividing)
+    for name, body in dividing.items():
+        assert "div.rn.f32" in body and not re.search(r"\bdiv\.(approx|full)\.f32", body), name
+    mean = [b for n, b in bodies.items() if "mean_kernel" in n]
+    assert len(mean) == 1 and "div.rn.f64" in mean[0] and "cvt.rn.f32.f64" in mean[0]
