@@ -141,14 +141,24 @@ __device__ __forceinline__ void warp_aggregated_increment(int* hist, int bin) {
   if (bin >= 0 && (threadIdx.x & 31) == __ffs(peers) - 1) atomicAdd(hist + bin, __popc(peers));
 }
 
-// sums[key_field(key)] += key_significand(key) in a block's shared exponent sums. The lanes of a
-// warp with the same field add their significands first (each below 2^24: 32 of them fit 32 bits),
-// so one shared-memory atomic serves them all (scores cluster in few exponents). All lanes call it.
-__device__ __forceinline__ void add_significand(unsigned long long* sums, int32_t key) {
+// A block's exponent sums in shared memory as two 32-bit words per field (a chunk's sum of one field
+// reaches 2^37): 32-bit shared atomics are native, 64-bit ones a compare-and-swap loop.
+struct SharedSums {
+  unsigned low[EXPONENTS], high[EXPONENTS];
+};
+
+// sums[key_field(key)] += key_significand(key). The lanes of a warp with the same field add their
+// significands first (each below 2^24: 32 of them fit 32 bits), so one shared-memory atomic serves
+// them all (scores cluster in few exponents); a carry out of the low word goes to the high word.
+// All lanes call it.
+__device__ __forceinline__ void add_significand(SharedSums& sums, int32_t key) {
   const int field = key_field(key);
   const unsigned peers = __match_any_sync(FULL, field);
   const unsigned total = __reduce_add_sync(peers, key_significand(key));  // the lanes of one field
-  if ((threadIdx.x & 31) == __ffs(peers) - 1 && total) atomicAdd(sums + field, static_cast<unsigned long long>(total));
+  if ((threadIdx.x & 31) == __ffs(peers) - 1 && total) {
+    const unsigned before = atomicAdd(sums.low + field, total);
+    if (before + total < before) atomicAdd(sums.high + field, 1u);
+  }
 }
 
 // Count a key into a block's window histogram (shared) or, above the window, into `over`.

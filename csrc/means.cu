@@ -12,16 +12,18 @@ namespace {
 template <class S>
 __global__ void __launch_bounds__(THREADS)
 exponent_sums_kernel(Tables t, const int32_t* gate, int64_t* sums_out) {
-  __shared__ unsigned long long sums[EXPONENTS];
+  __shared__ SharedSums sums;
   if (!*gate) return;
   const Chunk ch = load_chunk(t.table, t.chunks);
-  for (int e = threadIdx.x; e < EXPONENTS; e += THREADS) sums[e] = 0;
+  for (int e = threadIdx.x; e < EXPONENTS; e += THREADS) sums.low[e] = sums.high[e] = 0;
   __syncthreads();
   for_each_score_key<S, false>(ch, 1.0f, [&](int32_t key) { add_significand(sums, key); });
   __syncthreads();
   unsigned long long* out = reinterpret_cast<unsigned long long*>(sums_out + static_cast<int64_t>(ch.tensor) * EXPONENTS);
-  for (int e = threadIdx.x; e < EXPONENTS; e += THREADS)
-    if (sums[e]) atomicAdd(out + e, sums[e]);
+  for (int e = threadIdx.x; e < EXPONENTS; e += THREADS) {
+    const unsigned long long sum = static_cast<unsigned long long>(sums.high[e]) << 32 | sums.low[e];
+    if (sum) atomicAdd(out + e, sum);
+  }
 }
 
 // One thread per tensor: mean_of_sums, the fixed fp64 sequence.

@@ -223,3 +223,12 @@ def test_global_selection_divides_with_ieee_rounding(module):
         assert "div.rn.f32" in body and not re.search(r"\bdiv\.(approx|full)\.f32", body), name
     mean = [b for n, b in bodies.items() if "mean_kernel" in n]
     assert len(mean) == 1 and "div.rn.f64" in mean[0] and "cvt.rn.f32.f64" in mean[0]
+
+
+def test_exponent_sums_use_native_shared_atomics(binary):
+    # a block adds a warp's significands of one exponent with one 32-bit shared atomic (plus a carry):
+    # no compare-and-swap loop, which a 64-bit shared atomicAdd compiles to
+    sums = {n: ops for n, ops in sass(*binary).items() if "exponent_sums_kernel" in n}
+    assert len(sums) == 3, sorted(sums)  # fp32, bf16 and fp16 scores
+    for name, ops in sums.items():
+        assert "ATOMS.ADD" in ops and not any(o.startswith("ATOMS.CAS") for o in ops), (name, sorted(set(ops)))
