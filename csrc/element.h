@@ -10,6 +10,7 @@
 #include <cstdint>
 
 #include "hd.h"
+#include "rounding.h"
 #include "threshold_math.h"
 
 #ifdef __CUDACC__
@@ -18,42 +19,6 @@
 
 namespace epi {
 
-// Separately rounded fp32 operations (nvcc would otherwise contract a*b+c into an fma).
-EPI_HD float mul_rn(float a, float b) {
-#ifdef __CUDA_ARCH__
-  return __fmul_rn(a, b);
-#else
-  return a * b;
-#endif
-}
-EPI_HD float add_rn(float a, float b) {
-#ifdef __CUDA_ARCH__
-  return __fadd_rn(a, b);
-#else
-  return a + b;
-#endif
-}
-EPI_HD float sub_rn(float a, float b) {
-#ifdef __CUDA_ARCH__
-  return __fsub_rn(a, b);
-#else
-  return a - b;
-#endif
-}
-EPI_HD float div_rn(float a, float b) {
-#ifdef __CUDA_ARCH__
-  return __fdiv_rn(a, b);
-#else
-  return a / b;
-#endif
-}
-EPI_HD float sqrt_rn(float a) {
-#ifdef __CUDA_ARCH__
-  return __fsqrt_rn(a);
-#else
-  return std::sqrt(a);
-#endif
-}
 // torch.maximum: NaN wins.
 EPI_HD float max_nan(float a, float b) { return (a != a || a > b) ? a : b; }
 

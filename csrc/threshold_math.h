@@ -9,9 +9,11 @@
 // the extension (epi_kernels/kernel_sets/cuda_kernels.py).
 #pragma once
 #include <cstdint>
+#include <cmath>
 #include <cstring>
 
 #include "hd.h"
+#include "rounding.h"
 
 namespace epi {
 
@@ -179,19 +181,11 @@ EPI_HD int32_t tie_threshold(int32_t tau, int32_t above, I i, I cut) { return i 
 // mean, the mean of its eligible scores computed from exact integer sums per exponent field.
 constexpr int EXPONENTS = 256;  // one sum per fp32 exponent field (255, non-finite, stays 0)
 
-// One IEEE fp32 division rounded to nearest even, on the device whatever nvcc's -prec-div says.
-EPI_HD float quotient(float s, float mean) {
-#ifdef __CUDA_ARCH__
-  return __fdiv_rn(s, mean);
-#else
-  return s / mean;
-#endif
-}
-
 // The key a selection compares: of the score itself, or with MEAN (scope="global") of the score
-// over its tensor's mean (0/0 and s/0 are non-finite, so a mean of 0 makes every key ineligible).
+// over its tensor's mean, one IEEE division (0/0 and s/0 are non-finite, so a mean of 0 makes every key
+// ineligible).
 template <bool MEAN>
-EPI_HD int32_t stored_key(float s, float mean) { return score_key(MEAN ? quotient(s, mean) : s); }
+EPI_HD int32_t stored_key(float s, float mean) { return score_key(MEAN ? div_rn(s, mean) : s); }
 
 // A key's exponent field and significand: the score is significand * 2^(max(field, 1) - 150).
 EPI_HD int key_field(int32_t key) { return key >> 23; }
@@ -199,24 +193,12 @@ EPI_HD uint32_t key_significand(int32_t key) {
   return static_cast<uint32_t>(key & 0x7FFFFF) | (key_field(key) > 0 ? 0x800000u : 0u);
 }
 
-// 2^e as an fp64 (-1022 <= e <= 1023), from its bits.
-EPI_HD double power_of_two(int e) {
-  const int64_t bits = static_cast<int64_t>(e + 1023) << 52;
-#ifdef __CUDA_ARCH__
-  return __longlong_as_double(bits);
-#else
-  double x;
-  std::memcpy(&x, &bits, sizeof x);
-  return x;
-#endif
-}
-
 // normalise.mean_of_sums: the fp64 sum of sums[e] * 2^(max(e, 1) - 150) for e = 0..254 in that order
 // (each product is exact, so a contracted multiply-add rounds the same), one fp64 division by the
 // tensor's numel, rounding to fp32; 0 for an empty tensor.
 EPI_HD float mean_of_sums(const int64_t* sums, int64_t numel) {
   double total = 0.0;
-  for (int e = 0; e < EXPONENTS - 1; ++e) total += static_cast<double>(sums[e]) * power_of_two((e > 1 ? e : 1) - 150);
+  for (int e = 0; e < EXPONENTS - 1; ++e) total += static_cast<double>(sums[e]) * ldexp(1.0, (e > 1 ? e : 1) - 150);
   return numel > 0 ? static_cast<float>(total / static_cast<double>(numel)) : 0.0f;
 }
 
@@ -229,7 +211,7 @@ EPI_HD int32_t smallest_raw_key(float mean, int32_t target) {
   int32_t lo = 1, hi = KEY_NONE;  // the answer lies in [lo, hi]
   for (int step = 0; step < 31; ++step) {
     const int32_t mid = lo + (hi - lo) / 2;
-    const bool reached = static_cast<int32_t>(float_bits(quotient(from_bits(static_cast<uint32_t>(mid)), mean)) & 0x7FFFFFFFu) >= target;
+    const bool reached = static_cast<int32_t>(float_bits(div_rn(from_bits(static_cast<uint32_t>(mid)), mean)) & 0x7FFFFFFFu) >= target;
     hi = reached ? mid : hi;
     lo = reached ? lo : mid + 1;
   }
