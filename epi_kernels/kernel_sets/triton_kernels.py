@@ -28,6 +28,9 @@ __all__ = ["TritonKernels", "KERNELS", "kernels_for", "STORAGE_TYPES", "OPTIONS"
 BLOCK = 512  # elements per tile: 4 per thread at 4 warps (one 128-bit access per fp32 column)
 TILES = CHUNK // BLOCK  # tiles per program
 SELECT_TILE = 1024
+# exponent sums: int32 per-tile sums of 128 significands (each below 2**24) cannot overflow; the
+# fields summed in registers per program (the rest go to global atomics one key at a time)
+SUMS_TILE, SUMS_SPAN = 128, 16
 TIE_TILE = 1024
 STORAGE_TYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 # Every launch: 4 warps, and no FMA contraction (a*b + c rounded twice, as the reference and the
@@ -58,7 +61,7 @@ class TritonKernels:
 
     def means(self, launch: Launch, gate: Tensor, sums: Tensor, means: Tensor) -> None:
         self.run(exponent_sums_kernel, launch.programs, launch.table, launch.chunks, gate, sums,
-                 S_TYPE=STORAGE_TYPES[launch.score_dtype], BLOCK=BLOCK, TILES=TILES)
+                 S_TYPE=STORAGE_TYPES[launch.score_dtype], BLOCK=SUMS_TILE, TILES=CHUNK // SUMS_TILE, SPAN=SUMS_SPAN)
         self.run(mean_kernel, launch.tensors, launch.table, sums, means)
 
     def raw_thresholds(self, launch: Launch, means: Tensor, tau: Tensor, lo: Tensor, hi: Tensor) -> None:

@@ -18,21 +18,35 @@ EXPONENTS = tl.constexpr(256)  # normalise.EXPONENTS: one counter per fp32 expon
 
 @triton.jit
 def exponent_sums_kernel(table_ptr, chunk_ptr, gate_ptr, sums_ptr,
-                         S_TYPE: tl.constexpr, BLOCK: tl.constexpr, TILES: tl.constexpr):
+                         S_TYPE: tl.constexpr, BLOCK: tl.constexpr, TILES: tl.constexpr, SPAN: tl.constexpr):
     """normalise.exponent_sums of every tensor: sums int64 [T, 256] += the significand of each
     eligible key at its exponent field. Integer atomics, so any order gives the same sums. Nothing
-    where the 0-dim int32 gate is 0 (a capturable step that does not refresh)."""
+    where the 0-dim int32 gate is 0 (a capturable step that does not refresh).
+
+    Scores of one tensor share few exponents, so atomics straight from every key would pile onto a
+    few addresses. A program instead sums the SPAN fields up to the largest of its first tile in
+    registers (int32 per tile: BLOCK * 2**24 must stay below 2**31) and adds them once at its end;
+    keys outside that span are added one by one."""
     tid, row, first, n = load_chunk(table_ptr, chunk_ptr, BLOCK * TILES)
     if tl.load(gate_ptr) != 0:
         s_ptr = column(row, IMPORTANCE, S_TYPE)
+        sums_row = sums_ptr + tid * EXPONENTS
+        offs = first + tl.arange(0, BLOCK)
+        top = tl.max(score_key(tl.load(s_ptr + offs, mask=offs < n, other=0.0).to(tl.float32)) >> 23, 0)
+        low = tl.maximum(top - (SPAN - 1), 0)  # the span's fields: low .. low + SPAN - 1
+        span = tl.arange(0, SPAN)
+        total = tl.zeros([SPAN], tl.int64)
         for i in range(TILES):
             offs = first + i * BLOCK + tl.arange(0, BLOCK)
             inb = offs < n
             key = score_key(tl.load(s_ptr + offs, mask=inb, other=0.0).to(tl.float32))
             field = key >> 23
             significand = (key & 0x7FFFFF) | tl.where(field > 0, 0x800000, 0)
-            tl.atomic_add(sums_ptr + tid * EXPONENTS + field, significand.to(tl.int64), mask=inb & (key > 0),
-                          sem="relaxed")
+            rel = field - low
+            inside = (rel >= 0) & (rel < SPAN)
+            total += tl.sum(tl.where(rel[:, None] == span[None, :], significand[:, None], 0), 0).to(tl.int64)
+            tl.atomic_add(sums_row + field, significand.to(tl.int64), mask=inb & (key > 0) & ~inside, sem="relaxed")
+        tl.atomic_add(sums_row + low + span, total, mask=total > 0, sem="relaxed")
 
 
 @triton.jit
