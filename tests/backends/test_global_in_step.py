@@ -138,6 +138,14 @@ def test_a_tie_cut_applies_the_raw_threshold_above_tau(kernels, device):
     assert [int(st["isolated_count"]) for st in ref] == [60, 0]
 
 
+def test_a_tie_cut_in_a_later_chunk_of_a_long_tensor(kernels, device):
+    # the same tie over 20000-element runs: k = 12000 cuts the first tensor in its second chunk of
+    # 8192 (the tie pass scans chunk counts, then one chunk), the second tensor isolates none
+    scores = [torch.cat([torch.full((20000,), 3.5), torch.zeros(10000)]) for _ in range(2)]
+    ref = _check(scores, 0.2, KEY_NONE, kernels, device)
+    assert [int(st["isolated_count"]) for st in ref] == [12000, 0]
+
+
 def test_gate_off_selects_nothing(kernels, device):
     # a capturable step that does not refresh: no pass over the scores counts anything
     scores = [torch.rand(500, generator=torch.Generator().manual_seed(1)).to(device)]
