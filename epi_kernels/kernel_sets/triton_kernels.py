@@ -81,9 +81,8 @@ class TritonKernels:
         total = scratch[:1].clone() if pooled else scratch
         mean_ptr = means if pooled else launch.table
         for level, (shift, bits) in enumerate(LEVELS):
-            self.run(radix_count_kernel, launch.programs, launch.table, launch.chunks, _rows(flags, launch, pooled),
-                     _rows(prefix, launch, pooled), scratch, mean_ptr, S_TYPE=STORAGE_TYPES[launch.score_dtype],
-                     SHIFT=shift, BITS=bits, BLOCK=BLOCK, TILES=TILES, MEAN=pooled)
+            self.run(radix_count_kernel, launch.programs, launch.table, launch.chunks, flags, prefix, scratch, mean_ptr,
+                     S_TYPE=STORAGE_TYPES[launch.score_dtype], SHIFT=shift, BITS=bits, BLOCK=BLOCK, TILES=TILES, MEAN=pooled)
             last = level == len(LEVELS) - 1
             if pooled:
                 torch.sum(scratch, 0, keepdim=True, out=total)
@@ -93,7 +92,7 @@ class TritonKernels:
                      BITS=bits, FIRST=level == 0, LAST=last)
         if pooled:  # the last level's counts per tensor, at tau's digit: each tensor's keys equal to tau
             tie = _group_ties(scratch, tau, tie, cut, LEVELS[-1])
-        self.run(tie_cut_kernel, launch.tensors, launch.table, tie, _rows(tau, launch, pooled), cut, mean_ptr,
+        self.run(tie_cut_kernel, launch.tensors, launch.table, tie, tau, cut, mean_ptr,
                  S_TYPE=STORAGE_TYPES[launch.score_dtype], TILE=TIE_TILE, MEAN=pooled)
 
     def fused_step(self, launch: Launch, flags: StepFlags, scalars: Tensor, control: Tensor, tau, cut, origin,
@@ -110,11 +109,6 @@ class TritonKernels:
                  flags.bits(), P_TYPE=STORAGE_TYPES[launch.param_dtype], S_TYPE=STORAGE_TYPES[launch.score_dtype],
                  AMSGRAD=flags.amsgrad, ALIGNED=launch.aligned, BLOCK=BLOCK, TILES=TILES, SCORE=not flags.v_scores,
                  **(V_SCORES_ALIGNED_OPTIONS if flags.v_scores and launch.aligned else {}))
-
-
-def _rows(values: Tensor, launch: Launch, pooled: bool) -> Tensor:
-    """A per-tensor argument: the group's one value in every row when `pooled` (scope="global")."""
-    return values.expand(launch.tensors).contiguous() if pooled else values
 
 
 def _group_ties(scratch: Tensor, tau: Tensor, tie: Tensor, cut: Tensor, level: tuple[int, int]) -> Tensor:

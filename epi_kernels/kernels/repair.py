@@ -24,15 +24,19 @@ SCRATCH = tl.constexpr(1 << max(bits for _, bits in LEVELS))  # int64 counters p
 def radix_count_kernel(table_ptr, chunk_ptr, repair_ptr, prefix_ptr, scratch_ptr, mean_ptr,
                        S_TYPE: tl.constexpr, SHIFT: tl.constexpr, BITS: tl.constexpr,
                        BLOCK: tl.constexpr, TILES: tl.constexpr, MEAN: tl.constexpr):
-    """Histogram of one digit over the eligible keys that match the digits chosen so far (with
-    MEAN, keys of the scores over their tensor's mean, float32 [T]: scope="global")."""
+    """Histogram of one digit over the eligible keys that match the digits chosen so far, into the
+    tensor's scratch row. With MEAN (scope="global"): keys of the scores over their tensor's mean
+    (float32 [T]), with the group's flag and prefix (entry 0)."""
     tid, row, first, n = load_chunk(table_ptr, chunk_ptr, BLOCK * TILES)
-    if tl.load(repair_ptr + tid) != 0:
+    slot = tid
+    if MEAN:
+        slot = tid * 0
+    if tl.load(repair_ptr + slot) != 0:
         mean = 1.0
         if MEAN:
             mean = tl.load(mean_ptr + tid)
         s_ptr = column(row, IMPORTANCE, S_TYPE)
-        high = tl.load(prefix_ptr + tid) >> (SHIFT + BITS)
+        high = tl.load(prefix_ptr + slot) >> (SHIFT + BITS)
         h = tl.zeros([1 << BITS], tl.int32)
         for i in range(TILES):
             offs = first + i * BLOCK + tl.arange(0, BLOCK)
@@ -79,17 +83,20 @@ def tie_cut_kernel(table_ptr, tie_ptr, tau_ptr, cut_ptr, mean_ptr, S_TYPE: tl.co
     """One program per tensor: for a tensor with tie[t] = need > 0, cut[t] = 1 + the flat index of
     the need-th key equal to tau[t] (threshold.tie_cuts). A scan in flat order that stops in the
     tile holding it; other tensors return at once. table: the tensor table; tie, cut int64 [T];
-    MEAN: keys of the scores over their tensor's mean (float32 [T], scope="global")."""
+    MEAN: keys of the scores over their tensor's mean (float32 [T], scope="global"), and the
+    group's tau (entry 0)."""
     tid = tl.program_id(0).to(tl.int64)
     need = tl.load(tie_ptr + tid)
     if need > 0:
+        slot = tid
         mean = 1.0
         if MEAN:
+            slot = tid * 0
             mean = tl.load(mean_ptr + tid)
         row = table_ptr + tid * WIDTH
         n = tl.load(row + NUMEL)
         s_ptr = column(row, IMPORTANCE, S_TYPE)
-        tau = tl.load(tau_ptr + tid)
+        tau = tl.load(tau_ptr + slot)
         start = tl.zeros([], tl.int64)
         while (need > 0) & (start < n):
             offs = start + tl.arange(0, TILE)
