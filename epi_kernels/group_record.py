@@ -30,6 +30,7 @@ class GroupRecord:
     histograms_kind: str | None = None
     isolated: dict[Tensor, Tensor] = field(default_factory=dict)
     layout_checked: tuple[list, int] | None = None  # the params list (and its length) last checked
+    pooled_refresh: object = None  # the engine step (schedule.engine_step) whose refresh selected over all sub-groups
 
     def __post_init__(self) -> None:
         if not self.given:

@@ -16,7 +16,7 @@ from torch import Tensor
 from .group_record import GroupRecord
 from .mask import pack_mask, unpack_mask
 from .partitions import (Partition, Piece, find_partition, full_shape, gather_pieces, piece_bits, put_piece_bits,
-                         refresh_partition)
+                         refresh_partitions)
 from .refresh import RefreshOps, refresh_masks, selection_shard
 from .sharding import gather_shards, is_sharded, local, shard_of
 
@@ -71,19 +71,34 @@ class Layouts:
                                    "layout of it is known: per-tensor isolation would select over a slice of "
                                    "several parameters. Supported wrappers: DeepSpeed ZeRO stages 1-3 (README). "
                                    "To add parameters yourself, use add_param_group")
-            if settings["scope"] == "global" and part.split:
-                raise RuntimeError(f"EPIAdamW under DeepSpeed ZeRO 3 ({where}) with scope='global' needs each param "
-                                   "group in one sub-group (each sub-group is stepped by a call of its own): raise "
-                                   "zero_optimization.sub_group_size to at least the group's parameter count")
-            st = state.get(p, {})
-            if "threshold_bits" in st and tuple(st["threshold_bits"].shape) != (len(part.pieces),):
-                raise RuntimeError(f"EPIAdamW: {where} holds a flat partition of {len(part.pieces)} parameters, but "
-                                   f"its state has per-tensor entries of shape {tuple(st['threshold_bits'].shape)} "
-                                   "(saved with another layout?)")
-            self.partitions[p] = (record, part)
-            for j, piece in enumerate(part.pieces):
-                self.pieces[piece.param] = (p, j)
+            # a sub-group's siblings too: a scope="global" refresh selects over all of them (pooled)
+            found = [(p, part)] + [(f, self.partitions[f][1] if f in self.partitions else
+                                    find_partition(f, owned, optimizer)) for f in part.siblings if f is not p]
+            for flat, layout in found:
+                if layout is None:  # (cannot happen with DeepSpeed's own bookkeeping)
+                    raise RuntimeError(f"EPIAdamW under DeepSpeed ZeRO 3 ({where}): the layout of another "
+                                       "sub-group of the param group cannot be read")
+                st = state.get(flat, {})
+                if "threshold_bits" in st and tuple(st["threshold_bits"].shape) != (len(layout.pieces),):
+                    raise RuntimeError(f"EPIAdamW: {where} holds a flat partition of {len(layout.pieces)} parameters, "
+                                       "but its state has per-tensor entries of shape "
+                                       f"{tuple(st['threshold_bits'].shape)} (saved with another layout?)")
+            for flat, layout in found:
+                self.partitions[flat] = (record, layout)
+                for j, piece in enumerate(layout.pieces):
+                    self.pieces[piece.param] = (flat, j)
         record.layout_checked = (params, len(params))  # (the list itself: its id cannot be reused)
+
+    def pooled(self, group: dict, params: Sequence[Tensor]) -> list[Tensor] | None:
+        """The flat partitions a scope="global" refresh of `params` (a group's stepped tensors) selects
+        over when ZeRO 3 splits the group into sub-groups, each stepped by a call of its own: all of
+        the group's, in sub-group order. None when the group is not split so (or not global)."""
+        if group["scope"] != "global" or not self.partitions:
+            return None
+        # (ZeRO 3 puts one sub-group's flat partition, alone, in the group for each call)
+        split = next((self.partitions[p][1] for p in params if p in self.partitions
+                      and self.partitions[p][1].siblings), None)
+        return None if split is None else list(split.siblings)
 
     def check_selection(self, group: dict, params: Sequence[Tensor], where: str) -> None:
         """ValueError if scope="global" cannot select over `params` (a group's stepped tensors) as one:
@@ -95,18 +110,17 @@ class Layouts:
     def refresh_masks(self, group: dict, params: Sequence[Tensor], states: Sequence[dict], scores: Sequence[Tensor],
                       ops: RefreshOps, sharded: bool) -> None:
         """New masks of `params` (a group's stepped tensors) from their `scores` with the reference
-        engine (refresh.refresh_masks): whole tensors and FSDP2 shards as one batch, each flat
-        partition piece by piece (partitions.refresh_partition)."""
+        engine (refresh.refresh_masks): whole tensors and FSDP2 shards as one batch, the flat
+        partitions' pieces as another (partitions.refresh_partitions)."""
+        settings = dict(isolation_ratio=group["isolation_ratio"], scope=group["scope"], threshold=group["threshold"],
+                        ops=ops)
         whole = [i for i, p in enumerate(params) if p not in self.partitions]
         if whole:
             refresh_masks([states[i] for i in whole], scores=[scores[i] for i in whole],
-                          isolation_ratio=group["isolation_ratio"], scope=group["scope"], threshold=group["threshold"],
-                          ops=ops, shards=[shard_of(params[i]) for i in whole] if sharded else None)
-        for p, st, s in zip(params, states, scores):
-            part = self.partitions.get(p)
-            if part is not None:  # each flat partition: its pieces in one batch (one collective per phase)
-                refresh_partition(st, s, part[1], isolation_ratio=group["isolation_ratio"], scope=group["scope"],
-                                  threshold=group["threshold"], ops=ops)
+                          shards=[shard_of(params[i]) for i in whole] if sharded else None, **settings)
+        flat = [(st, s, self.partitions[p][1]) for p, st, s in zip(params, states, scores) if p in self.partitions]
+        if flat:
+            refresh_partitions(flat, **settings)
 
     # ------------------------------------------------------------------ masks of model parameters
 

@@ -173,8 +173,8 @@ class EPIAdamW(Optimizer):
             # repeat one step's decisions (no refresh, ever), so refuse instead of going wrong quietly
             raise RuntimeError("EPIAdamW.step can be captured in a CUDA graph only with capturable=True, "
                                "backend='triton' or 'cuda', threshold='approx' and unsharded params in every "
-                               "param group, and scope='tensor' (or with backend='triton', scope='global' over "
-                               "params of one device and dtype) (the others decide refreshes on the host)")
+                               "param group, and scope='tensor' or scope='global' over params of one device and "
+                               "dtype (the others decide refreshes on the host)")
         skip = unscale_or_skip(getattr(self, "found_inf", None), getattr(self, "grad_scale", None),
                                [p for w in work for p in w[1]], on_device)
         if skip is True:
@@ -226,12 +226,29 @@ class EPIAdamW(Optimizer):
             else:
                 record.kept_histograms(None)
                 if refresh:
-                    self._layouts.refresh_masks(group, params, states, tensors.scores, backend.refresh_ops, sharded)
+                    self._refresh(record, params, states, tensors.scores, backend, sharded, hyper)
         if refresh:
             record.forget_masks(params)
         if backend.wants_isolated_indices:
             tensors = tensors._replace(isolated=[self._isolated_index(record, p, st) for p, st in zip(params, states)])
         epi_adamw(tensors, hyper, backend=backend.name, plan=plan)
+
+    def _refresh(self, record: GroupRecord, params: list[Tensor], states: list[dict], scores: list[Tensor],
+                 backend: backends.Backend, sharded: bool, hyper: StepHyper) -> None:
+        """New masks of a group's stepped `params` with the reference engine. A scope="global" group
+        that ZeRO 3 splits into sub-groups (a step() call each) selects over all of its sub-groups
+        at the first call of a refresh step, from their start-of-step scores, and not again in
+        that step (the later calls step with the masks stored)."""
+        group = record.group
+        pooled = self._layouts.pooled(group, params)
+        if pooled is not None:
+            if record.pooled_refresh is record.schedule.engine_step:
+                return
+            record.pooled_refresh = record.schedule.engine_step
+            params, states = pooled, [self._state_of(f, group) for f in pooled]
+            scores = [hyper.scores_of(st) for st in states]
+            record.forget_masks(pooled)
+        self._layouts.refresh_masks(group, params, states, scores, backend.refresh_ops, sharded)
 
     @staticmethod
     def _isolated_index(record: GroupRecord, p: Tensor, st: dict) -> Tensor:

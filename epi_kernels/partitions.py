@@ -20,7 +20,7 @@ holds alike.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
@@ -32,7 +32,7 @@ from .sharding import reducer
 from .state import SCALAR_ENTRIES
 
 __all__ = ["Piece", "Partition", "find_partition", "full_shape", "gather_pieces", "piece_bits", "put_piece_bits",
-           "refresh_partition"]
+           "refresh_partitions"]
 
 
 @dataclass(frozen=True)
@@ -49,10 +49,11 @@ class Piece:
 @dataclass(frozen=True)
 class Partition:
     """The pieces of a flat partition, one per model parameter the partition's layout covers (the
-    same parameters, in the same order, on every rank of the group). `split`: the partition holds
-    only part of its param group (ZeRO 3 with several sub-groups, each stepped by its own call)."""
+    same parameters, in the same order, on every rank of the group). `siblings`: when ZeRO 3 splits
+    the param group into several sub-groups (each stepped by a step() call of its own), the flat
+    partitions of all of them in sub-group order, this one included; else empty."""
     pieces: tuple[Piece, ...]
-    split: bool = False
+    siblings: tuple[Tensor, ...] = field(default=(), compare=False)
 
 
 def _rank_and_size(group) -> tuple[int, int]:
@@ -136,8 +137,8 @@ def _zero3(flat: Tensor, params: Sequence[Tensor]) -> Partition | None:
                             Shard(p.ds_numel, reducer(p.ds_process_group), rank, size)))
         start += n
     groups = getattr(wrapper, "sub_group_to_group_id", {})
-    split = sum(g == groups.get(index) for g in groups.values()) > 1
-    return Partition(tuple(pieces), split)
+    siblings = tuple(flats[i] for i in sorted(groups) if groups[i] == groups.get(index))
+    return Partition(tuple(pieces), siblings if len(siblings) > 1 else ())
 
 
 def full_shape(p: Tensor) -> tuple[int, ...]:
@@ -180,16 +181,22 @@ def _piece_state(state: dict, j: int, piece: Piece) -> dict:
     return out
 
 
-def refresh_partition(state: dict, scores: Tensor, partition: Partition, *, isolation_ratio: float, scope: str,
-                      threshold: str, ops: RefreshOps) -> None:
-    """New masks of every piece of a flat partition, each piece a shard of its model parameter
-    (scope="tensor": one selection per parameter; "global": one over the partition's parameters):
-    one collective per phase for all its pieces."""
-    pieces = partition.pieces
-    views = [_piece_state(state, j, pc) for j, pc in enumerate(pieces)]
-    flat = scores.reshape(-1)
-    refresh_masks(views, isolation_ratio=isolation_ratio, scope=scope, threshold=threshold, ops=ops,
-                  shards=[pc.shard for pc in pieces], scores=[flat.narrow(0, pc.start, pc.numel) for pc in pieces])
-    for pc, view in zip(pieces, views):
-        if pc.numel:
-            put_piece_bits(state["isolation_mask"], pc.start, unpack_mask(view["isolation_mask"], pc.numel))
+def refresh_partitions(parts: Sequence[tuple[dict, Tensor, Partition]], *, isolation_ratio: float, scope: str,
+                       threshold: str, ops: RefreshOps) -> None:
+    """New masks of every piece of flat partitions `parts` ((state, scores, layout) each), each piece
+    a shard of its model parameter (scope="tensor": one selection per parameter; "global": one over
+    all the pieces' parameters, in order): one collective per phase for all of them."""
+    views, shards, scores = [], [], []
+    for state, s, part in parts:
+        flat = s.reshape(-1)
+        for j, pc in enumerate(part.pieces):
+            views.append(_piece_state(state, j, pc))
+            shards.append(pc.shard)
+            scores.append(flat.narrow(0, pc.start, pc.numel))
+    refresh_masks(views, isolation_ratio=isolation_ratio, scope=scope, threshold=threshold, ops=ops, shards=shards,
+                  scores=scores)
+    done = iter(views)
+    for state, _, part in parts:
+        for pc, view in zip(part.pieces, done):
+            if pc.numel:
+                put_piece_bits(state["isolation_mask"], pc.start, unpack_mask(view["isolation_mask"], pc.numel))

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from . import threshold as th
 from .mask import jaccard_counts, packed_numel, popcount, score_mask, threshold_mask
-from .normalise import exponent_sums, mean_of_sums, slice_exponent_sums
+from .normalise import exponent_sums, mean_of_sums
 from .threshold import (KEY_NONE, TIE_NONE, approx_threshold, approx_thresholds, eager_slots, exact_thresholds,
                         isolation_k, radix_thresholds, score_keys, slices, tie_counts, tie_cuts)
 
@@ -29,7 +29,6 @@ class RefreshOps:
     keys: Callable[[Tensor], Tensor] = score_keys
     bins: Callable[[Tensor, Tensor], Tensor] = eager_slots
     mask: Callable[[Tensor, Tensor], Tensor] = score_mask
-    sums: Callable[[Tensor], Tensor] = slice_exponent_sums  # scope="global"'s means (normalise.py)
 
 
 EAGER_OPS = RefreshOps()
@@ -82,7 +81,7 @@ def _normalised(scores: Sequence[Tensor], numels: Sequence[int], ops: RefreshOps
     numels; `reduce` sums the exponent sums of all the tensors over their shards in one call."""
     scratch = th.Scratch()
     flat = [s.detach().reshape(-1) for s in scores]
-    sums = reduce(torch.stack([exponent_sums(s, ops.sums) for s in flat])) if flat else []
+    sums = reduce(torch.stack([exponent_sums(s) for s in flat])) if flat else []
     return [Scaled(s, torch.tensor(mean_of_sums(row, n), dtype=torch.float32, device=s.device), scratch)
             for s, row, n in zip(flat, sums, numels)]
 

@@ -41,7 +41,7 @@ class StepTensors(NamedTuple):
                    [local(st["exp_avg"]) for st in states], exp_avg_sqs,
                    [local(st["max_exp_avg_sq"]) for st in states] if hyper.amsgrad else [],
                    [st["step"] for st in states],
-                   exp_avg_sqs if hyper.v_scores else [st["importance"] for st in states],
+                   exp_avg_sqs if hyper.v_scores else [hyper.scores_of(st) for st in states],
                    [st["isolation_mask"] for st in states], isolated)
 
     def take(self, idx: Sequence[int]) -> StepTensors:
@@ -82,3 +82,7 @@ class StepHyper(NamedTuple):
     def v_scores(self) -> bool:
         """The scores are AdamW's exp_avg_sq (no score EMA of their own)."""
         return self.importance == "exp_avg_sq"
+
+    def scores_of(self, state: dict) -> Tensor:
+        """The scores in a tensor's optimizer `state`: its exp_avg_sq, or its importance EMA."""
+        return state["exp_avg_sq"] if self.v_scores else state["importance"]

@@ -38,7 +38,6 @@ import torch
 import torch.fx.experimental._config as fx_config
 from torch import Tensor
 
-from ..normalise import slice_exponent_sums
 from ..refresh import RefreshOps
 from ..score import score_ema_
 from ..step_records import StepHyper, StepTensors
@@ -197,7 +196,7 @@ _step_kernel = _CompiledOrEager(_tensor_step)
 _group_kernel = _CompiledOrEager(_group_step)
 _score_words_kernel = _CompiledOrEager(_score_words)
 COMPILED_REFRESH_OPS = RefreshOps(keys=_CompiledOrEager(score_keys), bins=_CompiledOrEager(score_slots),
-                                  mask=_score_mask, sums=_CompiledOrEager(slice_exponent_sums))
+                                  mask=_score_mask)
 
 
 def compiled_step(tensors: StepTensors, hyper: StepHyper, plan: None = None) -> None:

@@ -33,12 +33,13 @@ CONFIGS = {"zero0": (dict(stage=0), "torch"), "zero1": (dict(stage=1), "torch"),
            # scope="global" (one selection over the partition's model parameters) and exact thresholds
            "zero1-global": (dict(stage=1), "torch"), "zero2-global": (dict(stage=2), "torch"),
            "zero3-global": (dict(stage=3), "torch"), "zero2-exact": (dict(stage=2), "torch"),
-           "zero3-global-exact": (dict(stage=3), "torch")}
+           "zero3-global-exact": (dict(stage=3), "torch"),
+           # one selection over the param group's two sub-groups, each stepped by a step() call of its own
+           "zero3-subgroups-global": (dict(stage=3, sub_group_size=1500), "torch"),
+           "zero3-subgroups-global-triton": (dict(stage=3, sub_group_size=1500), "triton")}
 # settings that cannot hold under ZeRO: name -> (zero_optimization, EPIAdamW arguments, group settings
 # changed after one step)
-REFUSED = {"elastic": (dict(stage=2, elastic_checkpoint=True), {}, {}),
-           "global-subgroups": (dict(stage=3, sub_group_size=1500), dict(scope="global"), {}),
-           "global-subgroups-mid-run": (dict(stage=3, sub_group_size=1500), {}, dict(scope="global"))}
+REFUSED = {"elastic": (dict(stage=2, elastic_checkpoint=True), {}, {})}
 
 
 def settings_of(name):
