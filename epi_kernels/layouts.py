@@ -46,12 +46,12 @@ class Layouts:
         flat, j = self.pieces[p]
         return flat, j, self.partitions[flat][1].pieces[j]
 
-    def check(self, record: GroupRecord, where: str, settings: dict, state: dict, optimizer) -> None:
-        """Find the layout of every tensor in `record`'s group that it was not given. RuntimeError if
-        it is none of the known ones, or the group's `settings` need whole tensors: a top-k over a
-        flat slice would be wrong. Runs again when the group's list of parameters is another list
-        object or another length, or after its record's `layout_checked` was cleared (its
-        settings changed)."""
+    def check(self, record: GroupRecord, where: str, state: dict, optimizer) -> None:
+        """Find the layout of every tensor in `record`'s group that it was not given (and of the
+        other sub-groups of a ZeRO 3 partition's param group). RuntimeError if it is none of the
+        known ones (a top-k over a flat slice would be wrong) or `state` holds per-tensor entries
+        of another layout. Runs again when the group's list of parameters is another list object
+        or another length."""
         params = record.group["params"]
         checked = record.layout_checked
         if checked is not None and checked[0] is params and checked[1] == len(params):

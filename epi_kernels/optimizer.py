@@ -192,10 +192,8 @@ class EPIAdamW(Optimizer):
         checked = [checked_settings(r.group, f" in param group {i}") for i, r in changed]
         for (i, record), values in zip(changed, checked):  # (a changed `importance` is a changed group)
             check_score_source(record.group, values["importance"], i, self.state)
-            record.layout_checked = None  # its partitions are checked against the new settings
-        new = {id(record): values for (_, record), values in zip(changed, checked)}
         for i, record in enumerate(records):
-            self._layouts.check(record, f"param group {i}", new.get(id(record), record.group), self.state, self)
+            self._layouts.check(record, f"param group {i}", self.state, self)
         for (_, record), values in zip(changed, checked):
             record.group.update(values)
             record.validated = settings_of(record.group)
