@@ -1,5 +1,6 @@
 """torch.compile of a whole training step with EPIAdamW.step inside, for every backend (the
-kernel backends on CPU in their emulations, on CUDA tensors when a GPU is present)."""
+kernel backends on CPU in their emulations, on CUDA tensors when a GPU is present) and both
+scopes (scope="global": the kernel backends' in-step selection, traced through its custom ops)."""
 import pytest
 import torch
 
@@ -9,8 +10,9 @@ from support.devices import KERNEL_BACKENDS
 EPI = dict(lr=3e-3, isolation_ratio=0.1, refresh_interval=3, warmup_steps=2)
 
 
+@pytest.mark.parametrize("scope", ["tensor", "global"])
 @pytest.mark.parametrize("case", [pytest.param(("torch", "cpu"), id="torch"), *KERNEL_BACKENDS])
-def test_torch_compiled_training_step_with_the_optimizer_inside(case):
+def test_torch_compiled_training_step_with_the_optimizer_inside(case, scope):
     # the step counter and schedule run outside dynamo's graphs (else every step would recompile),
     # the kernels are traced as custom ops: after the first refresh cycles no new graph is compiled
     from torch._dynamo.utils import counters
@@ -22,7 +24,7 @@ def test_torch_compiled_training_step_with_the_optimizer_inside(case):
         torch._dynamo.reset()
         counters.clear()
         model = torch.nn.Linear(8, 6).to(device)
-        opt = EPIAdamW(model.parameters(), backend=backend, **EPI)
+        opt = EPIAdamW(model.parameters(), backend=backend, scope=scope, **EPI)
 
         def step(x):
             opt.zero_grad()
